@@ -3,7 +3,7 @@
 //
 // Per tensor i (w = params[i], g = grads[i] / grad_scale, v = momentum_bufs[i]):
 //   wd    = use_weight_decay[i] ? weight_decay : 0
-//   trust = use_lars[i] && ||w|| > 0 && ||g|| > 0
+//   trust = use_lars[i] && ||w|| != 0 && ||g|| != 0   (NaN norms propagate)
 //           ? trust_coefficient * ||w|| / (||g|| + wd * ||w|| + eps) : 1
 //   d     = g + wd * w
 //   lr inside the momentum (You et al. 2017):  v = m*v + lr*trust*d;  w -= v
@@ -165,8 +165,10 @@ void lars_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       const double wd = use_weight_decay.get(t) ? weight_decay : 0.0;
       const double wn = std::sqrt(w_norm[i]);
       const double gn = std::sqrt(g_norm[i]) * inv_scale;
+      // `!= 0` rather than `> 0`: a NaN norm must poison the ratio (and so the update), not
+      // silently fall back to ratio 1 and a step hundreds of times too large.
       double trust = 1.0;
-      if (use_lars.get(t) && wn > 0.0 && gn > 0.0) {
+      if (use_lars.get(t) && wn != 0.0 && gn != 0.0) {
         trust = trust_coefficient * wn / (gn + wd * wn + eps);
       }
       steps[i] = {inv_scale,

@@ -1,6 +1,7 @@
 """gradfuse: fused kernels and a fusing communication engine for data-parallel PyTorch."""
 
-from ._version import __version__
+from . import ops
 from ._build import build_info
+from ._version import __version__
 
-__all__ = ["__version__", "build_info"]
+__all__ = ["__version__", "build_info", "ops"]

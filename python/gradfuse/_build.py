@@ -40,7 +40,7 @@ except ImportError as exc:  # a source checkout that was never built
 
 check_torch_version(_build_info.torch_version, torch.__version__)
 
-from . import _C  # noqa: E402  (registers torch.ops.gradfuse.* as a side effect)
+from . import _C
 
 if _C.version != _build_info.version:
     raise ImportError(

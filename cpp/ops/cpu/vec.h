@@ -82,7 +82,7 @@ struct VecScalar {
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
-  static F fmadd(F a, F b, F c) { return a * b + c; }  // a*b + c
+  static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }  // a*b + c, rounded once
   static float hsum(F v) { return v; }
   // Non-finite tracking: `acc` collects v - v, which is +0 for finite v and NaN otherwise.
   static F track_nonfinite(F acc, F v) { return acc + (v - v); }

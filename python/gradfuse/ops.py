@@ -1,0 +1,188 @@
+"""Typed wrappers over the fused custom ops ``torch.ops.gradfuse.*``.
+
+Every op runs on CPU tensors and, in a CUDA build, on CUDA tensors; all tensors of one call
+must be on one device and contiguous. Bad input raises with a message that names the argument.
+
+- :func:`lars_update_` — one fused LARS-with-momentum step for a whole list of parameters.
+- :func:`pack_` / :func:`unpack_` — many tensors to one flat buffer and back, with dtype
+  conversion and a scale applied in fp32 and rounded once; reports non-finite results.
+- :func:`topk_compress` / :func:`topk_decompress` — top-k sparsification with error feedback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import (
+    _build,  # noqa: F401  (loads the extension, which registers the ops)
+    _fake,  # noqa: F401  (fake implementations for torch.compile / opcheck)
+)
+
+_ops = torch.ops.gradfuse
+
+
+def lars_update_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_bufs: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+    eps: float = 1e-8,
+    nesterov: bool = False,
+    lr_in_momentum: bool = False,
+    use_lars: Sequence[bool] | None = None,
+    use_weight_decay: Sequence[bool] | None = None,
+    model_copies: Sequence[torch.Tensor] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One fused LARS step over every tensor in ``params`` (updated in place).
+
+    Per tensor, with ``g = grad / grad_scale`` and ``wd = weight_decay`` (0 where
+    ``use_weight_decay[i]`` is False)::
+
+        trust = trust_coefficient * ||w|| / (||g|| + wd * ||w|| + eps)
+                (1 when use_lars[i] is False or either norm is 0)
+        d = g + wd * w
+        lr_in_momentum=False (default, torch-SGD style):  v = m*v + trust*d;     w -= lr * v
+        lr_in_momentum=True  (You et al., 2017):          v = m*v + lr*trust*d;  w -= v
+
+    ``nesterov`` steps with ``m*v + (lr*)trust*d`` instead of ``v``. ``params`` and
+    ``momentum_bufs`` are fp32 master weights (or all fp16/bf16); ``grads`` may be fp32, fp16 or
+    bf16. ``model_copies`` (optional, e.g. the fp16 model) receive the new weights rounded once,
+    in the same pass. ``found_inf`` (a one-element float32 tensor, as GradScaler keeps) skips the
+    whole update when non-zero, checked on the device.
+
+    Example::
+
+        gradfuse.ops.lars_update_(params, grads, bufs, lr=0.1, weight_decay=5e-5,
+                                  use_lars=[p.ndim > 1 for p in params])
+    """
+    n = len(params)
+    use_lars = [True] * n if use_lars is None else [bool(x) for x in use_lars]
+    use_weight_decay = (
+        [True] * n if use_weight_decay is None else [bool(x) for x in use_weight_decay]
+    )
+    _ops.lars_update_(
+        list(params),
+        list(grads),
+        list(momentum_bufs),
+        list(model_copies or []),
+        use_lars,
+        use_weight_decay,
+        float(lr),
+        float(momentum),
+        float(weight_decay),
+        float(trust_coefficient),
+        float(eps),
+        bool(nesterov),
+        bool(lr_in_momentum),
+        grad_scale,
+        found_inf,
+    )
+
+
+def pack_(
+    tensors: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    scale: float = 1.0,
+    nonfinite: torch.Tensor | None = None,
+) -> None:
+    """Write ``tensors`` back to back into the flat buffer ``out``: ``round(scale * t)``.
+
+    Conversion between float32/float16/bfloat16/float64 happens on the fly with one rounding
+    (to nearest even). ``out`` may be longer than needed; elements past the total are left
+    untouched. ``nonfinite`` (one-element float32) is set to 1 when any written value is inf
+    or NaN, e.g. fp16 overflow above 65504; it is never cleared.
+
+    Example::
+
+        flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float16)
+        gradfuse.ops.pack_(grads, flat, scale=1 / world_size)
+    """
+    _ops.pack_(list(tensors), out, float(scale), nonfinite)
+
+
+def pack(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate a flat buffer of ``dtype`` (default: the first tensor's) and :func:`pack_`
+    into it. Returns ``(flat, nonfinite)`` where ``nonfinite`` is a one-element float32 flag."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("pack: tensors must not be empty (the buffer's device comes from them)")
+    first = tensors[0]
+    flat = torch.empty(
+        sum(t.numel() for t in tensors), dtype=dtype or first.dtype, device=first.device
+    )
+    nonfinite = torch.zeros(1, dtype=torch.float32, device=first.device)
+    pack_(tensors, flat, scale, nonfinite)
+    return flat, nonfinite
+
+
+def unpack_(
+    flat: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    scale: float = 1.0,
+    accumulate: bool = False,
+    nonfinite: torch.Tensor | None = None,
+) -> None:
+    """The inverse of :func:`pack_`: ``t = round(scale * flat[...])``, or with ``accumulate``
+    ``t = round(t + scale * flat[...])``, converting to each tensor's dtype.
+
+    Example::
+
+        gradfuse.ops.unpack_(flat, grads, scale=1 / world_size)
+    """
+    _ops.unpack_(flat, list(tensors), float(scale), bool(accumulate), nonfinite)
+
+
+def topk_compress(
+    grad: torch.Tensor,
+    residual: torch.Tensor,
+    ratio: float,
+    *,
+    sampled: bool = False,
+    index_dtype: torch.dtype = torch.int64,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k sparsification with error feedback; returns ``(values, indices)`` (1-D).
+
+    ``residual += grad`` (fp32, in place); the ``k = ceil(ratio * numel)`` largest magnitudes
+    of the residual are selected, returned, and zeroed in the residual, which keeps what was
+    not sent for the next step. Indices are flat positions in ascending order.
+
+    - ``sampled=False`` (exact): exactly ``k`` elements, the set ``torch.topk(residual.abs(),
+      k)`` picks (ties aside).
+    - ``sampled=True`` (DGC): between ``k`` and ``2k`` elements, each at least as large in
+      magnitude as any element left out; cheaper on GPUs.
+
+    NaN ranks above every number, as in ``torch.topk``: it is sent rather than kept.
+
+    Example::
+
+        values, indices = gradfuse.ops.topk_compress(p.grad, residual, 0.01)
+        dense = gradfuse.ops.topk_decompress(values, indices, p.numel()).view_as(p)
+    """
+    return _ops.topk_compress(grad, residual, float(ratio), bool(sampled), index_dtype, int(seed))
+
+
+def topk_decompress(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
+    """A dense 1-D tensor of ``numel`` zeros with ``values`` scatter-added at ``indices``
+    (duplicate indices add up, as when the top-k sets of several ranks are gathered)."""
+    return _ops.topk_decompress(values, indices, int(numel))
+
+
+__all__ = [
+    "lars_update_",
+    "pack",
+    "pack_",
+    "topk_compress",
+    "topk_decompress",
+    "unpack_",
+]

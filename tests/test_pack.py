@@ -1,0 +1,166 @@
+"""pack_ / unpack_ against float64 references: conversion, scale, one rounding, flags."""
+
+import pytest
+import torch
+from conftest import AWKWARD_SIZES, randn
+from gradfuse import ops
+from gradfuse.bench.shapes import resnet50_shapes
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+ULP = {torch.float64: 2**-52, torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def math_dtype(*dtypes):
+    """The ops compute in fp32, or fp64 when either side is fp64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def as_f32(scale):
+    """The scale as the kernels see it (the schema's float arrives as fp32 in the kernel)."""
+    return torch.tensor(scale, dtype=torch.float32).item()
+
+
+def assert_matches(out, ref, *dtypes):
+    if torch.float64 in dtypes:
+        # fp64 -> 16-bit may round through fp32 in torch's reference conversion: 1 ulp slack.
+        torch.testing.assert_close(out, ref, rtol=ULP[out.dtype], atol=0)
+    else:
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("src", FLOATS)
+@pytest.mark.parametrize("dst", FLOATS)
+def test_pack_converts_and_rounds_once(simd, gen, src, dst):
+    tensors = [randn(gen, n, dtype=src) for n in AWKWARD_SIZES] + [randn(gen, 3, 5, dtype=src)]
+    total = sum(t.numel() for t in tensors)
+    out = torch.full((total + 3,), 7.0, dtype=dst)  # poisoned, with a tail that must survive
+    flag = torch.zeros(1)
+    scale = as_f32(0.37)
+    ops.pack_(tensors, out, scale, flag)
+    math = math_dtype(src, dst)
+    ref = torch.cat([t.to(math).flatten() * scale for t in tensors]).to(dst)
+    assert_matches(out[:total], ref, src, dst)
+    assert torch.equal(out[total:], torch.full((3,), 7.0, dtype=dst))
+    assert flag.item() == 0.0
+
+
+@pytest.mark.parametrize("dst", [torch.float16, torch.bfloat16])
+def test_pack_rounds_to_nearest_even(simd, dst):
+    # Exactly halfway between two representable values: ties go to the even mantissa.
+    one_ulp = 2.0**-10 if dst == torch.float16 else 2.0**-7
+    x = torch.tensor([1 + one_ulp / 2, 1 + 3 * one_ulp / 2, -(1 + one_ulp / 2)] * 3)
+    out = torch.empty(x.numel(), dtype=dst)
+    ops.pack_([x], out)
+    assert torch.equal(out, x.to(dst))  # torch's own conversion is round-to-nearest-even
+
+
+def test_fp16_overflow_is_reported(simd, gen):
+    x = randn(gen, 1001)
+    out = torch.empty(1001, dtype=torch.float16)
+    flag = torch.zeros(1)
+    ops.pack_([x], out, 1.0, flag)
+    assert flag.item() == 0.0
+    x[500] = 65519.0  # rounds down to 65504: still finite
+    ops.pack_([x], out, 1.0, flag)
+    assert flag.item() == 0.0 and out[500].item() == 65504.0
+    x[999] = 65520.0  # rounds to inf
+    ops.pack_([x], out, 1.0, flag)
+    assert flag.item() == 1.0 and out[999].isinf()
+    flag.zero_()
+    ops.pack_([x * 0.5], out, 1.0, flag)  # scaling first keeps it finite
+    assert flag.item() == 0.0
+    ops.pack_([x], out, 1.0, flag)
+    ops.pack_([x * 0.5], out, 1.0, flag)
+    assert flag.item() == 1.0  # the flag is sticky: only set, never cleared
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_inputs_are_reported_and_kept(simd, gen, bad):
+    for dst in (torch.float32, torch.bfloat16):
+        x = randn(gen, 37)
+        x[36] = bad
+        out = torch.empty(37, dtype=dst)
+        flag = torch.zeros(1)
+        ops.pack_([x], out, 2.0, flag)
+        assert flag.item() == 1.0
+        assert torch.equal(out[36].isnan(), torch.tensor(bad != bad))
+
+
+@pytest.mark.parametrize("flat_dtype", FLOATS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_unpack_inverts_pack(simd, gen, flat_dtype, accumulate):
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    tensors = [randn(gen, n, dtype=dtypes[i % 4]) for i, n in enumerate(AWKWARD_SIZES)]
+    flat = randn(gen, sum(t.numel() for t in tensors) + 5, dtype=flat_dtype)
+    before = [t.clone() for t in tensors]
+    scale = as_f32(0.3)
+    ops.unpack_(flat, tensors, scale, accumulate)
+    offset = 0
+    for t, b in zip(tensors, before):
+        math = math_dtype(t.dtype, flat_dtype)
+        part = flat[offset: offset + t.numel()].to(math) * scale
+        ref = (b.to(math) + part if accumulate else part).to(t.dtype)
+        offset += t.numel()
+        assert_matches(t, ref, t.dtype, flat_dtype)
+
+
+def test_resnet50_gradients_round_trip_through_fp16(gen):
+    grads = [randn(gen, *s, scale=1e-2) for s in resnet50_shapes()]
+    flat, flag = ops.pack(grads, torch.float16, scale=4.0)
+    assert flat.numel() == 25_557_032 and flag.item() == 0.0
+    restored = [torch.full_like(g, float("nan")) for g in grads]
+    ops.unpack_(flat, restored, 0.25)
+    for g, r in zip(grads, restored):
+        assert torch.equal(r, (g * 4.0).half().float() * 0.25)  # exact: powers of two
+
+
+def test_one_huge_tensor(gen):
+    x = randn(gen, 25_000_001)
+    flat, flag = ops.pack([x], torch.bfloat16)
+    assert torch.equal(flat, x.to(torch.bfloat16)) and flag.item() == 0.0
+
+
+def test_empty_list_and_empty_tensors():
+    out = torch.full((4,), 3.0)
+    ops.pack_([], out)
+    ops.pack_([torch.empty(0), torch.empty(0, 5)], out)
+    assert torch.equal(out, torch.full((4,), 3.0))
+    ops.unpack_(out, [torch.empty(0)])
+
+
+def test_opcheck(gen):
+    tensors = [randn(gen, 3), randn(gen, 4, 2, dtype=torch.float16)]
+    out = torch.empty(11, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.gradfuse.pack_, (tensors, out, 2.0, torch.zeros(1)))
+    torch.library.opcheck(torch.ops.gradfuse.unpack_, (out, tensors, 2.0, True, torch.zeros(1)))
+
+
+@pytest.mark.parametrize(
+    "tensors, out, error, message",
+    [
+        ([torch.zeros(5)], torch.zeros(4), ValueError, "out has 4 elements but the tensors hold 5"),
+        ([torch.zeros(2, dtype=torch.int32)], torch.zeros(4), TypeError,
+         r"tensors\[0\] must be float32, float16, bfloat16 or float64, got Int"),
+        ([torch.zeros(2)], torch.zeros(4, dtype=torch.int64), TypeError,
+         "out must be float32, float16, bfloat16 or float64, got Long"),
+        ([torch.zeros(1), torch.zeros(4, 2).t()], torch.zeros(10), ValueError,
+         r"tensors\[1\] must be contiguous"),
+        ([torch.zeros(2)], torch.zeros(8)[::2], ValueError, "out must be contiguous"),
+    ],
+)
+def test_pack_bad_input(tensors, out, error, message):
+    with pytest.raises(error, match=message):
+        ops.pack_(tensors, out)
+
+
+def test_bad_flag_and_unpack_messages():
+    with pytest.raises(ValueError, match="nonfinite must have exactly one element"):
+        ops.pack_([torch.zeros(2)], torch.zeros(2), 1.0, torch.zeros(2))
+    with pytest.raises(TypeError, match="nonfinite must be Float"):
+        ops.pack_([torch.zeros(2)], torch.zeros(2), 1.0, torch.zeros(1, dtype=torch.half))
+    with pytest.raises(ValueError, match="unpack_: flat has 1 elements but the tensors hold 2"):
+        ops.unpack_(torch.zeros(1), [torch.zeros(2)])
+    with pytest.raises(ValueError, match="pack: tensors must not be empty"):
+        ops.pack([])
