@@ -133,10 +133,12 @@ def test_decompress_scatter_adds_duplicates(gen):
 def test_opcheck(gen):
     grad, residual = randn(gen, 1000), torch.zeros(1000)
     torch.library.opcheck(torch.ops.gradfuse.topk_compress, (grad, residual, 0.01))
-    torch.library.opcheck(torch.ops.gradfuse.topk_compress, (grad, residual, 0.1, True,
-                                                             torch.int32, 3))
-    torch.library.opcheck(torch.ops.gradfuse.topk_decompress,
-                          (randn(gen, 4), torch.tensor([0, 3, 3, 1]), 5))
+    torch.library.opcheck(
+        torch.ops.gradfuse.topk_compress, (grad, residual, 0.1, True, torch.int32, 3)
+    )
+    torch.library.opcheck(
+        torch.ops.gradfuse.topk_decompress, (randn(gen, 4), torch.tensor([0, 3, 3, 1]), 5)
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan"), float("inf")])
@@ -148,15 +150,35 @@ def test_ratio_outside_unit_interval(ratio):
 @pytest.mark.parametrize(
     "grad, residual, kwargs, error, message",
     [
-        (torch.zeros(10), torch.zeros(11), {}, ValueError,
-         r"residual must have the shape of grad \[10\], got \[11\]"),
-        (torch.zeros(10), torch.zeros(10, dtype=torch.half), {}, TypeError,
-         "residual must be Float"),
-        (torch.zeros(10, dtype=torch.int32), torch.zeros(10), {}, TypeError,
-         "grad must be float32, float16 or bfloat16, got Int"),
+        (
+            torch.zeros(10),
+            torch.zeros(11),
+            {},
+            ValueError,
+            r"residual must have the shape of grad \[10\], got \[11\]",
+        ),
+        (
+            torch.zeros(10),
+            torch.zeros(10, dtype=torch.half),
+            {},
+            TypeError,
+            "residual must be Float",
+        ),
+        (
+            torch.zeros(10, dtype=torch.int32),
+            torch.zeros(10),
+            {},
+            TypeError,
+            "grad must be float32, float16 or bfloat16, got Int",
+        ),
         (torch.zeros(4, 4).t(), torch.zeros(4, 4), {}, ValueError, "grad must be contiguous"),
-        (torch.zeros(10), torch.zeros(10), {"index_dtype": torch.int16}, TypeError,
-         "index_dtype must be torch.int32 or torch.int64, got Short"),
+        (
+            torch.zeros(10),
+            torch.zeros(10),
+            {"index_dtype": torch.int16},
+            TypeError,
+            "index_dtype must be torch.int32 or torch.int64, got Short",
+        ),
     ],
 )
 def test_compress_bad_input(grad, residual, kwargs, error, message):

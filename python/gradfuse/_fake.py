@@ -10,8 +10,20 @@ from . import _build  # noqa: F401  (the ops must be registered before register_
 
 @torch.library.register_fake("gradfuse::lars_update_")
 def _lars_update_fake(
-    params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay, lr, momentum,
-    weight_decay, trust_coefficient, eps, nesterov, lr_in_momentum, grad_scale=None,
+    params,
+    grads,
+    momentum_bufs,
+    model_copies,
+    use_lars,
+    use_weight_decay,
+    lr,
+    momentum,
+    weight_decay,
+    trust_coefficient,
+    eps,
+    nesterov,
+    lr_in_momentum,
+    grad_scale=None,
     found_inf=None,
 ):
     return None
