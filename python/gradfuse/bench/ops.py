@@ -24,8 +24,8 @@ class Row:
     impl: str
     ms: float
     speedup: float | None  # reference time / this time (None for the reference itself)
-    gbps: float | None
-    share_of_copy: float | None
+    gbps: float
+    share_of_copy: float
 
 
 def _python_lars(params, grads, bufs, lr, momentum, wd, trust_coef, eps):
@@ -40,33 +40,11 @@ def _python_lars(params, grads, bufs, lr, momentum, wd, trust_coef, eps):
         p.sub_(v, alpha=lr)
 
 
-def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[list[Row], float]:
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    shapes = resnet50_shapes()
-    numel = sum(math.prod(s) for s in shapes)
-    copy_bw = copy_bandwidth(dev)
-    rows: list[Row] = []
-
-    def add(op, impl, seconds, reference_s, nbytes):
-        gbps = nbytes / seconds / 1e9 if nbytes else None
-        rows.append(
-            Row(
-                op,
-                impl,
-                seconds * 1e3,
-                None if reference_s is None else reference_s / seconds,
-                gbps,
-                None if gbps is None else gbps * 1e9 / copy_bw,
-            )
-        )
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, device=dev) * scale
-
-    # ---- LARS: 20 bytes per parameter (read w, g, v; write w, v) ---------------------------
-    params = [randn(*s) for s in shapes]
-    grads = [randn(*s, scale=1e-3) for s in shapes]
+def _time_lars(grads, shapes, dev, reps):
+    """(python LARS, torch SGD foreach, gradfuse) seconds; LARS moves 20 bytes per parameter
+    (read w, g, v; write w, v)."""
+    gen = torch.Generator(device=dev).manual_seed(1)
+    params = [torch.randn(*s, generator=gen, device=dev) for s in shapes]
     bufs = [torch.zeros_like(p) for p in params]
     hyper = {
         "lr": 0.1,
@@ -92,37 +70,28 @@ def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[li
         dev,
         reps,
     )
-    lars_bytes = 20 * numel
-    add("lars step", "python per-param LARS", t_python, None, lars_bytes)
-    add("lars step", "torch SGD momentum foreach", t_sgd, None, lars_bytes)
-    add("lars step", "gradfuse lars_update_", t_lars, t_python, lars_bytes)
-    rows[-1].op = f"lars step (vs SGD foreach: {t_sgd / t_lars:.2f}x)"
-    del params, bufs, sgd
+    return t_python, t_sgd, t_lars
 
-    # ---- pack fp32 -> fp16: 6 bytes per element ---------------------------------------------
+
+def _time_pack(grads, numel, dev, reps):
+    """(cat+half, pack_, split+copy_, unpack_) seconds; 6 bytes per element each way."""
     flat = torch.empty(numel, dtype=torch.float16, device=dev)
+    restored = [torch.empty_like(g) for g in grads]
+    sizes = [g.numel() for g in grads]
     t_cat = median_seconds(lambda: torch.cat([g.flatten() for g in grads]).half(), dev, reps)
     t_pack = median_seconds(lambda: ops.pack_(grads, flat), dev, reps)
-    restored = [torch.empty_like(g) for g in grads]
     t_split = median_seconds(
-        lambda: [
-            r.copy_(c.view_as(r)) for r, c in zip(restored, flat.split([g.numel() for g in grads]))
-        ],
-        dev,
-        reps,
+        lambda: [r.copy_(c.view_as(r)) for r, c in zip(restored, flat.split(sizes))], dev, reps
     )
     t_unpack = median_seconds(lambda: ops.unpack_(flat, restored), dev, reps)
-    add("pack fp32->fp16", "torch.cat + half", t_cat, None, 6 * numel)
-    add("pack fp32->fp16", "gradfuse pack_", t_pack, t_cat, 6 * numel)
-    add("unpack fp16->fp32", "torch split + copy_", t_split, None, 6 * numel)
-    add("unpack fp16->fp32", "gradfuse unpack_", t_unpack, t_split, 6 * numel)
-    del flat, restored
+    return t_cat, t_pack, t_split, t_unpack
 
-    # ---- top-k with error feedback at `density` on the flattened gradients -------------------
+
+def _time_topk(grads, density, dev, reps):
+    """(torch with feedback, torch.topk alone, exact, sampled) seconds on the flat gradient."""
     grad = torch.cat([g.flatten() for g in grads])
-    del grads
     residual = torch.zeros_like(grad)
-    k = max(1, math.ceil(density * numel))
+    k = max(1, math.ceil(density * grad.numel()))
 
     def torch_topk_with_feedback():
         residual.add_(grad)
@@ -132,34 +101,77 @@ def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[li
         return values, idx
 
     t_ref = median_seconds(torch_topk_with_feedback, dev, reps)
-    t_topk_only = median_seconds(lambda: torch.topk(grad.abs(), k, sorted=False), dev, reps)
+    t_alone = median_seconds(lambda: torch.topk(grad.abs(), k, sorted=False), dev, reps)
     t_exact = median_seconds(lambda: ops.topk_compress(grad, residual, density), dev, reps)
     t_sampled = median_seconds(
         lambda: ops.topk_compress(grad, residual, density, sampled=True), dev, reps
     )
-    # Floor: read grad and residual, write residual (12 bytes per element).
+    return t_ref, t_alone, t_exact, t_sampled
+
+
+def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[list[Row], float]:
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shapes = resnet50_shapes()
+    numel = sum(math.prod(s) for s in shapes)
+    grads = [torch.randn(*s, generator=gen, device=dev) * 1e-3 for s in shapes]
+    copy_bw = copy_bandwidth(dev)
+    rows: list[Row] = []
+
+    def add(op, impl, seconds, reference_s, nbytes):
+        gbps = nbytes / seconds / 1e9
+        speedup = None if reference_s is None else reference_s / seconds
+        rows.append(Row(op, impl, seconds * 1e3, speedup, gbps, gbps * 1e9 / copy_bw))
+
+    t_python, t_sgd, t_lars = _time_lars(grads, shapes, dev, reps)
+    add("lars step", "python per-param LARS", t_python, None, 20 * numel)
+    add("lars step", "torch SGD momentum foreach", t_sgd, None, 20 * numel)
+    add(
+        f"lars step (vs SGD foreach: {t_sgd / t_lars:.2f}x)",
+        "gradfuse lars_update_",
+        t_lars,
+        t_python,
+        20 * numel,
+    )
+
+    t_cat, t_pack, t_split, t_unpack = _time_pack(grads, numel, dev, reps)
+    add("pack fp32->fp16", "torch.cat + half", t_cat, None, 6 * numel)
+    add("pack fp32->fp16", "gradfuse pack_", t_pack, t_cat, 6 * numel)
+    add("unpack fp16->fp32", "torch split + copy_", t_split, None, 6 * numel)
+    add("unpack fp16->fp32", "gradfuse unpack_", t_unpack, t_split, 6 * numel)
+
+    # Error feedback must read grad and residual and write residual: 12 bytes per element.
+    t_ref, t_alone, t_exact, t_sampled = _time_topk(grads, density, dev, reps)
     label = f"top-k {density:g} + error feedback"
     add(label, "torch add_ + topk(abs) + scatter", t_ref, None, 12 * numel)
-    add(label, "torch.topk(abs) alone", t_topk_only, None, 4 * numel)
-    add(label, "gradfuse exact", t_exact, t_ref, 12 * numel)
-    rows[-1].impl += f" ({t_topk_only / t_exact:.1f}x topk alone)"
-    add(label, "gradfuse sampled (DGC)", t_sampled, t_ref, 12 * numel)
-    rows[-1].impl += f" ({t_topk_only / t_sampled:.1f}x topk alone)"
+    add(label, "torch.topk(abs) alone", t_alone, None, 4 * numel)
+    add(label, f"gradfuse exact ({t_alone / t_exact:.1f}x topk alone)", t_exact, t_ref, 12 * numel)
+    add(
+        label,
+        f"gradfuse sampled ({t_alone / t_sampled:.1f}x topk alone)",
+        t_sampled,
+        t_ref,
+        12 * numel,
+    )
     return rows, copy_bw
 
 
 def format_table(rows: list[Row], copy_bw: float, device: str) -> str:
-    lines = [
+    title = (
         f"gradfuse ops on {device} ({torch.get_num_threads()} threads), ResNet-50 gradients: "
-        f"161 tensors, 25.6M values; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)",
+        f"161 tensors, 25.6M values; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)"
+    )
+    header = (
         f"{'op':44} {'implementation':46} {'median ms':>10} {'speedup':>8} {'GB/s':>7} "
-        f"{'% copy':>7}",
-    ]
+        f"{'% copy':>7}"
+    )
+    lines = [title, header]
     for r in rows:
         speed = f"{r.speedup:.1f}x" if r.speedup is not None else "ref"
-        gbps = f"{r.gbps:.1f}" if r.gbps is not None else "-"
-        share = f"{100 * r.share_of_copy:.0f}%" if r.share_of_copy is not None else "-"
-        lines.append(f"{r.op:44} {r.impl:46} {r.ms:10.2f} {speed:>8} {gbps:>7} {share:>7}")
+        lines.append(
+            f"{r.op:44} {r.impl:46} {r.ms:10.2f} {speed:>8} {r.gbps:7.1f} "
+            f"{100 * r.share_of_copy:6.0f}%"
+        )
     return "\n".join(lines)
 
 
