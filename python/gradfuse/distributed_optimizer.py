@@ -1,0 +1,290 @@
+"""DistributedOptimizer: wraps any torch optimizer so gradients are reduced across ranks, with
+the reduction of each gradient started by a hook the moment backward produces it (so
+communication overlaps the rest of backward) and awaited in ``step()``.
+
+Usage (Horovod's pattern)::
+
+    opt = gradfuse.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                        named_parameters=model.named_parameters())
+    gradfuse.broadcast_parameters(model.state_dict(), root_rank=0)
+    gradfuse.broadcast_optimizer_state(opt, root_rank=0)
+    for x, y in loader:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+Gradient clipping or mixed precision: reduce first, then step without reducing again::
+
+    scaler.scale(loss).backward()
+    opt.synchronize()
+    scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with opt.skip_synchronize():
+        scaler.step(opt)
+    scaler.update()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from . import collectives, ops
+from ._engine import size
+from .compression import Compression, TopKCompressor
+
+
+class _DistributedOptimizer:
+    """Methods mixed into a subclass of the wrapped optimizer's class (see DistributedOptimizer)."""
+
+    def _gf_setup(
+        self, named_parameters, compression, backward_passes_per_step, op, gradient_predivide_factor
+    ):
+        if backward_passes_per_step < 1:
+            raise ValueError(
+                f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}"
+            )
+        if op not in (collectives.Average, collectives.Sum, collectives.Min, collectives.Max):
+            raise ValueError(f"op must be gradfuse.Average, Sum, Min or Max, got {op!r}")
+        if gradient_predivide_factor != 1.0 and op != collectives.Average:
+            raise ValueError("gradient_predivide_factor is only valid with op=gradfuse.Average")
+        if not isinstance(
+            compression, (TopKCompressor, type(Compression.none), type(Compression.fp16))
+        ):
+            raise TypeError(
+                f"compression must be one of gradfuse.Compression.*, got {compression!r}"
+            )
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._gf_names = self._gf_resolve_names(named_parameters, params)
+        self._gf_params = [p for p in params if p.requires_grad]
+        self._gf_compression = compression
+        self._gf_passes = backward_passes_per_step
+        self._gf_op = op
+        self._gf_predivide = float(gradient_predivide_factor)
+        self._gf_delay = {p: backward_passes_per_step for p in self._gf_params}
+        self._gf_pending = {}  # param -> (kind, handles, context), reduction in flight
+        self._gf_synchronized = False
+        self._gf_should_synchronize = True
+        self._gf_warned_step_after_sync = False
+        self._gf_step = 0
+        self._gf_topk_state = {}  # param -> {"residual": v, "momentum": u}
+        self._gf_hook_handles = [
+            p.register_post_accumulate_grad_hook(self._gf_hook) for p in self._gf_params
+        ]
+
+    @staticmethod
+    def _gf_resolve_names(named_parameters, params):
+        if named_parameters is None:
+            # Every rank builds the optimizer from the same model: positions agree.
+            return {p: f"allreduce.noname.{i}" for i, p in enumerate(params)}
+        named = list(named_parameters)
+        if any(not (isinstance(item, tuple) and len(item) == 2) for item in named):
+            raise ValueError(
+                "named_parameters must be (name, parameter) pairs, as "
+                "model.named_parameters() gives"
+            )
+        names = [n for n, _ in named]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"named_parameters has duplicate names: {duplicates}")
+        by_param = {p: f"allreduce.{n}" for n, p in named}
+        unnamed = [i for i, p in enumerate(params) if p not in by_param]
+        if unnamed:
+            raise ValueError(
+                f"named_parameters was given but {len(unnamed)} of the optimizer's parameters "
+                f"have no name (positions {unnamed[:10]} in its param_groups); pass "
+                f"model.named_parameters() for the whole model the optimizer updates"
+            )
+        return by_param
+
+    # ---- reduction -------------------------------------------------------------------------
+
+    def _gf_scales(self):
+        """(engine op, prescale, postscale). Average = Sum with 1/size split around it."""
+        if self._gf_op == collectives.Average:
+            return collectives.Sum, 1.0 / self._gf_predivide, self._gf_predivide / size()
+        return self._gf_op, 1.0, 1.0
+
+    def _gf_hook(self, p):
+        if p in self._gf_pending:
+            raise RuntimeError(
+                f"the gradient of {self._gf_names[p]} was computed more than "
+                f"backward_passes_per_step={self._gf_passes} times before step(); raise "
+                f"backward_passes_per_step or call step() more often"
+            )
+        self._gf_delay[p] -= 1
+        if self._gf_delay[p] == 0:
+            self._gf_pending[p] = self._gf_reduce_async(p)
+
+    def _gf_reduce_async(self, p):
+        name = self._gf_names[p]
+        compression = self._gf_compression
+        op, prescale, postscale = self._gf_scales()
+        if isinstance(compression, TopKCompressor):
+            return self._gf_topk_async(p, name, compression)
+        if compression.wire_dtype is not None and p.grad.dtype != compression.wire_dtype:
+            wire = compression.compress(p.grad, prescale)
+            handle = collectives.allreduce_async_(wire, name=name, op=op)
+            return ("cast", (handle,), (wire, postscale))
+        handle = collectives.allreduce_async_(
+            p.grad, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+        )
+        return ("dense", (handle,), None)
+
+    def _gf_topk_async(self, p, name, compression):
+        grad = p.grad
+        state = self._gf_topk_state.setdefault(p, {})
+        if compression.momentum > 0:  # momentum correction: compress the velocity
+            u = state.setdefault("momentum", torch.zeros_like(grad, dtype=torch.float32))
+            u.mul_(compression.momentum).add_(grad)
+            source = u
+        else:
+            source = grad
+        if grad.numel() < compression.min_numel:  # small tensors travel dense
+            send = source.to(grad.dtype, copy=True)
+            handle = collectives.allreduce_async_(send, name=name, op=collectives.Average)
+            return ("topk_dense", (handle,), send)
+        residual = state.setdefault("residual", torch.zeros_like(grad, dtype=torch.float32))
+        values, indices = ops.topk_compress(
+            source.contiguous().view(-1),
+            residual.view(-1),
+            compression.density(self._gf_step),
+            sampled=compression.sampled,
+        )
+        if compression.momentum > 0:
+            state["momentum"].view(-1)[indices] = 0  # momentum factor masking
+        handles = (
+            collectives.allgather_async(values, name=name + ".values"),
+            collectives.allgather_async(indices, name=name + ".indices"),
+        )
+        return ("topk", handles, None)
+
+    def _gf_finish(self, p, kind, handles, context):
+        results = [collectives.synchronize(h) for h in handles]
+        if kind == "cast":
+            wire, postscale = context
+            self._gf_compression.decompress(wire, p.grad, postscale)
+        elif kind == "topk_dense":
+            p.grad.copy_(results[0])
+        elif kind == "topk":
+            values, indices = results
+            dense = ops.topk_decompress(values, indices, p.numel())
+            p.grad.copy_(dense.view_as(p.grad).div_(size()))
+
+    def synchronize(self):
+        """Wait for every gradient's reduction (starting those whose hook did not fire on this
+        rank, with zero gradients, so ranks using different parts of the model never hang)."""
+        if self._gf_synchronized:
+            return
+        for p in self._gf_params:
+            if p not in self._gf_pending:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._gf_pending[p] = self._gf_reduce_async(p)
+        pending, self._gf_pending = self._gf_pending, {}
+        errors = []
+        for p, (kind, handles, context) in pending.items():
+            try:
+                self._gf_finish(p, kind, handles, context)
+            except (RuntimeError, ValueError) as exc:  # finish the others: none left dangling
+                errors.append(exc)
+        self._gf_delay = {p: self._gf_passes for p in self._gf_params}
+        if errors:
+            raise errors[0]
+        self._gf_synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Inside this context ``step()`` does not reduce (after an explicit synchronize())."""
+        self._gf_should_synchronize = False
+        try:
+            yield
+        finally:
+            self._gf_should_synchronize = True
+
+    def step(self, closure=None):
+        if self._gf_should_synchronize:
+            if self._gf_synchronized and not self._gf_warned_step_after_sync:
+                self._gf_warned_step_after_sync = True
+                warnings.warn(
+                    "optimizer.step() was called after optimizer.synchronize() outside "
+                    "optimizer.skip_synchronize(); the gradients are not reduced twice, but "
+                    "wrap step() in `with optimizer.skip_synchronize():` to say so",
+                    stacklevel=2,
+                )
+            self.synchronize()
+        self._gf_synchronized = False
+        self._gf_step += 1
+        return self._gf_base.step(self, closure)
+
+    def zero_grad(self, set_to_none: bool = True):
+        if self._gf_pending:
+            raise RuntimeError(
+                "optimizer.zero_grad() was called while gradient reductions are in flight "
+                "(after backward() and before step() or synchronize()); the reductions would "
+                "race with the zeroing. Call step() or synchronize() first."
+            )
+        return self._gf_base.zero_grad(self, set_to_none)
+
+    def state_dict(self):
+        state = self._gf_base.state_dict(self)
+        index = {p: i for i, p in enumerate(self._gf_params)}
+        state["gradfuse"] = {
+            "step": self._gf_step,
+            "topk": {
+                index[p]: {k: v.clone() for k, v in s.items()}
+                for p, s in self._gf_topk_state.items()
+            },
+        }
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gradfuse", None)
+        self._gf_base.load_state_dict(self, state_dict)
+        if extra is not None:
+            self._gf_step = extra["step"]
+            self._gf_topk_state = {
+                self._gf_params[i]: {k: v.to(self._gf_params[i].device) for k, v in s.items()}
+                for i, s in extra["topk"].items()
+            }
+
+
+def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
+    optimizer: torch.optim.Optimizer,
+    named_parameters=None,
+    compression=Compression.none,
+    backward_passes_per_step: int = 1,
+    op=collectives.Average,
+    gradient_predivide_factor: float = 1.0,
+):
+    """Wrap ``optimizer`` so ``step()`` applies gradients reduced over all ranks.
+
+    Returns an instance of a subclass of ``type(optimizer)`` sharing its state (use the
+    returned object from then on). ``named_parameters`` (e.g. ``model.named_parameters()``)
+    names each gradient's reduction; without it, positions in ``param_groups`` are used.
+    ``compression``: ``Compression.none`` / ``fp16`` / ``bf16`` / ``topk(ratio, ...)``.
+    ``backward_passes_per_step``: gradients accumulate locally over that many backward
+    passes before one reduction. ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``.
+    ``gradient_predivide_factor``: with Average, divide by it before the sum and by
+    ``size / factor`` after (keeps fp16 sums in range).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    if isinstance(optimizer, _DistributedOptimizer):
+        raise TypeError("optimizer is already a gradfuse.DistributedOptimizer")
+    base = type(optimizer)
+    methods = {
+        k: v
+        for k, v in vars(_DistributedOptimizer).items()
+        if k not in ("__dict__", "__weakref__", "__doc__")
+    }
+    cls = type(base.__name__, (base, _DistributedOptimizer), {**methods, "_gf_base": base})
+    wrapped = cls.__new__(cls)
+    wrapped.__dict__.update(optimizer.__dict__)
+    wrapped._gf_setup(
+        named_parameters, compression, backward_passes_per_step, op, gradient_predivide_factor
+    )
+    return wrapped
+
+
+__all__ = ["DistributedOptimizer"]
