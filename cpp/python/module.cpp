@@ -3,6 +3,7 @@
 // switches for the CPU kernels; no logic lives here.
 #include <pybind11/pybind11.h>
 
+#include "engine/api.h"
 #include "ops/cpu/dispatch.h"
 
 namespace py = pybind11;
@@ -22,4 +23,32 @@ PYBIND11_MODULE(_C, m) {
       py::arg("name"),
       "Force the CPU kernels' vector path: 'avx2', 'scalar' or 'auto' (tests use this to cover "
       "both paths). Raises ValueError for anything else or an unsupported choice.");
+
+  // ---- communication engine (tensors go through torch.ops.gradfuse._enqueue) -------------
+  m.def(
+      "engine_start",
+      [](int rank, int size, const std::string& control_group, const std::string& cpu_group,
+         const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms) {
+        gradfuse::engine::EngineConfig c;
+        c.rank = rank;
+        c.size = size;
+        c.control_group = control_group;
+        c.cpu_group = cpu_group;
+        c.cuda_group = cuda_group;
+        c.fusion_threshold_bytes = fusion_threshold_bytes;
+        c.cycle_time_ms = cycle_time_ms;
+        gradfuse::engine::start_engine(c);
+      },
+      py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
+      py::arg("cuda_group"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
+      "Start the engine's background thread on the named process groups.");
+  // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
+  m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
+        "Stop the engine on every rank; pending handles fail.");
+  m.def("engine_running", &gradfuse::engine::engine_running);
+  m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
+        "True once the handle has completed or failed.");
+  m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Block (GIL released) until the handle is done; RuntimeError if it failed.");
 }

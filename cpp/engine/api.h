@@ -1,0 +1,17 @@
+// The engine's control surface for cpp/python/module.cpp: plain types only (no tensors).
+#pragma once
+
+#include <cstdint>
+
+#include "engine/config.h"
+
+namespace gradfuse::engine {
+
+void start_engine(const EngineConfig& config);
+void stop_engine();
+bool engine_running();
+bool poll_handle(int64_t handle);
+// Blocks until the handle is done; throws std::runtime_error with its error if it failed.
+void wait_handle(int64_t handle);
+
+}  // namespace gradfuse::engine
