@@ -1,6 +1,7 @@
 // gradfuse._C: importing it registers torch.ops.gradfuse.* (the TORCH_LIBRARY blocks in
 // cpp/ops are linked into this module). The pybind11 surface is thin: build facts and
 // switches for the CPU kernels; no logic lives here.
+#include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 
 #include "engine/api.h"
@@ -11,6 +12,17 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gradfuse compiled extension";
   m.attr("version") = GRADFUSE_VERSION;
+  // c10 errors as torch raises them (ValueError / RuntimeError, message without the C++
+  // backtrace); pybind11 alone would turn them all into RuntimeError with a backtrace.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -16,8 +16,8 @@ Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
 _OP_NAMES = {Sum: "Sum", Average: "Average", Min: "Min", Max: "Max", Product: "Product"}
 _ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
 
-# handle -> (tensor to copy the result into, or None). For in-place calls on non-contiguous
-# tensors the engine works on a contiguous copy, copied back at synchronize().
+# handle -> the caller's tensor for in-place calls (synchronize returns it), else None. For a
+# non-contiguous in-place tensor the engine works on a contiguous copy, copied back then.
 _pending: dict[int, torch.Tensor | None] = {}
 _pending_lock = threading.Lock()
 _auto_names = itertools.count()
@@ -52,14 +52,14 @@ def _resolve_op(average, op, fn):
 
 def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale=1.0):
     _engine._require()
-    copy_back = None
+    in_place = output if output is tensor else None
     if output is not None and not output.is_contiguous():
-        copy_back, output = output, torch.empty_like(output, memory_format=torch.contiguous_format)
+        output = torch.empty_like(output, memory_format=torch.contiguous_format)
     handle = torch.ops.gradfuse._enqueue(name, kind, tensor.detach(),
                                          None if output is None else output.detach(),
                                          root, op, float(prescale), float(postscale))
     with _pending_lock:
-        _pending[handle] = copy_back
+        _pending[handle] = in_place
     return handle
 
 
@@ -78,13 +78,15 @@ def synchronize(handle: int) -> torch.Tensor:
     if not isinstance(handle, int):
         raise TypeError(f"synchronize: handle must be an int from an *_async call, got {handle!r}")
     with _pending_lock:
-        copy_back = _pending.pop(handle, None)
+        in_place = _pending.pop(handle, None)
     _C.engine_wait(handle)
     out = torch.ops.gradfuse._engine_result(handle)
-    if copy_back is not None:
-        copy_back.copy_(out)
-        return copy_back
-    return out
+    if in_place is None:
+        return out
+    if out.data_ptr() != in_place.data_ptr() or not in_place.is_contiguous():
+        with torch.no_grad():
+            in_place.copy_(out)  # the engine worked on a contiguous copy
+    return in_place
 
 
 # ---- allreduce -------------------------------------------------------------------------------
@@ -183,6 +185,9 @@ class _Allgather(torch.autograd.Function):
 def allgather(tensor, name=None) -> torch.Tensor:
     """Concatenates every rank's tensor along dim 0 (its size may differ per rank)."""
     _check_tensor(tensor, "allgather")
+    if tensor.dim() == 0:
+        raise ValueError("gradfuse.allgather: tensor must have at least one dimension (the one "
+                         "gathered along)")
     return _Allgather.apply(tensor, _name(name, "allgather"))
 
 
@@ -191,7 +196,7 @@ def allgather(tensor, name=None) -> torch.Tensor:
 
 def _check_root(root_rank, fn):
     if isinstance(root_rank, bool) or not isinstance(root_rank, int):
-        raise ValueError(f"gradfuse.{fn}: root_rank must be an int, got {root_rank!r}")
+        raise TypeError(f"gradfuse.{fn}: root_rank must be an int, got {root_rank!r}")
     return root_rank
 
 

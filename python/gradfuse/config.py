@@ -16,7 +16,7 @@ _OPTIONS = {
 }
 # GRADFUSE_* variables that belong to the build and test scripts, not to the engine.
 _NOT_ENGINE = {"GRADFUSE_CUDA", "GRADFUSE_PYTHON", "GRADFUSE_BUILD_DIR", "GRADFUSE_VENV",
-               "GRADFUSE_REQUIREMENTS", "GRADFUSE_TEST_PORT"}
+               "GRADFUSE_REQUIREMENTS"}
 
 
 @dataclass
