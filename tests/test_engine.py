@@ -16,7 +16,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 PYTHON_DIR = HERE.parent / "python"
 sys.path.insert(0, str(HERE))
-import engine_worker  # noqa: E402
+import engine_worker
 
 CHECKS = sorted(engine_worker.CHECKS)
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -39,7 +39,7 @@ def _run_group(tmp_path_factory, n, launcher, extra_env=None):
     else:
         cmd = [str(MPIEXEC), "-n", str(n), sys.executable, worker, *CHECKS]
     proc = subprocess.run(cmd, env=_env(tmp, n, extra_env), capture_output=True, text=True,
-                          timeout=240)
+                          timeout=240, check=False)
     results = []
     for r in range(n):
         path = tmp / f"result.rank{r}.json"
@@ -81,7 +81,8 @@ def test_run_launcher_propagates_failure(tmp_path):
                       "if os.environ['RANK'] == '1': sys.exit(3)\n"
                       "time.sleep(60)\n")
     proc = subprocess.run([sys.executable, "-m", "gradfuse.run", "-np", "2", str(script)],
-                          env=_env(tmp_path, 2), capture_output=True, text=True, timeout=60)
+                          env=_env(tmp_path, 2), capture_output=True, text=True, timeout=60,
+                          check=False)
     assert proc.returncode == 3, proc.stderr
     assert "rank 1 exited with code 3" in proc.stderr
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "engine/config.h"
 
@@ -13,5 +14,7 @@ bool engine_running();
 bool poll_handle(int64_t handle);
 // Blocks until the handle is done; throws std::runtime_error with its error if it failed.
 void wait_handle(int64_t handle);
+// {cycles, busy_cycles, tensors, collectives, bytes} of the running engine.
+std::vector<int64_t> engine_stats();
 
 }  // namespace gradfuse::engine

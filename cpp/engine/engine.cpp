@@ -193,7 +193,9 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
     if (h[1] && stop_rank < 0) stop_rank = r;
   }
   std::vector<Response> responses;
+  stats_.cycles++;
   if (longest == 0) return responses;
+  stats_.busy_cycles++;
 
   // Round 2: the requests themselves, padded to the longest message.
   at::Tensor payload = at::zeros({longest}, at::kByte);
@@ -227,6 +229,9 @@ void Engine::execute(std::vector<Response> responses) {
     const bool on_cuda =
         static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
     CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_};
+    stats_.collectives++;
+    stats_.tensors += static_cast<int64_t>(batch.entries.size());
+    for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
     try {
 #ifdef GRADFUSE_WITH_CUDA
       if (on_cuda) {
@@ -316,6 +321,12 @@ std::shared_ptr<Engine> current_engine() {
   std::lock_guard<std::mutex> lock(g_mu);
   TORCH_CHECK(g_engine, g_not_running);
   return g_engine;
+}
+
+std::vector<int64_t> engine_stats() {
+  const Engine::Stats& s = current_engine()->stats();
+  return {s.cycles.load(), s.busy_cycles.load(), s.tensors.load(), s.collectives.load(),
+          s.bytes.load()};
 }
 
 }  // namespace gradfuse::engine

@@ -51,6 +51,16 @@ class Engine {
   std::string stopped_reason() const;
   const EngineConfig& config() const { return config_; }
 
+  // Counters since start (observability; the benchmark prints them).
+  struct Stats {
+    std::atomic<int64_t> cycles{0};         // negotiation rounds
+    std::atomic<int64_t> busy_cycles{0};    // rounds in which some rank had requests
+    std::atomic<int64_t> tensors{0};        // tensors completed
+    std::atomic<int64_t> collectives{0};    // data-plane collectives (fused batches)
+    std::atomic<int64_t> bytes{0};          // bytes through data-plane collectives
+  };
+  const Stats& stats() const { return stats_; }
+
  private:
   void loop();
   // One negotiation round. Returns the negotiated responses; sets `stop_rank` (>= 0) when some
@@ -72,6 +82,7 @@ class Engine {
   Controller controller_;
   BufferPool buffers_;
   std::atomic<bool> stop_requested_{false};
+  Stats stats_;
   mutable std::mutex reason_mu_;
   std::string stopped_reason_;
   std::thread thread_;
@@ -83,5 +94,7 @@ void stop_engine();
 bool engine_running();
 // The running engine, or a RuntimeError saying init() was not called / shutdown() was.
 std::shared_ptr<Engine> current_engine();
+// {cycles, busy_cycles, tensors, collectives, bytes} of the running engine.
+std::vector<int64_t> engine_stats();
 
 }  // namespace gradfuse::engine

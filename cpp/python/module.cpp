@@ -58,6 +58,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
         "Stop the engine on every rank; pending handles fail.");
   m.def("engine_running", &gradfuse::engine::engine_running);
+  m.def(
+      "engine_stats",
+      [] {
+        const auto v = gradfuse::engine::engine_stats();
+        py::dict d;
+        const char* keys[] = {"cycles", "busy_cycles", "tensors", "collectives", "bytes"};
+        for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
+        return d;
+      },
+      "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
+      "bytes.");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),
