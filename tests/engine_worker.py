@@ -124,14 +124,28 @@ def check_many_in_flight_random_order():
             assert torch.equal(out, data(i % n, i, shape, dtype)), name
 
 
+def check_long_negotiation_message():
+    # ~150 requests with long names overflow the 4 KiB negotiation slot (second round).
+    n, r = hvd.size(), hvd.rank()
+    names = [f"a.very.long.parameter.name.to.fill.the.negotiation.slot.layer{i:04d}.weight"
+             for i in range(150)]
+    order = list(range(len(names)))
+    random.Random(7 + r).shuffle(order)
+    handles = {i: hvd.allreduce_async(torch.full((2,), float(r + i)), name=names[i], op=hvd.Sum)
+               for i in order}
+    for i, h in handles.items():
+        expected = float(sum(k + i for k in range(n)))
+        assert torch.equal(hvd.synchronize(h), torch.full((2,), expected)), names[i]
+
+
 def check_allgather():
     n, r = hvd.size(), hvd.rank()
     for i, dtype in enumerate(DTYPES):
         for j, shape in enumerate(SHAPES):
             seed = 300 + 10 * i + j
-            rows = lambda k: k + 1 + j
-            out = hvd.allgather(data(r, seed, (rows(r),) + shape[1:], dtype), name=f"ag.{seed}")
-            expected = torch.cat([data(k, seed, (rows(k),) + shape[1:], dtype)
+            out = hvd.allgather(data(r, seed, (r + 1 + j,) + shape[1:], dtype),
+                                name=f"ag.{seed}")  # dim 0 differs per rank
+            expected = torch.cat([data(k, seed, (k + 1 + j,) + shape[1:], dtype)
                                   for k in range(n)])
             assert torch.equal(out, expected), (dtype, shape)
     # A rank may contribute zero rows.

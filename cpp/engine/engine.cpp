@@ -174,21 +174,32 @@ void Engine::loop() {
 }
 
 std::vector<Response> Engine::negotiate(int& stop_rank) {
+  // Each rank sends one fixed-size slot: [length, stop flag, the first bytes of its requests].
+  // Steady state (a few dozen names) fits in one slot, so a cycle is a single allgather; only
+  // longer messages need a second round for the rest.
+  constexpr int64_t kSlot = 4096;
+  constexpr int64_t kHeader = 2 * sizeof(int64_t);
+  constexpr int64_t kInline = kSlot - kHeader;
   const int n = config_.size;
   std::vector<uint8_t> mine;
   serialize_requests(queue_.take_new_requests(), mine);
+  const auto my_len = static_cast<int64_t>(mine.size());
 
-  // Round 1: every rank's message length and stop flag. An idle cycle ends here.
-  at::Tensor header = at::empty({2}, at::kLong);
-  header[0] = static_cast<int64_t>(mine.size());
+  at::Tensor slot = at::zeros({kSlot}, at::kByte);
+  auto* header = reinterpret_cast<int64_t*>(slot.data_ptr<uint8_t>());
+  header[0] = my_len;
   header[1] = stop_requested_.load() ? 1 : 0;
-  std::vector<std::vector<at::Tensor>> headers(1);
-  for (int r = 0; r < n; ++r) headers[0].push_back(at::empty({2}, at::kLong));
-  std::vector<at::Tensor> header_in{header};
-  control_->allgather(headers, header_in)->wait();
+  std::memcpy(slot.data_ptr<uint8_t>() + kHeader, mine.data(), std::min(my_len, kInline));
+  std::vector<std::vector<at::Tensor>> slots(1);
+  for (int r = 0; r < n; ++r) slots[0].push_back(at::empty({kSlot}, at::kByte));
+  std::vector<at::Tensor> slot_in{slot};
+  control_->allgather(slots, slot_in)->wait();
+
+  std::vector<int64_t> lengths(n);
   int64_t longest = 0;
   for (int r = 0; r < n; ++r) {
-    const int64_t* h = headers[0][r].data_ptr<int64_t>();
+    const auto* h = reinterpret_cast<const int64_t*>(slots[0][r].data_ptr<uint8_t>());
+    lengths[r] = h[0];
     longest = std::max(longest, h[0]);
     if (h[1] && stop_rank < 0) stop_rank = r;
   }
@@ -197,19 +208,33 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   if (longest == 0) return responses;
   stats_.busy_cycles++;
 
-  // Round 2: the requests themselves, padded to the longest message.
-  at::Tensor payload = at::zeros({longest}, at::kByte);
-  std::memcpy(payload.data_ptr(), mine.data(), mine.size());
-  std::vector<std::vector<at::Tensor>> payloads(1);
-  for (int r = 0; r < n; ++r) payloads[0].push_back(at::empty({longest}, at::kByte));
-  std::vector<at::Tensor> payload_in{payload};
-  control_->allgather(payloads, payload_in)->wait();
+  // Every rank's full message: the inline part, plus the overflow round when needed.
+  std::vector<std::vector<uint8_t>> messages(n);
+  for (int r = 0; r < n; ++r) {
+    const uint8_t* p = slots[0][r].data_ptr<uint8_t>() + kHeader;
+    messages[r].assign(p, p + std::min(lengths[r], kInline));
+  }
+  if (longest > kInline) {
+    const int64_t rest = longest - kInline;
+    at::Tensor overflow = at::zeros({rest}, at::kByte);
+    if (my_len > kInline) {
+      std::memcpy(overflow.data_ptr(), mine.data() + kInline, my_len - kInline);
+    }
+    std::vector<std::vector<at::Tensor>> overflows(1);
+    for (int r = 0; r < n; ++r) overflows[0].push_back(at::empty({rest}, at::kByte));
+    std::vector<at::Tensor> overflow_in{overflow};
+    control_->allgather(overflows, overflow_in)->wait();
+    for (int r = 0; r < n; ++r) {
+      if (lengths[r] <= kInline) continue;
+      const uint8_t* p = overflows[0][r].data_ptr<uint8_t>();
+      messages[r].insert(messages[r].end(), p, p + (lengths[r] - kInline));
+    }
+  }
   // Every rank feeds the same messages in rank order, so every rank's controller decides the
   // same responses in the same order (the decision rank 0 would broadcast, without the extra
   // round trip).
   for (int r = 0; r < n; ++r) {
-    const int64_t len = headers[0][r].data_ptr<int64_t>()[0];
-    controller_.add(r, deserialize_requests(payloads[0][r].data_ptr<uint8_t>(), len, r),
+    controller_.add(r, deserialize_requests(messages[r].data(), messages[r].size(), r),
                     responses);
   }
   return responses;
