@@ -31,7 +31,7 @@ void for_each_scale_run(const std::vector<Entry>& entries, Scale scale, Fn fn) {
   }
 }
 
-std::vector<at::Tensor> run_allreduce(const Batch& batch, const CollectiveContext& ctx) {
+StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, int slot) {
   const auto& entries = batch.entries;
   const double average = batch.key.reduce_op == ReduceOp::kAverage ? 1.0 / ctx.size : 1.0;
   std::vector<at::Tensor> outputs;
@@ -46,8 +46,11 @@ std::vector<at::Tensor> run_allreduce(const Batch& batch, const CollectiveContex
       wire_dtype(first.scalar_type()) == first.scalar_type()) {
     if (!outputs[0].is_same(first)) outputs[0].copy_(first);
     std::vector<at::Tensor> ts{outputs[0]};
-    ctx.group->allreduce(ts, opts)->wait();
-    return outputs;
+    auto work = ctx.group->allreduce(ts, opts);
+    return {[work, outputs] {
+      work->wait();
+      return outputs;
+    }};
   }
 
   int64_t total = 0;
@@ -57,7 +60,7 @@ std::vector<at::Tensor> run_allreduce(const Batch& batch, const CollectiveContex
     total += e.tensor.numel();
   }
   at::Tensor flat =
-      ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), /*slot=*/0, total);
+      ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), slot, total);
   for_each_scale_run(entries, [](const Entry& e) { return e.prescale; },
                      [&](size_t b, size_t end, double scale) {
                        std::vector<at::Tensor> ts;
@@ -65,14 +68,19 @@ std::vector<at::Tensor> run_allreduce(const Batch& batch, const CollectiveContex
                        pack(ts, flat.narrow(0, offsets[b], flat.numel() - offsets[b]), scale);
                      });
   std::vector<at::Tensor> ts{flat};
-  ctx.group->allreduce(ts, opts)->wait();
-  for_each_scale_run(entries, [](const Entry& e) { return e.postscale; },
-                     [&](size_t b, size_t end, double scale) {
-                       std::vector<at::Tensor> outs(outputs.begin() + b, outputs.begin() + end);
-                       unpack(flat.narrow(0, offsets[b], flat.numel() - offsets[b]), outs,
-                              scale * average);
-                     });
-  return outputs;
+  auto work = ctx.group->allreduce(ts, opts);
+  // `batch` outlives finish(): the engine keeps it until the handles complete.
+  return {[work, flat, outputs, offsets, average, &entries] {
+    work->wait();
+    for_each_scale_run(entries, [](const Entry& e) { return e.postscale; },
+                       [&](size_t b, size_t end, double scale) {
+                         std::vector<at::Tensor> outs(outputs.begin() + b,
+                                                      outputs.begin() + end);
+                         unpack(flat.narrow(0, offsets[b], flat.numel() - offsets[b]), outs,
+                                scale * average);
+                       });
+    return outputs;
+  }};
 }
 
 std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContext& ctx) {
@@ -91,7 +99,7 @@ std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContex
   opts.rootRank = batch.key.root;
 
   at::Tensor flat =
-      ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), /*slot=*/0, total);
+      ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), /*slot=*/2, total);
   if (is_root) pack(inputs, flat, 1.0);
   std::vector<at::Tensor> ts{flat};
   ctx.group->broadcast(ts, opts)->wait();
@@ -130,8 +138,8 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
 
   const at::Tensor& first = entries[0].tensor;
   const at::ScalarType wire = wire_dtype(first.scalar_type());
-  at::Tensor send = ctx.buffers->get(wire, first.device(), /*slot=*/0, segment);
-  at::Tensor recv = ctx.buffers->get(wire, first.device(), /*slot=*/1, segment * n);
+  at::Tensor send = ctx.buffers->get(wire, first.device(), /*slot=*/3, segment);
+  at::Tensor recv = ctx.buffers->get(wire, first.device(), /*slot=*/4, segment * n);
   std::vector<at::Tensor> inputs;
   for (const Entry& e : entries) inputs.push_back(e.tensor);
   pack(inputs, send, 1.0);
@@ -164,13 +172,23 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
 
 }  // namespace
 
-std::vector<at::Tensor> run_batch(const Batch& batch, const CollectiveContext& ctx) {
+StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int slot) {
   switch (batch.key.op) {
-    case OpType::kAllreduce: return run_allreduce(batch, ctx);
-    case OpType::kBroadcast: return run_broadcast(batch, ctx);
-    case OpType::kAllgather: return run_allgather(batch, ctx);
+    case OpType::kAllreduce: return start_allreduce(batch, ctx, slot);
+    case OpType::kBroadcast: {
+      auto outputs = run_broadcast(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kAllgather: {
+      auto outputs = run_allgather(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
   }
   TORCH_CHECK(false, "gradfuse: bad operation");
+}
+
+std::vector<at::Tensor> run_batch(const Batch& batch, const CollectiveContext& ctx) {
+  return start_batch(batch, ctx, /*slot=*/0).finish();
 }
 
 }  // namespace gradfuse::engine

@@ -249,30 +249,53 @@ void Engine::execute(std::vector<Response> responses) {
       runnable.push_back(std::move(r));
     }
   }
-  for (Batch& batch : make_batches(std::move(runnable), config_.fusion_threshold_bytes)) {
-    for (const Response& r : batch.responses) batch.entries.push_back(queue_.take(r.name));
-    const bool on_cuda =
-        static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
-    CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_};
-    stats_.collectives++;
-    stats_.tensors += static_cast<int64_t>(batch.entries.size());
-    for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
-    try {
+  std::vector<Batch> batches = make_batches(std::move(runnable), config_.fusion_threshold_bytes);
+  // CPU batches are pipelined two deep: batch k+1 is packed while batch k's collective runs,
+  // and batch k is unpacked while k+1's runs (each uses its own fusion buffer slot).
+  std::optional<StartedBatch> in_flight;
+  size_t in_flight_index = 0;
+  auto finish_in_flight = [&] {
+    if (!in_flight) return;
+    StartedBatch started = std::move(*in_flight);
+    in_flight.reset();
+    const Batch& batch = batches[in_flight_index];
+    std::vector<at::Tensor> outputs = started.finish();
+    for (size_t i = 0; i < batch.entries.size(); ++i) {
+      HandleTable::get().complete(batch.entries[i].handle, outputs[i]);
+    }
+  };
+  size_t index = 0;
+  try {
+    for (; index < batches.size(); ++index) {
+      Batch& batch = batches[index];
+      for (const Response& r : batch.responses) batch.entries.push_back(queue_.take(r.name));
+      const bool on_cuda =
+          static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
+      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_};
+      stats_.collectives++;
+      stats_.tensors += static_cast<int64_t>(batch.entries.size());
+      for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
 #ifdef GRADFUSE_WITH_CUDA
       if (on_cuda) {
+        finish_in_flight();
         run_cuda_batch(batch, ctx);
         continue;
       }
 #endif
-      std::vector<at::Tensor> outputs = run_batch(batch, ctx);
-      for (size_t i = 0; i < batch.entries.size(); ++i) {
-        HandleTable::get().complete(batch.entries[i].handle, outputs[i]);
-      }
-    } catch (const std::exception& e) {
-      // A failed collective leaves the ranks out of step: fail this batch, then stop the engine.
-      for (const Entry& entry : batch.entries) HandleTable::get().fail(entry.handle, e.what());
-      throw;
+      StartedBatch started = start_batch(batch, ctx, static_cast<int>(index % 2));
+      finish_in_flight();
+      in_flight = std::move(started);
+      in_flight_index = index;
     }
+    finish_in_flight();
+  } catch (const std::exception& e) {
+    // A failed collective leaves the ranks out of step: fail the batches that were running,
+    // then stop the engine (the remaining entries fail with it).
+    const size_t last = std::min(index, batches.size() - 1);
+    for (size_t b = in_flight ? in_flight_index : last; b <= last; ++b) {
+      for (const Entry& entry : batches[b].entries) HandleTable::get().fail(entry.handle, e.what());
+    }
+    throw;
   }
 }
 
