@@ -11,9 +11,12 @@ c10d::ReduceOp to_c10d(ReduceOp op) {
     case ReduceOp::kSum:
     case ReduceOp::kAverage:  // Sum, then a postscale of 1/size in unpack
       return c10d::ReduceOp::SUM;
-    case ReduceOp::kMin: return c10d::ReduceOp::MIN;
-    case ReduceOp::kMax: return c10d::ReduceOp::MAX;
-    case ReduceOp::kProduct: return c10d::ReduceOp::PRODUCT;
+    case ReduceOp::kMin:
+      return c10d::ReduceOp::MIN;
+    case ReduceOp::kMax:
+      return c10d::ReduceOp::MAX;
+    case ReduceOp::kProduct:
+      return c10d::ReduceOp::PRODUCT;
   }
   TORCH_CHECK(false, "gradfuse: bad reduce op");
 }
@@ -59,26 +62,25 @@ StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, i
     offsets.push_back(total);
     total += e.tensor.numel();
   }
-  at::Tensor flat =
-      ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), slot, total);
-  for_each_scale_run(entries, [](const Entry& e) { return e.prescale; },
-                     [&](size_t b, size_t end, double scale) {
-                       std::vector<at::Tensor> ts;
-                       for (size_t i = b; i < end; ++i) ts.push_back(entries[i].tensor);
-                       pack(ts, flat.narrow(0, offsets[b], flat.numel() - offsets[b]), scale);
-                     });
+  at::Tensor flat = ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), slot, total);
+  for_each_scale_run(
+      entries, [](const Entry& e) { return e.prescale; },
+      [&](size_t b, size_t end, double scale) {
+        std::vector<at::Tensor> ts;
+        for (size_t i = b; i < end; ++i) ts.push_back(entries[i].tensor);
+        pack(ts, flat.narrow(0, offsets[b], flat.numel() - offsets[b]), scale);
+      });
   std::vector<at::Tensor> ts{flat};
   auto work = ctx.group->allreduce(ts, opts);
   // `batch` outlives finish(): the engine keeps it until the handles complete.
   return {[work, flat, outputs, offsets, average, &entries] {
     work->wait();
-    for_each_scale_run(entries, [](const Entry& e) { return e.postscale; },
-                       [&](size_t b, size_t end, double scale) {
-                         std::vector<at::Tensor> outs(outputs.begin() + b,
-                                                      outputs.begin() + end);
-                         unpack(flat.narrow(0, offsets[b], flat.numel() - offsets[b]), outs,
-                                scale * average);
-                       });
+    for_each_scale_run(
+        entries, [](const Entry& e) { return e.postscale; },
+        [&](size_t b, size_t end, double scale) {
+          std::vector<at::Tensor> outs(outputs.begin() + b, outputs.begin() + end);
+          unpack(flat.narrow(0, offsets[b], flat.numel() - offsets[b]), outs, scale * average);
+        });
     return outputs;
   }};
 }
@@ -174,7 +176,8 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
 
 StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int slot) {
   switch (batch.key.op) {
-    case OpType::kAllreduce: return start_allreduce(batch, ctx, slot);
+    case OpType::kAllreduce:
+      return start_allreduce(batch, ctx, slot);
     case OpType::kBroadcast: {
       auto outputs = run_broadcast(batch, ctx);
       return {[outputs] { return outputs; }};

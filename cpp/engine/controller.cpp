@@ -29,8 +29,7 @@ struct Attribute {
 
 const Attribute kAttributes[] = {
     {"operation", [](const Request& r, bool) { return std::string(op_name(r.op)); }},
-    {"number of dimensions",
-     [](const Request& r, bool) { return std::to_string(r.shape.size()); }},
+    {"number of dimensions", [](const Request& r, bool) { return std::to_string(r.shape.size()); }},
     // allgather lets dim 0 differ per rank; every other dim must agree.
     {"shape",
      [](const Request& r, bool allgather) {
@@ -57,8 +56,7 @@ void Controller::add(int rank, const std::vector<Request>& requests, std::vector
     auto& per_rank = table_[r.name];
     if (per_rank.empty()) per_rank.resize(size_);
     // The enqueue side rejects a name already in flight, so a rank never sends one twice.
-    TORCH_CHECK(!per_rank[rank].has_value(), "gradfuse: rank ", rank, " sent '", r.name,
-                "' twice");
+    TORCH_CHECK(!per_rank[rank].has_value(), "gradfuse: rank ", rank, " sent '", r.name, "' twice");
     per_rank[rank] = r;
     bool ready = true;
     for (const auto& q : per_rank) ready = ready && q.has_value();
@@ -105,8 +103,8 @@ Response Controller::decide(const std::string& name,
   if (resp.request.op == OpType::kBroadcast &&
       (resp.request.root < 0 || resp.request.root >= size_)) {
     resp.kind = Response::Kind::kError;
-    resp.error = "gradfuse: broadcast root " + std::to_string(resp.request.root) +
-                 " for tensor '" + name + "' is not a rank (size " + std::to_string(size_) + ")";
+    resp.error = "gradfuse: broadcast root " + std::to_string(resp.request.root) + " for tensor '" +
+                 name + "' is not a rank (size " + std::to_string(size_) + ")";
     return resp;
   }
   if (allgather) {

@@ -57,8 +57,8 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   const char* op = op_name(a.op);
   TORCH_CHECK_VALUE(!a.name.empty(), "gradfuse.", op, ": name must not be empty");
   TORCH_CHECK_VALUE(a.tensor.defined(), "gradfuse.", op, ": tensor is undefined");
-  TORCH_CHECK_VALUE(supported_dtype(a.tensor.scalar_type()), "gradfuse.", op,
-                    ": tensor has dtype ", a.tensor.scalar_type(),
+  TORCH_CHECK_VALUE(supported_dtype(a.tensor.scalar_type()), "gradfuse.", op, ": tensor has dtype ",
+                    a.tensor.scalar_type(),
                     "; supported: uint8, int8, int16, int32, int64, float16, bfloat16, float32, "
                     "float64");
   TORCH_CHECK_VALUE(!a.tensor.is_sparse() && a.tensor.layout() == at::kStrided, "gradfuse.", op,
@@ -70,7 +70,8 @@ int64_t Engine::enqueue(EnqueueArgs a) {
                     ": tensor is on ", device, ", but the engine has ",
                     device.is_cuda() ? "no CUDA (NCCL) process group" : "no group for it");
   if (a.op == OpType::kAllgather) {
-    TORCH_CHECK_VALUE(a.tensor.dim() >= 1, "gradfuse.allgather: tensor must have at least one "
+    TORCH_CHECK_VALUE(a.tensor.dim() >= 1,
+                      "gradfuse.allgather: tensor must have at least one "
                       "dimension (the one gathered along)");
     TORCH_CHECK_VALUE(!a.output.has_value(), "gradfuse.allgather: output must be None");
   } else {
@@ -81,8 +82,8 @@ int64_t Engine::enqueue(EnqueueArgs a) {
                           out.scalar_type() == a.tensor.scalar_type() &&
                           out.device() == a.tensor.device(),
                       "gradfuse.", op, ": output must match tensor (", a.tensor.sizes(), ", ",
-                      a.tensor.scalar_type(), ", ", a.tensor.device(), "), got ", out.sizes(),
-                      ", ", out.scalar_type(), ", ", out.device());
+                      a.tensor.scalar_type(), ", ", a.tensor.device(), "), got ", out.sizes(), ", ",
+                      out.scalar_type(), ", ", out.device());
     TORCH_CHECK_VALUE(out.is_contiguous(), "gradfuse.", op, ": output must be contiguous");
   }
   if (a.op == OpType::kBroadcast) {
@@ -147,8 +148,8 @@ void Engine::fail_all(const std::string& why) {
     if (stopped_reason_.empty()) stopped_reason_ = why;
   }
   for (Entry& e : queue_.close(stopped_reason())) {
-    HandleTable::get().fail(e.handle, stopped_reason() + " while '" + e.request.name +
-                                          "' was pending");
+    HandleTable::get().fail(e.handle,
+                            stopped_reason() + " while '" + e.request.name + "' was pending");
   }
 }
 
@@ -234,8 +235,7 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   // same responses in the same order (the decision rank 0 would broadcast, without the extra
   // round trip).
   for (int r = 0; r < n; ++r) {
-    controller_.add(r, deserialize_requests(messages[r].data(), messages[r].size(), r),
-                    responses);
+    controller_.add(r, deserialize_requests(messages[r].data(), messages[r].size(), r), responses);
   }
   return responses;
 }

@@ -53,11 +53,11 @@ class Engine {
 
   // Counters since start (observability; the benchmark prints them).
   struct Stats {
-    std::atomic<int64_t> cycles{0};         // negotiation rounds
-    std::atomic<int64_t> busy_cycles{0};    // rounds in which some rank had requests
-    std::atomic<int64_t> tensors{0};        // tensors completed
-    std::atomic<int64_t> collectives{0};    // data-plane collectives (fused batches)
-    std::atomic<int64_t> bytes{0};          // bytes through data-plane collectives
+    std::atomic<int64_t> cycles{0};       // negotiation rounds
+    std::atomic<int64_t> busy_cycles{0};  // rounds in which some rank had requests
+    std::atomic<int64_t> tensors{0};      // tensors completed
+    std::atomic<int64_t> collectives{0};  // data-plane collectives (fused batches)
+    std::atomic<int64_t> bytes{0};        // bytes through data-plane collectives
   };
   const Stats& stats() const { return stats_; }
 

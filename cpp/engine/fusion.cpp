@@ -59,9 +59,7 @@ std::vector<Batch> make_batches(std::vector<Response> responses, int64_t thresho
   return done;
 }
 
-at::ScalarType wire_dtype(at::ScalarType dtype) {
-  return dtype == at::kShort ? at::kInt : dtype;
-}
+at::ScalarType wire_dtype(at::ScalarType dtype) { return dtype == at::kShort ? at::kInt : dtype; }
 
 void pack(const std::vector<at::Tensor>& tensors, const at::Tensor& flat, double scale) {
   if (tensors.empty()) return;

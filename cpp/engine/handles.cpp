@@ -20,8 +20,7 @@ int64_t HandleTable::create(const std::string& name) {
   return h;
 }
 
-void HandleTable::complete(int64_t handle, at::Tensor result,
-                           std::function<void()> on_release) {
+void HandleTable::complete(int64_t handle, at::Tensor result, std::function<void()> on_release) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     State& s = find_locked(handle);

@@ -23,9 +23,9 @@ struct Request {
   OpType op = OpType::kAllreduce;
   ReduceOp reduce_op = ReduceOp::kSum;
   c10::ScalarType dtype = c10::ScalarType::Float;
-  int8_t device_type = 0;    // c10::DeviceType
+  int8_t device_type = 0;  // c10::DeviceType
   int16_t device_index = -1;
-  int32_t root = 0;          // broadcast only
+  int32_t root = 0;  // broadcast only
   std::vector<int64_t> shape;
 };
 
@@ -37,9 +37,9 @@ struct Response {
   enum class Kind { kRun, kError };
   Kind kind = Kind::kRun;
   std::string name;
-  Request request;                    // rank 0's request: the attributes every rank agreed on
-  std::vector<int64_t> first_dims;    // allgather: dim 0 of the tensor on each rank
-  std::string error;                  // kError: the message raised on every rank
+  Request request;                  // rank 0's request: the attributes every rank agreed on
+  std::vector<int64_t> first_dims;  // allgather: dim 0 of the tensor on each rank
+  std::string error;                // kError: the message raised on every rank
 };
 
 }  // namespace gradfuse::engine

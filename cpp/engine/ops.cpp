@@ -15,7 +15,8 @@ int64_t enqueue_op(c10::string_view name, int64_t op, const at::Tensor& tensor,
                    double prescale, double postscale) {
   TORCH_CHECK_VALUE(op >= 0 && op <= static_cast<int64_t>(OpType::kBroadcast),
                     "gradfuse._enqueue: op must be 0 (allreduce), 1 (allgather) or 2 "
-                    "(broadcast), got ", op);
+                    "(broadcast), got ",
+                    op);
   EnqueueArgs args;
   args.name = std::string(name);
   args.op = static_cast<OpType>(op);

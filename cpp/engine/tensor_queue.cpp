@@ -9,8 +9,8 @@ void TensorQueue::push(Entry entry) {
     std::lock_guard<std::mutex> lock(mu_);
     TORCH_CHECK(closed_reason_.empty(), closed_reason_);
     const std::string& name = entry.request.name;
-    TORCH_CHECK_VALUE(in_flight_.find(name) == in_flight_.end(), "gradfuse: a tensor named '",
-                      name, "' is already in flight; synchronize it before submitting the "
+    TORCH_CHECK_VALUE(in_flight_.find(name) == in_flight_.end(), "gradfuse: a tensor named '", name,
+                      "' is already in flight; synchronize it before submitting the "
                       "name again, or use another name");
     new_requests_.push_back(entry.request);
     in_flight_.emplace(name, std::move(entry));

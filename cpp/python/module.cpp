@@ -28,8 +28,9 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("cpu_simd", [] { return std::string(gradfuse::cpu::simd_name()); },
-        "The vector instruction set the CPU kernels use: 'avx2' or 'scalar'.");
+  m.def(
+      "cpu_simd", [] { return std::string(gradfuse::cpu::simd_name()); },
+      "The vector instruction set the CPU kernels use: 'avx2' or 'scalar'.");
   m.def(
       "set_cpu_simd", [](const std::string& name) { gradfuse::cpu::set_simd(name); },
       py::arg("name"),
