@@ -1,8 +1,10 @@
 // gradfuse._C: importing it registers torch.ops.gradfuse.* (the TORCH_LIBRARY blocks in
 // cpp/ops are linked into this module). The pybind11 surface is thin: build facts and
 // switches for the CPU kernels; no logic lives here.
+#include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 
+#include "engine/api.h"
 #include "ops/cpu/dispatch.h"
 
 namespace py = pybind11;
@@ -10,16 +12,67 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gradfuse compiled extension";
   m.attr("version") = GRADFUSE_VERSION;
+  // c10 errors as torch raises them (ValueError / RuntimeError, message without the C++
+  // backtrace); pybind11 alone would turn them all into RuntimeError with a backtrace.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("cpu_simd", [] { return std::string(gradfuse::cpu::simd_name()); },
-        "The vector instruction set the CPU kernels use: 'avx2' or 'scalar'.");
+  m.def(
+      "cpu_simd", [] { return std::string(gradfuse::cpu::simd_name()); },
+      "The vector instruction set the CPU kernels use: 'avx2' or 'scalar'.");
   m.def(
       "set_cpu_simd", [](const std::string& name) { gradfuse::cpu::set_simd(name); },
       py::arg("name"),
       "Force the CPU kernels' vector path: 'avx2', 'scalar' or 'auto' (tests use this to cover "
       "both paths). Raises ValueError for anything else or an unsupported choice.");
+
+  // ---- communication engine (tensors go through torch.ops.gradfuse._enqueue) -------------
+  m.def(
+      "engine_start",
+      [](int rank, int size, const std::string& control_group, const std::string& cpu_group,
+         const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms) {
+        gradfuse::engine::EngineConfig c;
+        c.rank = rank;
+        c.size = size;
+        c.control_group = control_group;
+        c.cpu_group = cpu_group;
+        c.cuda_group = cuda_group;
+        c.fusion_threshold_bytes = fusion_threshold_bytes;
+        c.cycle_time_ms = cycle_time_ms;
+        gradfuse::engine::start_engine(c);
+      },
+      py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
+      py::arg("cuda_group"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
+      "Start the engine's background thread on the named process groups.");
+  // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
+  m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
+        "Stop the engine on every rank; pending handles fail.");
+  m.def("engine_running", &gradfuse::engine::engine_running);
+  m.def(
+      "engine_stats",
+      [] {
+        const auto v = gradfuse::engine::engine_stats();
+        py::dict d;
+        const char* keys[] = {"cycles", "busy_cycles", "tensors", "collectives", "bytes"};
+        for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
+        return d;
+      },
+      "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
+      "bytes.");
+  m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
+        "True once the handle has completed or failed.");
+  m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Block (GIL released) until the handle is done; RuntimeError if it failed.");
 }

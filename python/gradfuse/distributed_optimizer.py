@@ -132,6 +132,11 @@ class _DistributedOptimizer:
 
     def _gf_topk_async(self, p, name, compression):
         grad = p.grad
+        dense = grad.numel() < compression.min_numel
+        if compression.momentum == 0 and dense:  # nothing to remember for this tensor
+            send = grad.clone()
+            handle = collectives.allreduce_async_(send, name=name, op=collectives.Average)
+            return ("topk_dense", (handle,), send)
         state = self._gf_topk_state.setdefault(p, {})
         if compression.momentum > 0:  # momentum correction: compress the velocity
             u = state.setdefault("momentum", torch.zeros_like(grad, dtype=torch.float32))
@@ -139,7 +144,7 @@ class _DistributedOptimizer:
             source = u
         else:
             source = grad
-        if grad.numel() < compression.min_numel:  # small tensors travel dense
+        if dense:  # small tensors travel dense
             send = source.to(grad.dtype, copy=True)
             handle = collectives.allreduce_async_(send, name=name, op=collectives.Average)
             return ("topk_dense", (handle,), send)

@@ -1,0 +1,20 @@
+// The engine's control surface for cpp/python/module.cpp: plain types only (no tensors).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/config.h"
+
+namespace gradfuse::engine {
+
+void start_engine(const EngineConfig& config);
+void stop_engine();
+bool engine_running();
+bool poll_handle(int64_t handle);
+// Blocks until the handle is done; throws std::runtime_error with its error if it failed.
+void wait_handle(int64_t handle);
+// {cycles, busy_cycles, tensors, collectives, bytes} of the running engine.
+std::vector<int64_t> engine_stats();
+
+}  // namespace gradfuse::engine

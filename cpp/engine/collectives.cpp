@@ -1,0 +1,197 @@
+#include "engine/collectives.h"
+
+#include <ATen/ATen.h>
+
+namespace gradfuse::engine {
+
+namespace {
+
+c10d::ReduceOp to_c10d(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAverage:  // Sum, then a postscale of 1/size in unpack
+      return c10d::ReduceOp::SUM;
+    case ReduceOp::kMin:
+      return c10d::ReduceOp::MIN;
+    case ReduceOp::kMax:
+      return c10d::ReduceOp::MAX;
+    case ReduceOp::kProduct:
+      return c10d::ReduceOp::PRODUCT;
+  }
+  TORCH_CHECK(false, "gradfuse: bad reduce op");
+}
+
+// Calls fn(begin, end) for each maximal run of entries sharing the same value of scale(e), so
+// the usual case (one scale for the whole batch) is one pack/unpack kernel call.
+template <class Scale, class Fn>
+void for_each_scale_run(const std::vector<Entry>& entries, Scale scale, Fn fn) {
+  size_t begin = 0;
+  for (size_t i = 1; i <= entries.size(); ++i) {
+    if (i == entries.size() || scale(entries[i]) != scale(entries[begin])) {
+      fn(begin, i, scale(entries[begin]));
+      begin = i;
+    }
+  }
+}
+
+StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, int slot) {
+  const auto& entries = batch.entries;
+  const double average = batch.key.reduce_op == ReduceOp::kAverage ? 1.0 / ctx.size : 1.0;
+  std::vector<at::Tensor> outputs;
+  for (const Entry& e : entries) outputs.push_back(e.output);
+  const at::Tensor& first = entries[0].tensor;
+
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = to_c10d(batch.key.reduce_op);
+
+  // One tensor with nothing to scale or convert: reduce it in its output, no fusion buffer.
+  if (entries.size() == 1 && entries[0].prescale == 1.0 && entries[0].postscale * average == 1.0 &&
+      wire_dtype(first.scalar_type()) == first.scalar_type()) {
+    if (!outputs[0].is_same(first)) outputs[0].copy_(first);
+    std::vector<at::Tensor> ts{outputs[0]};
+    auto work = ctx.group->allreduce(ts, opts);
+    return {[work, outputs] {
+      work->wait();
+      return outputs;
+    }};
+  }
+
+  int64_t total = 0;
+  std::vector<int64_t> offsets;
+  for (const Entry& e : entries) {
+    offsets.push_back(total);
+    total += e.tensor.numel();
+  }
+  at::Tensor flat = ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), slot, total);
+  for_each_scale_run(
+      entries, [](const Entry& e) { return e.prescale; },
+      [&](size_t b, size_t end, double scale) {
+        std::vector<at::Tensor> ts;
+        for (size_t i = b; i < end; ++i) ts.push_back(entries[i].tensor);
+        pack(ts, flat.narrow(0, offsets[b], flat.numel() - offsets[b]), scale);
+      });
+  std::vector<at::Tensor> ts{flat};
+  auto work = ctx.group->allreduce(ts, opts);
+  // `batch` outlives finish(): the engine keeps it until the handles complete.
+  return {[work, flat, outputs, offsets, average, &entries] {
+    work->wait();
+    for_each_scale_run(
+        entries, [](const Entry& e) { return e.postscale; },
+        [&](size_t b, size_t end, double scale) {
+          std::vector<at::Tensor> outs(outputs.begin() + b, outputs.begin() + end);
+          unpack(flat.narrow(0, offsets[b], flat.numel() - offsets[b]), outs, scale * average);
+        });
+    return outputs;
+  }};
+}
+
+std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContext& ctx) {
+  const auto& entries = batch.entries;
+  const bool is_root = ctx.rank == batch.key.root;
+  std::vector<at::Tensor> outputs;
+  std::vector<at::Tensor> inputs;
+  int64_t total = 0;
+  for (const Entry& e : entries) {
+    outputs.push_back(e.output);
+    inputs.push_back(e.tensor);
+    total += e.tensor.numel();
+  }
+  const at::Tensor& first = entries[0].tensor;
+  c10d::BroadcastOptions opts;
+  opts.rootRank = batch.key.root;
+
+  at::Tensor flat =
+      ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), /*slot=*/2, total);
+  if (is_root) pack(inputs, flat, 1.0);
+  std::vector<at::Tensor> ts{flat};
+  ctx.group->broadcast(ts, opts)->wait();
+  for (size_t i = 0; i < entries.size(); ++i) {
+    // The root's in-place outputs already hold the data.
+    if (is_root && outputs[i].is_same(inputs[i])) continue;
+    if (is_root) {
+      outputs[i].copy_(inputs[i]);
+    } else {
+      int64_t offset = 0;
+      for (size_t j = 0; j < i; ++j) offset += inputs[j].numel();
+      unpack(flat.narrow(0, offset, inputs[i].numel()), {outputs[i]}, 1.0);
+    }
+  }
+  return outputs;
+}
+
+// Allgather with a first dimension that may differ per rank. Every rank's segment of the
+// gathered buffer holds its tensors back to back; segments are padded to the longest one
+// (Gloo's allgather needs equal sizes).
+std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContext& ctx) {
+  const auto& entries = batch.entries;
+  const int n = ctx.size;
+  // rows[i][r]: dim 0 of tensor i on rank r; row_numel[i]: elements per row.
+  std::vector<int64_t> row_numel;
+  int64_t segment = 0;
+  std::vector<int64_t> rank_total(n, 0);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const auto& shape = batch.responses[i].request.shape;
+    int64_t row = 1;
+    for (size_t d = 1; d < shape.size(); ++d) row *= shape[d];
+    row_numel.push_back(row);
+    for (int r = 0; r < n; ++r) rank_total[r] += batch.responses[i].first_dims[r] * row;
+  }
+  for (int r = 0; r < n; ++r) segment = std::max(segment, rank_total[r]);
+
+  const at::Tensor& first = entries[0].tensor;
+  const at::ScalarType wire = wire_dtype(first.scalar_type());
+  at::Tensor send = ctx.buffers->get(wire, first.device(), /*slot=*/3, segment);
+  at::Tensor recv = ctx.buffers->get(wire, first.device(), /*slot=*/4, segment * n);
+  std::vector<at::Tensor> inputs;
+  for (const Entry& e : entries) inputs.push_back(e.tensor);
+  pack(inputs, send, 1.0);
+
+  std::vector<std::vector<at::Tensor>> gathered(1);
+  for (int r = 0; r < n; ++r) gathered[0].push_back(recv.narrow(0, r * segment, segment));
+  std::vector<at::Tensor> send_list{send};
+  ctx.group->allgather(gathered, send_list)->wait();
+
+  std::vector<at::Tensor> outputs;
+  std::vector<int64_t> rank_offset(n, 0);  // where tensor i starts in rank r's segment
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const Response& resp = batch.responses[i];
+    std::vector<int64_t> shape = resp.request.shape;
+    shape[0] = std::accumulate(resp.first_dims.begin(), resp.first_dims.end(), int64_t{0});
+    at::Tensor out = at::empty(shape, first.options());
+    at::Tensor out_flat = out.view(-1);
+    int64_t out_offset = 0;
+    for (int r = 0; r < n; ++r) {
+      const int64_t count = resp.first_dims[r] * row_numel[i];
+      out_flat.narrow(0, out_offset, count)
+          .copy_(recv.narrow(0, r * segment + rank_offset[r], count));
+      out_offset += count;
+      rank_offset[r] += count;
+    }
+    outputs.push_back(out);
+  }
+  return outputs;
+}
+
+}  // namespace
+
+StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int slot) {
+  switch (batch.key.op) {
+    case OpType::kAllreduce:
+      return start_allreduce(batch, ctx, slot);
+    case OpType::kBroadcast: {
+      auto outputs = run_broadcast(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kAllgather: {
+      auto outputs = run_allgather(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+  }
+  TORCH_CHECK(false, "gradfuse: bad operation");
+}
+
+std::vector<at::Tensor> run_batch(const Batch& batch, const CollectiveContext& ctx) {
+  return start_batch(batch, ctx, /*slot=*/0).finish();
+}
+
+}  // namespace gradfuse::engine

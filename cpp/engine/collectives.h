@@ -1,0 +1,37 @@
+// Runs one fused batch on a process group: pack into a fusion buffer, one collective, unpack
+// into the outputs. Called only by the background thread, in negotiated order, so every rank
+// issues the same collectives in the same order on the engine's own groups.
+#pragma once
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <functional>
+#include <vector>
+
+#include "engine/fusion.h"
+
+namespace gradfuse::engine {
+
+struct CollectiveContext {
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  int rank = 0;
+  int size = 1;
+  BufferPool* buffers = nullptr;
+};
+
+// A batch whose collective may still be running. finish() waits for it, unpacks and returns
+// the output tensor of each entry, in batch order.
+struct StartedBatch {
+  std::function<std::vector<at::Tensor>()> finish;
+};
+
+// Packs the batch and starts its collective. Allreduce returns before the collective ends, so
+// the engine can pack the next batch meanwhile (its fusion buffer is `slot` 0 or 1; the next
+// batch must use the other). Allgather and broadcast run to completion here. Throws on
+// transport errors.
+StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int slot);
+
+// start_batch(...).finish(): the whole batch, synchronously.
+std::vector<at::Tensor> run_batch(const Batch& batch, const CollectiveContext& ctx);
+
+}  // namespace gradfuse::engine

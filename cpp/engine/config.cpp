@@ -1,0 +1,20 @@
+#include "engine/config.h"
+
+#include <c10/util/Exception.h>
+
+namespace gradfuse::engine {
+
+void validate(const EngineConfig& c) {
+  TORCH_CHECK_VALUE(c.size >= 1, "gradfuse: size must be >= 1, got ", c.size);
+  TORCH_CHECK_VALUE(c.rank >= 0 && c.rank < c.size, "gradfuse: rank must be in [0, ", c.size,
+                    "), got ", c.rank);
+  TORCH_CHECK_VALUE(!c.control_group.empty(), "gradfuse: control_group must name a group");
+  TORCH_CHECK_VALUE(!c.cpu_group.empty(), "gradfuse: cpu_group must name a group");
+  TORCH_CHECK_VALUE(c.fusion_threshold_bytes >= 0,
+                    "gradfuse: fusion_threshold_bytes must be >= 0, got ",
+                    c.fusion_threshold_bytes);
+  TORCH_CHECK_VALUE(c.cycle_time_ms > 0, "gradfuse: cycle_time_ms must be > 0, got ",
+                    c.cycle_time_ms);
+}
+
+}  // namespace gradfuse::engine

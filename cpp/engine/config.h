@@ -1,0 +1,24 @@
+// What gradfuse.init() hands the engine. Python validates user input (GRADFUSE_* variables,
+// keyword arguments); the engine re-checks ranges so a direct _C call cannot break it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace gradfuse::engine {
+
+struct EngineConfig {
+  int rank = 0;
+  int size = 1;
+  // Process groups by name (torch.distributed.new_group(...).group_name), resolved in C++ with
+  // c10d::resolve_process_group. Only the background thread issues collectives on them.
+  std::string control_group;  // Gloo: negotiation
+  std::string cpu_group;      // Gloo: CPU tensors
+  std::string cuda_group;     // NCCL: CUDA tensors; empty when there is none
+  int64_t fusion_threshold_bytes = 64 << 20;
+  double cycle_time_ms = 1.0;
+};
+
+void validate(const EngineConfig& config);
+
+}  // namespace gradfuse::engine

@@ -1,0 +1,36 @@
+// Negotiation logic: which named tensors are ready on every rank, and do the ranks agree on
+// what they are? Pure bookkeeping (no communication): every rank feeds the same all-gathered
+// requests in the same order into its own Controller, so every rank computes the same
+// responses in the same order without a second round trip.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/message.h"
+
+namespace gradfuse::engine {
+
+class Controller {
+ public:
+  explicit Controller(int size) : size_(size) {}
+
+  // Records `requests` sent by `rank` this cycle. A name that is now ready on every rank
+  // becomes a response (kRun, or kError when the ranks disagree), appended to `out` in the
+  // order the names completed.
+  void add(int rank, const std::vector<Request>& requests, std::vector<Response>& out);
+
+  // Names some rank has submitted that are not yet ready everywhere (for shutdown messages).
+  size_t pending() const { return table_.size(); }
+
+ private:
+  Response decide(const std::string& name, const std::vector<std::optional<Request>>& per_rank);
+
+  int size_;
+  // name -> the request of each rank (empty where that rank has not submitted it yet).
+  std::map<std::string, std::vector<std::optional<Request>>> table_;
+};
+
+}  // namespace gradfuse::engine

@@ -1,0 +1,380 @@
+#include "engine/engine.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+
+#include <cstring>
+#include <mutex>
+
+#include "engine/collectives.h"
+#include "engine/handles.h"
+
+#ifdef GRADFUSE_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace gradfuse::engine {
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kByte:
+    case at::kChar:
+    case at::kShort:
+    case at::kInt:
+    case at::kLong:
+    case at::kHalf:
+    case at::kBFloat16:
+    case at::kFloat:
+    case at::kDouble:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+Engine::Engine(EngineConfig config) : config_(std::move(config)), controller_(config_.size) {
+  validate(config_);
+  control_ = c10d::resolve_process_group(config_.control_group);
+  cpu_ = c10d::resolve_process_group(config_.cpu_group);
+  if (!config_.cuda_group.empty()) cuda_ = c10d::resolve_process_group(config_.cuda_group);
+  TORCH_CHECK_VALUE(control_->getSize() == config_.size && control_->getRank() == config_.rank,
+                    "gradfuse: control group '", config_.control_group, "' has rank ",
+                    control_->getRank(), " of ", control_->getSize(), ", expected rank ",
+                    config_.rank, " of ", config_.size);
+  thread_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() { stop(); }
+
+int64_t Engine::enqueue(EnqueueArgs a) {
+  const char* op = op_name(a.op);
+  TORCH_CHECK_VALUE(!a.name.empty(), "gradfuse.", op, ": name must not be empty");
+  TORCH_CHECK_VALUE(a.tensor.defined(), "gradfuse.", op, ": tensor is undefined");
+  TORCH_CHECK_VALUE(supported_dtype(a.tensor.scalar_type()), "gradfuse.", op, ": tensor has dtype ",
+                    a.tensor.scalar_type(),
+                    "; supported: uint8, int8, int16, int32, int64, float16, bfloat16, float32, "
+                    "float64");
+  TORCH_CHECK_VALUE(!a.tensor.is_sparse() && a.tensor.layout() == at::kStrided, "gradfuse.", op,
+                    ": tensor must be dense (strided)");
+  TORCH_CHECK_VALUE(a.tensor.dim() <= 64, "gradfuse.", op, ": tensor has ", a.tensor.dim(),
+                    " dimensions; at most 64 are supported");
+  const auto device = a.tensor.device();
+  TORCH_CHECK_VALUE(device.is_cpu() || (device.is_cuda() && cuda_), "gradfuse.", op,
+                    ": tensor is on ", device, ", but the engine has ",
+                    device.is_cuda() ? "no CUDA (NCCL) process group" : "no group for it");
+  if (a.op == OpType::kAllgather) {
+    TORCH_CHECK_VALUE(a.tensor.dim() >= 1,
+                      "gradfuse.allgather: tensor must have at least one "
+                      "dimension (the one gathered along)");
+    TORCH_CHECK_VALUE(!a.output.has_value(), "gradfuse.allgather: output must be None");
+  } else {
+    TORCH_CHECK_VALUE(a.output.has_value() && a.output->defined(), "gradfuse.", op,
+                      ": output is required");
+    const at::Tensor& out = *a.output;
+    TORCH_CHECK_VALUE(out.sizes() == a.tensor.sizes() &&
+                          out.scalar_type() == a.tensor.scalar_type() &&
+                          out.device() == a.tensor.device(),
+                      "gradfuse.", op, ": output must match tensor (", a.tensor.sizes(), ", ",
+                      a.tensor.scalar_type(), ", ", a.tensor.device(), "), got ", out.sizes(), ", ",
+                      out.scalar_type(), ", ", out.device());
+    TORCH_CHECK_VALUE(out.is_contiguous(), "gradfuse.", op, ": output must be contiguous");
+  }
+  if (a.op == OpType::kBroadcast) {
+    TORCH_CHECK_VALUE(a.root >= 0 && a.root < config_.size, "gradfuse.broadcast: root_rank ",
+                      a.root, " is not a rank (size ", config_.size, ")");
+  }
+  if (a.op == OpType::kAllreduce) {
+    const int r = static_cast<int>(a.reduce_op);
+    TORCH_CHECK_VALUE(r >= 0 && r <= static_cast<int>(ReduceOp::kProduct),
+                      "gradfuse.allreduce: op ", r, " is not Sum, Average, Min, Max or Product");
+  }
+
+  Entry e;
+  e.request.name = a.name;
+  e.request.op = a.op;
+  e.request.reduce_op = a.op == OpType::kAllreduce ? a.reduce_op : ReduceOp::kSum;
+  e.request.dtype = a.tensor.scalar_type();
+  e.request.device_type = static_cast<int8_t>(device.type());
+  e.request.device_index = device.index();
+  e.request.root = a.op == OpType::kBroadcast ? a.root : 0;
+  e.request.shape = a.tensor.sizes().vec();
+  // A non-contiguous input is copied now: the value at enqueue time is what gets reduced.
+  e.tensor = a.tensor.is_contiguous() ? a.tensor : a.tensor.contiguous();
+  if (a.output.has_value()) e.output = *a.output;
+  e.prescale = a.prescale;
+  e.postscale = a.postscale;
+#ifdef GRADFUSE_WITH_CUDA
+  if (device.is_cuda()) {
+    // Backward may still be writing the tensor on the caller's stream: the engine's stream
+    // waits for this event before reading it.
+    auto ready = std::make_shared<at::cuda::CUDAEvent>();
+    ready->record(c10::cuda::getCurrentCUDAStream(device.index()));
+    e.wait_for_producer = [ready] { ready->block(c10::cuda::getCurrentCUDAStream()); };
+  }
+#endif
+  e.handle = HandleTable::get().create(a.name);
+  const int64_t handle = e.handle;
+  try {
+    queue_.push(std::move(e));
+  } catch (...) {
+    HandleTable::get().discard(handle);
+    throw;
+  }
+  return handle;
+}
+
+void Engine::stop() {
+  stop_requested_ = true;
+  queue_.wake();
+  if (thread_.joinable()) thread_.join();
+  fail_all("gradfuse: shutdown() was called");  // anything that raced with the thread's exit
+}
+
+std::string Engine::stopped_reason() const {
+  std::lock_guard<std::mutex> lock(reason_mu_);
+  return stopped_reason_;
+}
+
+void Engine::fail_all(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lock(reason_mu_);
+    if (stopped_reason_.empty()) stopped_reason_ = why;
+  }
+  for (Entry& e : queue_.close(stopped_reason())) {
+    HandleTable::get().fail(e.handle,
+                            stopped_reason() + " while '" + e.request.name + "' was pending");
+  }
+}
+
+void Engine::loop() {
+  const auto cycle = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double, std::milli>(config_.cycle_time_ms));
+  try {
+    while (true) {
+      // Sleep until work is enqueued or the cycle time has passed: the other ranks are in the
+      // same loop, and negotiation needs all of them.
+      queue_.wait_for_work(std::chrono::steady_clock::now() + cycle);
+      int stop_rank = -1;
+      std::vector<Response> responses = negotiate(stop_rank);
+      if (stop_rank >= 0) {
+        fail_all("gradfuse: shutdown() was called on rank " + std::to_string(stop_rank));
+        return;
+      }
+      execute(std::move(responses));
+    }
+  } catch (const std::exception& e) {
+    fail_all(std::string("gradfuse: the engine stopped after an error: ") + e.what());
+  }
+}
+
+std::vector<Response> Engine::negotiate(int& stop_rank) {
+  // Each rank sends one fixed-size slot: [length, stop flag, the first bytes of its requests].
+  // Steady state (a few dozen names) fits in one slot, so a cycle is a single allgather; only
+  // longer messages need a second round for the rest.
+  constexpr int64_t kSlot = 4096;
+  constexpr int64_t kHeader = 2 * sizeof(int64_t);
+  constexpr int64_t kInline = kSlot - kHeader;
+  const int n = config_.size;
+  std::vector<uint8_t> mine;
+  serialize_requests(queue_.take_new_requests(), mine);
+  const auto my_len = static_cast<int64_t>(mine.size());
+
+  at::Tensor slot = at::zeros({kSlot}, at::kByte);
+  auto* header = reinterpret_cast<int64_t*>(slot.data_ptr<uint8_t>());
+  header[0] = my_len;
+  header[1] = stop_requested_.load() ? 1 : 0;
+  std::memcpy(slot.data_ptr<uint8_t>() + kHeader, mine.data(), std::min(my_len, kInline));
+  std::vector<std::vector<at::Tensor>> slots(1);
+  for (int r = 0; r < n; ++r) slots[0].push_back(at::empty({kSlot}, at::kByte));
+  std::vector<at::Tensor> slot_in{slot};
+  control_->allgather(slots, slot_in)->wait();
+
+  std::vector<int64_t> lengths(n);
+  int64_t longest = 0;
+  for (int r = 0; r < n; ++r) {
+    const auto* h = reinterpret_cast<const int64_t*>(slots[0][r].data_ptr<uint8_t>());
+    lengths[r] = h[0];
+    longest = std::max(longest, h[0]);
+    if (h[1] && stop_rank < 0) stop_rank = r;
+  }
+  std::vector<Response> responses;
+  stats_.cycles++;
+  if (longest == 0) return responses;
+  stats_.busy_cycles++;
+
+  // Every rank's full message: the inline part, plus the overflow round when needed.
+  std::vector<std::vector<uint8_t>> messages(n);
+  for (int r = 0; r < n; ++r) {
+    const uint8_t* p = slots[0][r].data_ptr<uint8_t>() + kHeader;
+    messages[r].assign(p, p + std::min(lengths[r], kInline));
+  }
+  if (longest > kInline) {
+    const int64_t rest = longest - kInline;
+    at::Tensor overflow = at::zeros({rest}, at::kByte);
+    if (my_len > kInline) {
+      std::memcpy(overflow.data_ptr(), mine.data() + kInline, my_len - kInline);
+    }
+    std::vector<std::vector<at::Tensor>> overflows(1);
+    for (int r = 0; r < n; ++r) overflows[0].push_back(at::empty({rest}, at::kByte));
+    std::vector<at::Tensor> overflow_in{overflow};
+    control_->allgather(overflows, overflow_in)->wait();
+    for (int r = 0; r < n; ++r) {
+      if (lengths[r] <= kInline) continue;
+      const uint8_t* p = overflows[0][r].data_ptr<uint8_t>();
+      messages[r].insert(messages[r].end(), p, p + (lengths[r] - kInline));
+    }
+  }
+  // Every rank feeds the same messages in rank order, so every rank's controller decides the
+  // same responses in the same order (the decision rank 0 would broadcast, without the extra
+  // round trip).
+  for (int r = 0; r < n; ++r) {
+    controller_.add(r, deserialize_requests(messages[r].data(), messages[r].size(), r), responses);
+  }
+  return responses;
+}
+
+void Engine::execute(std::vector<Response> responses) {
+  std::vector<Response> runnable;
+  for (Response& r : responses) {
+    if (r.kind == Response::Kind::kError) {
+      HandleTable::get().fail(queue_.take(r.name).handle, r.error);
+    } else {
+      runnable.push_back(std::move(r));
+    }
+  }
+  std::vector<Batch> batches = make_batches(std::move(runnable), config_.fusion_threshold_bytes);
+  // CPU batches are pipelined two deep: batch k+1 is packed while batch k's collective runs,
+  // and batch k is unpacked while k+1's runs (each uses its own fusion buffer slot).
+  std::optional<StartedBatch> in_flight;
+  size_t in_flight_index = 0;
+  auto finish_in_flight = [&] {
+    if (!in_flight) return;
+    StartedBatch started = std::move(*in_flight);
+    in_flight.reset();
+    const Batch& batch = batches[in_flight_index];
+    std::vector<at::Tensor> outputs = started.finish();
+    for (size_t i = 0; i < batch.entries.size(); ++i) {
+      HandleTable::get().complete(batch.entries[i].handle, outputs[i]);
+    }
+  };
+  size_t index = 0;
+  try {
+    for (; index < batches.size(); ++index) {
+      Batch& batch = batches[index];
+      for (const Response& r : batch.responses) batch.entries.push_back(queue_.take(r.name));
+      const bool on_cuda =
+          static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
+      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_};
+      stats_.collectives++;
+      stats_.tensors += static_cast<int64_t>(batch.entries.size());
+      for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
+#ifdef GRADFUSE_WITH_CUDA
+      if (on_cuda) {
+        finish_in_flight();
+        run_cuda_batch(batch, ctx);
+        continue;
+      }
+#endif
+      StartedBatch started = start_batch(batch, ctx, static_cast<int>(index % 2));
+      finish_in_flight();
+      in_flight = std::move(started);
+      in_flight_index = index;
+    }
+    finish_in_flight();
+  } catch (const std::exception& e) {
+    // A failed collective leaves the ranks out of step: fail the batches that were running,
+    // then stop the engine (the remaining entries fail with it).
+    const size_t last = std::min(index, batches.size() - 1);
+    for (size_t b = in_flight ? in_flight_index : last; b <= last; ++b) {
+      for (const Entry& entry : batches[b].entries) HandleTable::get().fail(entry.handle, e.what());
+    }
+    throw;
+  }
+}
+
+#ifdef GRADFUSE_WITH_CUDA
+void Engine::run_cuda_batch(const Batch& batch, const CollectiveContext& ctx) {
+  const c10::DeviceIndex index = batch.key.device_index;
+  c10::cuda::CUDAGuard device_guard(index);
+  auto it = streams_.find(index);
+  if (it == streams_.end()) {
+    it = streams_.emplace(index, c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index))
+             .first;
+  }
+  const c10::cuda::CUDAStream stream = it->second;
+  c10::cuda::CUDAStreamGuard stream_guard(stream);
+  for (const Entry& e : batch.entries) {
+    if (e.wait_for_producer) e.wait_for_producer();
+  }
+  // NCCL orders its kernels after the current (engine) stream; Work::wait() orders the engine
+  // stream after NCCL's. No host-side synchronization.
+  std::vector<at::Tensor> outputs = run_batch(batch, ctx);
+  auto done = std::make_shared<at::cuda::CUDAEvent>();
+  done->record(stream);
+  for (size_t i = 0; i < batch.entries.size(); ++i) {
+    const Entry& e = batch.entries[i];
+    // The caller may free its tensors once the handle completes; the allocator must not reuse
+    // the memory before the engine's stream is done with it.
+    c10::cuda::CUDACachingAllocator::recordStream(e.tensor.storage().data_ptr(), stream);
+    at::Tensor out = outputs[i];
+    c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), stream);
+    HandleTable::get().complete(e.handle, out, [done, out] {
+      // synchronize(): the caller's stream waits for the engine's completion event.
+      const auto caller = c10::cuda::getCurrentCUDAStream(out.device().index());
+      done->block(caller);
+      c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), caller);
+    });
+  }
+}
+#endif
+
+// ---- the process-wide engine ---------------------------------------------------------------
+
+namespace {
+std::mutex g_mu;
+std::shared_ptr<Engine> g_engine;
+// Why enqueue fails when no engine runs.
+std::string g_not_running = "gradfuse has not been initialized: call gradfuse.init() first";
+}  // namespace
+
+void start_engine(const EngineConfig& config) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(!g_engine, "gradfuse: the engine is already running; call shutdown() first");
+  g_engine = std::make_shared<Engine>(config);
+}
+
+void stop_engine() {
+  std::shared_ptr<Engine> engine;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    engine.swap(g_engine);
+    if (engine) g_not_running = "gradfuse has been shut down: call gradfuse.init() again first";
+  }
+  if (engine) engine->stop();
+}
+
+bool engine_running() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_engine != nullptr;
+}
+
+std::shared_ptr<Engine> current_engine() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(g_engine, g_not_running);
+  return g_engine;
+}
+
+std::vector<int64_t> engine_stats() {
+  const Engine::Stats& s = current_engine()->stats();
+  return {s.cycles.load(), s.busy_cycles.load(), s.tensors.load(), s.collectives.load(),
+          s.bytes.load()};
+}
+
+}  // namespace gradfuse::engine

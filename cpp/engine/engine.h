@@ -1,0 +1,100 @@
+// The engine: one per process, between gradfuse.init() and shutdown(). Callers enqueue named
+// tensors; a background thread negotiates with the other ranks which are ready everywhere,
+// fuses them and runs the collectives, then completes the handles.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#ifdef GRADFUSE_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+
+#include <map>
+#endif
+
+#include "engine/collectives.h"
+#include "engine/config.h"
+#include "engine/controller.h"
+#include "engine/fusion.h"
+#include "engine/tensor_queue.h"
+
+namespace gradfuse::engine {
+
+struct EnqueueArgs {
+  std::string name;
+  OpType op;
+  at::Tensor tensor;
+  std::optional<at::Tensor> output;
+  int root = 0;
+  ReduceOp reduce_op = ReduceOp::kSum;
+  double prescale = 1.0;
+  double postscale = 1.0;
+};
+
+class Engine {
+ public:
+  explicit Engine(EngineConfig config);
+  ~Engine();
+
+  // Validates the arguments (c10::ValueError naming the bad one) and queues the tensor.
+  int64_t enqueue(EnqueueArgs args);
+  // Asks every rank's engine to stop (at the next negotiation), joins the background thread and
+  // fails what is still pending.
+  void stop();
+  // Empty while healthy; otherwise why the engine stopped.
+  std::string stopped_reason() const;
+  const EngineConfig& config() const { return config_; }
+
+  // Counters since start (observability; the benchmark prints them).
+  struct Stats {
+    std::atomic<int64_t> cycles{0};       // negotiation rounds
+    std::atomic<int64_t> busy_cycles{0};  // rounds in which some rank had requests
+    std::atomic<int64_t> tensors{0};      // tensors completed
+    std::atomic<int64_t> collectives{0};  // data-plane collectives (fused batches)
+    std::atomic<int64_t> bytes{0};        // bytes through data-plane collectives
+  };
+  const Stats& stats() const { return stats_; }
+
+ private:
+  void loop();
+  // One negotiation round. Returns the negotiated responses; sets `stop_rank` (>= 0) when some
+  // rank asked to stop.
+  std::vector<Response> negotiate(int& stop_rank);
+  void execute(std::vector<Response> responses);
+  void fail_all(const std::string& why);
+#ifdef GRADFUSE_WITH_CUDA
+  // run_batch on the engine's stream of the batch's device, ordered after the producers.
+  void run_cuda_batch(const Batch& batch, const CollectiveContext& ctx);
+  std::map<int, c10::cuda::CUDAStream> streams_;
+#endif
+
+  EngineConfig config_;
+  c10::intrusive_ptr<c10d::ProcessGroup> control_;
+  c10::intrusive_ptr<c10d::ProcessGroup> cpu_;
+  c10::intrusive_ptr<c10d::ProcessGroup> cuda_;
+  TensorQueue queue_;
+  Controller controller_;
+  BufferPool buffers_;
+  std::atomic<bool> stop_requested_{false};
+  Stats stats_;
+  mutable std::mutex reason_mu_;
+  std::string stopped_reason_;
+  std::thread thread_;
+};
+
+// The process-wide engine. start() fails if one is running; stop() is a no-op when none is.
+void start_engine(const EngineConfig& config);
+void stop_engine();
+bool engine_running();
+// The running engine, or a RuntimeError saying init() was not called / shutdown() was.
+std::shared_ptr<Engine> current_engine();
+// {cycles, busy_cycles, tensors, collectives, bytes} of the running engine.
+std::vector<int64_t> engine_stats();
+
+}  // namespace gradfuse::engine

@@ -1,0 +1,110 @@
+#include "engine/message.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstring>
+
+namespace gradfuse::engine {
+
+const char* op_name(OpType op) {
+  switch (op) {
+    case OpType::kAllreduce:
+      return "allreduce";
+    case OpType::kAllgather:
+      return "allgather";
+    case OpType::kBroadcast:
+      return "broadcast";
+  }
+  return "?";
+}
+
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return "Sum";
+    case ReduceOp::kAverage:
+      return "Average";
+    case ReduceOp::kMin:
+      return "Min";
+    case ReduceOp::kMax:
+      return "Max";
+    case ReduceOp::kProduct:
+      return "Product";
+  }
+  return "?";
+}
+
+namespace {
+
+template <class T>
+void put(std::vector<uint8_t>& out, T value) {
+  const auto* p = reinterpret_cast<const uint8_t*>(&value);
+  out.insert(out.end(), p, p + sizeof(T));
+}
+
+// Reads fields in order; every read is bounds-checked so a corrupt message is an error, not a
+// crash. All ranks run the same binary, so the native byte order is shared.
+class Reader {
+ public:
+  Reader(const uint8_t* data, size_t size, int rank) : data_(data), size_(size), rank_(rank) {}
+  template <class T>
+  T get() {
+    TORCH_CHECK(pos_ + sizeof(T) <= size_, "gradfuse: truncated negotiation message from rank ",
+                rank_);
+    T value;
+    std::memcpy(&value, data_ + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return value;
+  }
+  std::string get_string(size_t n) {
+    TORCH_CHECK(pos_ + n <= size_, "gradfuse: truncated negotiation message from rank ", rank_);
+    std::string s(reinterpret_cast<const char*>(data_ + pos_), n);
+    pos_ += n;
+    return s;
+  }
+  bool done() const { return pos_ >= size_; }
+
+ private:
+  const uint8_t* data_;
+  size_t size_;
+  int rank_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+void serialize_requests(const std::vector<Request>& requests, std::vector<uint8_t>& out) {
+  for (const Request& r : requests) {
+    put<uint32_t>(out, static_cast<uint32_t>(r.name.size()));
+    out.insert(out.end(), r.name.begin(), r.name.end());
+    put<int8_t>(out, static_cast<int8_t>(r.op));
+    put<int8_t>(out, static_cast<int8_t>(r.reduce_op));
+    put<int8_t>(out, static_cast<int8_t>(r.dtype));
+    put<int8_t>(out, r.device_type);
+    put<int16_t>(out, r.device_index);
+    put<int32_t>(out, r.root);
+    put<uint8_t>(out, static_cast<uint8_t>(r.shape.size()));
+    for (int64_t d : r.shape) put<int64_t>(out, d);
+  }
+}
+
+std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank) {
+  std::vector<Request> requests;
+  Reader in(data, size, rank);
+  while (!in.done()) {
+    Request r;
+    r.name = in.get_string(in.get<uint32_t>());
+    r.op = static_cast<OpType>(in.get<int8_t>());
+    r.reduce_op = static_cast<ReduceOp>(in.get<int8_t>());
+    r.dtype = static_cast<c10::ScalarType>(in.get<int8_t>());
+    r.device_type = in.get<int8_t>();
+    r.device_index = in.get<int16_t>();
+    r.root = in.get<int32_t>();
+    const auto ndim = in.get<uint8_t>();
+    for (int i = 0; i < ndim; ++i) r.shape.push_back(in.get<int64_t>());
+    requests.push_back(std::move(r));
+  }
+  return requests;
+}
+
+}  // namespace gradfuse::engine

@@ -1,0 +1,45 @@
+// What ranks tell each other during negotiation: a Request says "this rank has tensor `name`
+// ready for this collective"; a Response says "every rank has it (or they disagree): run it
+// (or fail it)". Requests travel between ranks as bytes, so they have a small binary format.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace gradfuse::engine {
+
+// Numeric values are part of the Python <-> C++ contract (python/gradfuse/_engine.py).
+enum class OpType : int8_t { kAllreduce = 0, kAllgather = 1, kBroadcast = 2 };
+enum class ReduceOp : int8_t { kSum = 0, kAverage = 1, kMin = 2, kMax = 3, kProduct = 4 };
+
+const char* op_name(OpType op);
+const char* reduce_op_name(ReduceOp op);
+
+struct Request {
+  std::string name;
+  OpType op = OpType::kAllreduce;
+  ReduceOp reduce_op = ReduceOp::kSum;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  int8_t device_type = 0;  // c10::DeviceType
+  int16_t device_index = -1;
+  int32_t root = 0;  // broadcast only
+  std::vector<int64_t> shape;
+};
+
+// Appends the byte form of a request list / reads it back. `rank` names the sender in errors.
+void serialize_requests(const std::vector<Request>& requests, std::vector<uint8_t>& out);
+std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank);
+
+struct Response {
+  enum class Kind { kRun, kError };
+  Kind kind = Kind::kRun;
+  std::string name;
+  Request request;                  // rank 0's request: the attributes every rank agreed on
+  std::vector<int64_t> first_dims;  // allgather: dim 0 of the tensor on each rank
+  std::string error;                // kError: the message raised on every rank
+};
+
+}  // namespace gradfuse::engine

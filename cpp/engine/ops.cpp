@@ -1,0 +1,50 @@
+// torch.ops.gradfuse._enqueue / _engine_result: how tensors cross from Python into the engine
+// and back. Going through the dispatcher (not pybind11) means no Tensor type casters are
+// involved, so the module does not depend on pybind11 matching torch's build.
+#include <torch/library.h>
+
+#include "engine/engine.h"
+#include "engine/handles.h"
+
+namespace gradfuse::engine {
+
+namespace {
+
+int64_t enqueue_op(c10::string_view name, int64_t op, const at::Tensor& tensor,
+                   const std::optional<at::Tensor>& output, int64_t root, int64_t reduce_op,
+                   double prescale, double postscale) {
+  TORCH_CHECK_VALUE(op >= 0 && op <= static_cast<int64_t>(OpType::kBroadcast),
+                    "gradfuse._enqueue: op must be 0 (allreduce), 1 (allgather) or 2 "
+                    "(broadcast), got ",
+                    op);
+  EnqueueArgs args;
+  args.name = std::string(name);
+  args.op = static_cast<OpType>(op);
+  args.tensor = tensor;
+  args.output = output;
+  args.root = static_cast<int>(root);
+  args.reduce_op = static_cast<ReduceOp>(reduce_op);
+  TORCH_CHECK_VALUE(reduce_op >= 0 && reduce_op <= static_cast<int64_t>(ReduceOp::kProduct),
+                    "gradfuse._enqueue: reduce_op must be in [0, 4], got ", reduce_op);
+  args.prescale = prescale;
+  args.postscale = postscale;
+  return current_engine()->enqueue(std::move(args));
+}
+
+// Blocks until done (callers wait with the GIL released in _C.wait first), returns the
+// output and forgets the handle.
+at::Tensor result_op(int64_t handle) { return HandleTable::get().release(handle); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gradfuse, m) {
+  // Queues `tensor` for a collective and returns a handle at once. `output` (allreduce,
+  // broadcast) is written asynchronously by the engine's thread.
+  m.def(
+      "_enqueue(str name, int op, Tensor tensor, Tensor(a!)? output, int root, int reduce_op, "
+      "float prescale, float postscale) -> int",
+      &enqueue_op);
+  m.def("_engine_result(int handle) -> Tensor", &result_op);
+}
+
+}  // namespace gradfuse::engine

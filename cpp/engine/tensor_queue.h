@@ -1,0 +1,57 @@
+// The queue between the caller's thread (enqueue) and the background thread: entries in
+// flight by name, and the requests not yet announced to the other ranks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/message.h"
+
+namespace gradfuse::engine {
+
+struct Entry {
+  int64_t handle = 0;
+  Request request;
+  at::Tensor tensor;  // the input, contiguous
+  at::Tensor output;  // allreduce / broadcast destination (may alias tensor); allgather: none
+  double prescale = 1.0;
+  double postscale = 1.0;
+  // CUDA only: makes the engine's stream wait until the caller's stream produced `tensor`.
+  std::function<void()> wait_for_producer;
+};
+
+class TensorQueue {
+ public:
+  // Adds an entry and wakes the background thread. A name already in flight is a
+  // c10::ValueError (Python ValueError) raised here, on the calling rank only.
+  void push(Entry entry);
+
+  // Background thread: sleeps until a new entry arrives, wake() is called or `deadline`.
+  void wait_for_work(std::chrono::steady_clock::time_point deadline);
+  void wake();
+
+  // Requests pushed since the last call, in push order.
+  std::vector<Request> take_new_requests();
+  // The in-flight entry called `name` (negotiated: it leaves the queue).
+  Entry take(const std::string& name);
+  // Every entry still in flight, and closes the queue: a later push() raises a RuntimeError
+  // with `reason` (shutdown / fatal error), so nothing waits on a thread that is gone.
+  std::vector<Entry> close(const std::string& reason);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool woken_ = false;
+  std::string closed_reason_;  // non-empty once closed
+  std::vector<Request> new_requests_;
+  std::unordered_map<std::string, Entry> in_flight_;
+};
+
+}  // namespace gradfuse::engine

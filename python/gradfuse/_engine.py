@@ -1,0 +1,152 @@
+"""init() / shutdown() and the rank queries: sets up torch.distributed and the engine's own
+process groups, then starts the C++ engine (gradfuse._C) on them by group name."""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import socket
+import threading
+
+import torch
+import torch.distributed as dist
+
+from . import config as _config
+from . import launch as _launch
+
+_lock = threading.Lock()
+_state = None  # _State while initialized
+
+
+class _State:
+    def __init__(self, rank, size, local_rank, local_size, cross_rank, cross_size, groups):
+        self.rank, self.size = rank, size
+        self.local_rank, self.local_size = local_rank, local_size
+        self.cross_rank, self.cross_size = cross_rank, cross_size
+        self.groups = groups
+
+
+def _C():
+    from . import _C as module  # loading it also registers torch.ops.gradfuse.*
+
+    return module
+
+
+def init(**options) -> None:
+    """Start gradfuse: join (or create) the torch.distributed job, create the engine's own
+    process groups and start its background thread. Options (each defaults to a GRADFUSE_*
+    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s.
+
+    Calling init() while initialized does nothing; after shutdown() it starts again."""
+    global _state, _created_default_group
+    cfg = _config.resolve(**options)
+    with _lock:
+        if _state is not None and _C().engine_running():
+            return
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        if not dist.is_initialized():
+            info = _launch.detect()
+            backend = "cpu:gloo,cuda:nccl" if _cuda_ok() else "gloo"
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{info.master_addr}:{info.master_port}",
+                rank=info.rank,
+                world_size=info.size,
+                timeout=timeout,
+            )
+            _created_default_group = True
+        rank, size = dist.get_rank(), dist.get_world_size()
+        # The engine's own groups (every rank creates them, in the same order), so its
+        # collectives never interleave with the user's on the default group.
+        groups = {
+            "control": dist.new_group(backend="gloo", timeout=timeout),
+            "cpu": dist.new_group(backend="gloo", timeout=timeout),
+        }
+        if _cuda_ok():
+            groups["cuda"] = dist.new_group(backend="nccl", timeout=timeout)
+        local_rank, local_size, cross_rank, cross_size = _node_layout(groups["control"], rank)
+        _C().engine_start(
+            rank=rank,
+            size=size,
+            control_group=groups["control"].group_name,
+            cpu_group=groups["cpu"].group_name,
+            cuda_group=groups["cuda"].group_name if "cuda" in groups else "",
+            fusion_threshold_bytes=cfg.fusion_threshold_bytes,
+            cycle_time_ms=cfg.cycle_time_ms,
+        )
+        _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
+
+
+def _cuda_ok() -> bool:
+    return torch.cuda.is_available() and dist.is_nccl_available()
+
+
+def _node_layout(group, rank):
+    """local/cross rank and size from the hosts of all ranks (ranks on one host, in rank
+    order, are that node's local ranks; nodes are numbered in order of their first rank)."""
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    nodes = list(dict.fromkeys(hosts))
+    mine = hosts[rank]
+    local_ranks = [r for r, h in enumerate(hosts) if h == mine]
+    return local_ranks.index(rank), len(local_ranks), nodes.index(mine), len(nodes)
+
+
+def shutdown() -> None:
+    """Stop the engine on every rank. Pending handles fail with an error saying so."""
+    global _state, _was_shut_down
+    with _lock:
+        if _state is None:
+            return
+        _C().engine_stop()  # releases the GIL while the thread finishes
+        for group in _state.groups.values():
+            dist.destroy_process_group(group)
+        # The default group is kept so that init() can be called again.
+        _state, _was_shut_down = None, True
+
+
+_was_shut_down = False
+_created_default_group = False
+
+
+@atexit.register
+def _at_exit():
+    shutdown()
+    if _created_default_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def _require():
+    if _state is None:
+        if _was_shut_down:
+            raise RuntimeError("gradfuse has been shut down: call gradfuse.init() again first")
+        raise RuntimeError("gradfuse has not been initialized: call gradfuse.init() first")
+    return _state
+
+
+def rank() -> int:
+    return _require().rank
+
+
+def size() -> int:
+    return _require().size
+
+
+def local_rank() -> int:
+    return _require().local_rank
+
+
+def local_size() -> int:
+    return _require().local_size
+
+
+def cross_rank() -> int:
+    return _require().cross_rank
+
+
+def cross_size() -> int:
+    return _require().cross_size

@@ -1,0 +1,302 @@
+"""Horovod-style collectives over the C++ engine. Tensors reach the engine through
+torch.ops.gradfuse._enqueue; the returned integer handle is waited on with _C.engine_wait
+(GIL released) and the output collected with torch.ops.gradfuse._engine_result."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import torch
+
+from . import _engine
+
+# Reduce ops; the values are the engine's ReduceOp enum (cpp/engine/message.h).
+Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
+_OP_NAMES = {Sum: "Sum", Average: "Average", Min: "Min", Max: "Max", Product: "Product"}
+_ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
+
+# handle -> the caller's tensor for in-place calls (synchronize returns it), else None. For a
+# non-contiguous in-place tensor the engine works on a contiguous copy, copied back then.
+_pending: dict[int, torch.Tensor | None] = {}
+_pending_lock = threading.Lock()
+_auto_names = itertools.count()
+
+
+def _name(name, kind):
+    if name is None:
+        # Ranks calling the same unnamed collectives in the same order get the same names.
+        return f"{kind}.noname.{next(_auto_names)}"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string or None, got {name!r}")
+    return name
+
+
+def _check_tensor(tensor, fn):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"gradfuse.{fn}: tensor must be a torch.Tensor, got {type(tensor)}")
+
+
+def _resolve_op(average, op, fn):
+    if average is not None:
+        if op is not None:
+            raise ValueError(f"gradfuse.{fn}: give op or the deprecated average, not both")
+        return Average if average else Sum
+    if op is None:
+        return Average  # Horovod's default
+    if op not in _OP_NAMES:
+        raise ValueError(
+            f"gradfuse.{fn}: op must be gradfuse.Sum, Average, Min, Max or Product, got {op!r}"
+        )
+    return op
+
+
+def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale=1.0):
+    _engine._require()
+    in_place = output if output is tensor else None
+    if output is not None and not output.is_contiguous():
+        output = torch.empty_like(output, memory_format=torch.contiguous_format)
+    handle = torch.ops.gradfuse._enqueue(
+        name,
+        kind,
+        tensor.detach(),
+        None if output is None else output.detach(),
+        root,
+        op,
+        float(prescale),
+        float(postscale),
+    )
+    with _pending_lock:
+        _pending[handle] = in_place
+    return handle
+
+
+def poll(handle: int) -> bool:
+    """True when the operation behind `handle` has finished (synchronize() will not block)."""
+    from . import _C
+
+    return _C.engine_poll(handle)
+
+
+def synchronize(handle: int) -> torch.Tensor:
+    """Waits for `handle` (GIL released) and returns its output; raises the operation's error
+    (RuntimeError) if it failed, e.g. on a cross-rank mismatch or shutdown."""
+    from . import _C
+
+    if not isinstance(handle, int):
+        raise TypeError(f"synchronize: handle must be an int from an *_async call, got {handle!r}")
+    with _pending_lock:
+        in_place = _pending.pop(handle, None)
+    _C.engine_wait(handle)
+    out = torch.ops.gradfuse._engine_result(handle)
+    if in_place is None:
+        return out
+    if out.data_ptr() != in_place.data_ptr() or not in_place.is_contiguous():
+        with torch.no_grad():
+            in_place.copy_(out)  # the engine worked on a contiguous copy
+    return in_place
+
+
+# ---- allreduce -------------------------------------------------------------------------------
+
+
+def allreduce_async(
+    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> int:
+    _check_tensor(tensor, "allreduce_async")
+    op = _resolve_op(average, op, "allreduce_async")
+    output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    return _enqueue(
+        _name(name, "allreduce"),
+        _ALLREDUCE,
+        tensor,
+        output,
+        op=op,
+        prescale=prescale_factor,
+        postscale=postscale_factor,
+    )
+
+
+def allreduce_async_(
+    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> int:
+    _check_tensor(tensor, "allreduce_async_")
+    op = _resolve_op(average, op, "allreduce_async_")
+    return _enqueue(
+        _name(name, "allreduce"),
+        _ALLREDUCE,
+        tensor,
+        tensor,
+        op=op,
+        prescale=prescale_factor,
+        postscale=postscale_factor,
+    )
+
+
+def allreduce_(
+    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> torch.Tensor:
+    return synchronize(
+        allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor)
+    )
+
+
+class _Allreduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, name, op, prescale, postscale):
+        ctx.op, ctx.prescale, ctx.postscale = op, prescale, postscale
+        return synchronize(
+            allreduce_async(
+                tensor, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+            )
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.op not in (Sum, Average):
+            raise RuntimeError(
+                f"gradfuse.allreduce: no gradient for op {_OP_NAMES[ctx.op]} "
+                "(only Sum and Average are differentiable)"
+            )
+        return (
+            allreduce(
+                grad, op=ctx.op, prescale_factor=ctx.prescale, postscale_factor=ctx.postscale
+            ),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def allreduce(
+    tensor,
+    average=None,
+    name=None,
+    compression=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+) -> torch.Tensor:
+    """Reduces `tensor` over all ranks (default op: Average) and returns a new tensor.
+    Differentiable for Sum and Average."""
+    _check_tensor(tensor, "allreduce")
+    if compression is not None:
+        raise ValueError("gradfuse.allreduce: compression is not supported yet; pass None")
+    op = _resolve_op(average, op, "allreduce")
+    return _Allreduce.apply(tensor, _name(name, "allreduce"), op, prescale_factor, postscale_factor)
+
+
+def grouped_allreduce_async(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> list[int]:
+    op = _resolve_op(average, op, "grouped_allreduce")
+    base = _name(name, "grouped_allreduce")
+    return [
+        allreduce_async(
+            t,
+            name=f"{base}.{i}",
+            op=op,
+            prescale_factor=prescale_factor,
+            postscale_factor=postscale_factor,
+        )
+        for i, t in enumerate(tensors)
+    ]
+
+
+def grouped_allreduce(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> list[torch.Tensor]:
+    """Allreduce of a list of tensors, submitted together so the engine fuses them."""
+    handles = grouped_allreduce_async(tensors, average, name, op, prescale_factor, postscale_factor)
+    return [synchronize(h) for h in handles]
+
+
+# ---- allgather -------------------------------------------------------------------------------
+
+
+def allgather_async(tensor, name=None) -> int:
+    _check_tensor(tensor, "allgather_async")
+    return _enqueue(_name(name, "allgather"), _ALLGATHER, tensor, None)
+
+
+class _Allgather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, name):
+        ctx.dim0 = tensor.shape[0]
+        return synchronize(allgather_async(tensor, name=name))
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's output feeds the loss: sum the gradients, keep this rank's rows.
+        grad = allreduce(grad, op=Sum)
+        dims = synchronize(allgather_async(torch.tensor([ctx.dim0], dtype=torch.int64)))
+        start = int(dims[: _engine.rank()].sum())
+        return grad.narrow(0, start, ctx.dim0), None
+
+
+def allgather(tensor, name=None) -> torch.Tensor:
+    """Concatenates every rank's tensor along dim 0 (its size may differ per rank)."""
+    _check_tensor(tensor, "allgather")
+    if tensor.dim() == 0:
+        raise ValueError(
+            "gradfuse.allgather: tensor must have at least one dimension (the one gathered along)"
+        )
+    return _Allgather.apply(tensor, _name(name, "allgather"))
+
+
+# ---- broadcast -------------------------------------------------------------------------------
+
+
+def _check_root(root_rank, fn):
+    if isinstance(root_rank, bool) or not isinstance(root_rank, int):
+        raise TypeError(f"gradfuse.{fn}: root_rank must be an int, got {root_rank!r}")
+    return root_rank
+
+
+def broadcast_async(tensor, root_rank, name=None) -> int:
+    _check_tensor(tensor, "broadcast_async")
+    output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    return _enqueue(
+        _name(name, "broadcast"),
+        _BROADCAST,
+        tensor,
+        output,
+        root=_check_root(root_rank, "broadcast_async"),
+    )
+
+
+def broadcast_async_(tensor, root_rank, name=None) -> int:
+    _check_tensor(tensor, "broadcast_async_")
+    return _enqueue(
+        _name(name, "broadcast"),
+        _BROADCAST,
+        tensor,
+        tensor,
+        root=_check_root(root_rank, "broadcast_async_"),
+    )
+
+
+def broadcast_(tensor, root_rank, name=None) -> torch.Tensor:
+    return synchronize(broadcast_async_(tensor, root_rank, name))
+
+
+class _Broadcast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, root_rank, name):
+        ctx.root = root_rank
+        return synchronize(broadcast_async(tensor, root_rank, name=name))
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Only the root's input reached the outputs: it gets the sum of all ranks' gradients.
+        grad = allreduce(grad, op=Sum)
+        if _engine.rank() != ctx.root:
+            grad = torch.zeros_like(grad)
+        return grad, None, None
+
+
+def broadcast(tensor, root_rank, name=None) -> torch.Tensor:
+    """Returns root_rank's tensor on every rank; `tensor` itself is left untouched."""
+    _check_tensor(tensor, "broadcast")
+    return _Broadcast.apply(tensor, _check_root(root_rank, "broadcast"), _name(name, "broadcast"))

@@ -1,0 +1,85 @@
+"""Engine configuration: keyword arguments to init(), defaulting to GRADFUSE_* variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# name -> (environment variable, parser, default, check, what a valid value is)
+_OPTIONS = {
+    "fusion_threshold_bytes": (
+        "GRADFUSE_FUSION_THRESHOLD",
+        int,
+        64 << 20,
+        lambda v: v >= 0,
+        "an integer >= 0 (bytes)",
+    ),
+    "cycle_time_ms": (
+        "GRADFUSE_CYCLE_TIME",
+        float,
+        1.0,
+        lambda v: v > 0,
+        "a number > 0 (milliseconds)",
+    ),
+    "timeout_s": (
+        "GRADFUSE_TIMEOUT",
+        float,
+        300.0,
+        lambda v: v > 0,
+        "a number > 0 (seconds a collective may wait for a peer)",
+    ),
+}
+# GRADFUSE_* variables that belong to the build and test scripts, not to the engine.
+_NOT_ENGINE = {
+    "GRADFUSE_CUDA",
+    "GRADFUSE_PYTHON",
+    "GRADFUSE_BUILD_DIR",
+    "GRADFUSE_VENV",
+    "GRADFUSE_REQUIREMENTS",
+}
+
+
+@dataclass
+class Config:
+    fusion_threshold_bytes: int
+    cycle_time_ms: float
+    timeout_s: float
+
+
+def _parse(name, raw, parser, check, what, source):
+    try:
+        value = parser(raw) if isinstance(raw, str) else raw
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        if parser is int and not float(value).is_integer():
+            raise TypeError
+        value = parser(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} must be {what}, got {raw!r}") from None
+    if not check(value):
+        raise ValueError(f"{source} must be {what}, got {raw!r}")
+    return value
+
+
+def resolve(**kwargs) -> Config:
+    known_env = {env for env, *_ in _OPTIONS.values()} | _NOT_ENGINE
+    for var in os.environ:
+        if var.startswith("GRADFUSE_") and var not in known_env:
+            raise ValueError(
+                f"unknown environment variable {var}; gradfuse reads "
+                + ", ".join(sorted(env for env, *_ in _OPTIONS.values()))
+            )
+    for key in kwargs:
+        if key not in _OPTIONS:
+            raise ValueError(
+                f"gradfuse.init() got an unknown option {key!r}; options: {', '.join(_OPTIONS)}"
+            )
+    values = {}
+    for key, (env, parser, default, check, what) in _OPTIONS.items():
+        if kwargs.get(key) is not None:
+            values[key] = _parse(key, kwargs[key], parser, check, what, f"init({key}=...)")
+        elif env in os.environ:
+            values[key] = _parse(key, os.environ[env], parser, check, what, env)
+        else:
+            values[key] = default
+    return Config(**values)

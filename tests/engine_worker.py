@@ -1,0 +1,345 @@
+"""One rank of the multi-process engine tests. Started N times (by gradfuse.run or mpiexec); it
+runs every check named on the command line against the same engine, so one group of processes
+serves many tests. Each rank writes {check: "ok" | traceback} to $WORKER_RESULTS.rank<r>.json (tests/multiproc.py).
+
+Every rank's data differs; the expected result is computed locally by regenerating every other
+rank's input from the same seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import traceback
+
+import gradfuse as hvd
+import torch
+from multiproc import run_checks
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPES = INT_DTYPES + FLOAT_DTYPES
+SHAPES = [(7,), (3, 5), (2, 3, 4)]
+
+
+def data(rank, seed, shape, dtype, small=False):
+    """The tensor `rank` contributes for `seed`: small integers (exact in every dtype)."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    hi = 3 if small else 10
+    return torch.randint(1, hi, shape, generator=g).to(dtype)
+
+
+def reference(op, tensors):
+    stack = torch.stack([t.double() for t in tensors])
+    if op == hvd.Sum:
+        return stack.sum(0)
+    if op == hvd.Average:
+        return stack.mean(0)
+    if op == hvd.Min:
+        return stack.min(0).values
+    if op == hvd.Max:
+        return stack.max(0).values
+    return stack.prod(0)
+
+
+def close(actual, expected, dtype):
+    # Integer Average truncates toward zero (float64 result cast back to the integer dtype).
+    expected = expected.to(dtype).double()
+    tol = {torch.float16: 1e-2, torch.bfloat16: 2e-2}.get(dtype, 1e-6)
+    assert actual.dtype == dtype, (actual.dtype, dtype)
+    assert torch.allclose(actual.double(), expected, rtol=tol, atol=tol), (actual, expected)
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+
+def check_queries():
+    n, r = hvd.size(), hvd.rank()
+    assert hvd.is_initialized()
+    assert n == int(os.environ["EXPECT_SIZE"]) and 0 <= r < n
+    assert (hvd.local_rank(), hvd.local_size(), hvd.cross_rank(), hvd.cross_size()) == (r, n, 0, 1)
+
+
+def check_allreduce_dtypes_ops():
+    n, r = hvd.size(), hvd.rank()
+    seed = 0
+    for dtype in DTYPES:
+        for op in (hvd.Sum, hvd.Average, hvd.Min, hvd.Max, hvd.Product):
+            for shape in SHAPES:
+                seed += 1
+                small = op == hvd.Product
+                mine = data(r, seed, shape, dtype, small)
+                out = hvd.allreduce(mine, name=f"ar.{seed}", op=op)
+                expected = reference(op, [data(k, seed, shape, dtype, small) for k in range(n)])
+                close(out, expected, dtype)
+                assert torch.equal(mine, data(r, seed, shape, dtype, small)), "input changed"
+
+
+def check_allreduce_scales_inplace():
+    n, r = hvd.size(), hvd.rank()
+    for i, dtype in enumerate(FLOAT_DTYPES + [torch.int32]):
+        t = data(r, 100 + i, (4, 3), dtype)
+        expect = (
+            reference(hvd.Sum, [data(k, 100 + i, (4, 3), dtype).double() * 2 for k in range(n)])
+            * 0.5
+            / n
+        )
+        out = hvd.allreduce_(
+            t, name=f"scaled.{i}", op=hvd.Average, prescale_factor=2.0, postscale_factor=0.5
+        )
+        assert out is t
+        close(t, expect, dtype)
+    # A non-contiguous tensor reduced in place.
+    base = data(r, 200, (4, 6), torch.float32)
+    view = base.t()
+    hvd.allreduce_(view, name="noncontig", op=hvd.Sum)
+    expected = reference(hvd.Sum, [data(k, 200, (4, 6), torch.float32).t() for k in range(n)])
+    close(view, expected, torch.float32)
+
+
+def check_many_in_flight_random_order():
+    n, r = hvd.size(), hvd.rank()
+    specs = []  # (name, kind, dtype, shape)
+    for i in range(48):
+        kind = ["allreduce", "allgather", "broadcast"][i % 3]
+        specs.append((f"mix.{i}", kind, DTYPES[i % len(DTYPES)], SHAPES[i % len(SHAPES)]))
+    order = list(range(len(specs)))
+    random.Random(r).shuffle(order)  # each rank submits in its own order
+    handles = {}
+    for i in order:
+        name, kind, dtype, shape = specs[i]
+        if kind == "allreduce":
+            handles[i] = hvd.allreduce_async(data(r, i, shape, dtype), name=name, op=hvd.Sum)
+        elif kind == "allgather":
+            rows = (r + i) % 3 + 1
+            handles[i] = hvd.allgather_async(data(r, i, (rows,) + shape[1:], dtype), name=name)
+        else:
+            handles[i] = hvd.broadcast_async(data(r, i, shape, dtype), i % n, name=name)
+    random.Random(r + 100).shuffle(order)
+    for i in order:
+        name, kind, dtype, shape = specs[i]
+        out = hvd.synchronize(handles[i])
+        if kind == "allreduce":
+            close(out, reference(hvd.Sum, [data(k, i, shape, dtype) for k in range(n)]), dtype)
+        elif kind == "allgather":
+            parts = [data(k, i, ((k + i) % 3 + 1,) + shape[1:], dtype) for k in range(n)]
+            assert torch.equal(out, torch.cat(parts)), name
+        else:
+            assert torch.equal(out, data(i % n, i, shape, dtype)), name
+
+
+def check_long_negotiation_message():
+    # ~150 requests with long names overflow the 4 KiB negotiation slot (second round).
+    n, r = hvd.size(), hvd.rank()
+    names = [
+        f"a.very.long.parameter.name.to.fill.the.negotiation.slot.layer{i:04d}.weight"
+        for i in range(150)
+    ]
+    order = list(range(len(names)))
+    random.Random(7 + r).shuffle(order)
+    handles = {
+        i: hvd.allreduce_async(torch.full((2,), float(r + i)), name=names[i], op=hvd.Sum)
+        for i in order
+    }
+    for i, h in handles.items():
+        expected = float(sum(k + i for k in range(n)))
+        assert torch.equal(hvd.synchronize(h), torch.full((2,), expected)), names[i]
+
+
+def check_allgather():
+    n, r = hvd.size(), hvd.rank()
+    for i, dtype in enumerate(DTYPES):
+        for j, shape in enumerate(SHAPES):
+            seed = 300 + 10 * i + j
+            out = hvd.allgather(
+                data(r, seed, (r + 1 + j,) + shape[1:], dtype), name=f"ag.{seed}"
+            )  # dim 0 differs per rank
+            expected = torch.cat([data(k, seed, (k + 1 + j,) + shape[1:], dtype) for k in range(n)])
+            assert torch.equal(out, expected), (dtype, shape)
+    # A rank may contribute zero rows.
+    mine = torch.arange(3.0) if r == 0 else torch.empty(0)
+    assert torch.equal(hvd.allgather(mine, name="ag.empty"), torch.arange(3.0))
+
+
+def check_broadcast():
+    n, r = hvd.size(), hvd.rank()
+    for i, dtype in enumerate(DTYPES):
+        for j, shape in enumerate(SHAPES):
+            seed, root = 400 + 10 * i + j, (i + j) % n
+            mine = data(r, seed, shape, dtype)
+            out = hvd.broadcast(mine, root, name=f"bc.{seed}")
+            assert torch.equal(out, data(root, seed, shape, dtype))
+            assert torch.equal(mine, data(r, seed, shape, dtype)), "out-of-place changed input"
+            hvd.broadcast_(mine, root, name=f"bc_.{seed}")
+            assert torch.equal(mine, data(root, seed, shape, dtype))
+
+
+def check_grouped_allreduce():
+    n, r = hvd.size(), hvd.rank()
+    tensors = [data(r, 500 + i, SHAPES[i % 3], torch.float32) for i in range(20)]
+    outs = hvd.grouped_allreduce(tensors, name="grouped", op=hvd.Sum)
+    for i, out in enumerate(outs):
+        close(
+            out,
+            reference(hvd.Sum, [data(k, 500 + i, SHAPES[i % 3], torch.float32) for k in range(n)]),
+            torch.float32,
+        )
+
+
+def check_autograd():
+    n, r = hvd.size(), hvd.rank()
+    # allreduce: d(sum_k w_k x_k)/dx_r through Sum is the allreduce of the grads.
+    x = torch.full((3,), float(r + 1), requires_grad=True)
+    y = hvd.allreduce(x, name="grad.ar", op=hvd.Sum)
+    (y * (r + 1)).sum().backward()
+    assert torch.allclose(x.grad, torch.full((3,), float(sum(range(1, n + 1))))), x.grad
+    x = torch.ones(2, requires_grad=True)
+    hvd.allreduce(x, name="grad.avg", op=hvd.Average).sum().backward()
+    assert torch.allclose(x.grad, torch.ones(2)), x.grad
+    # allgather: every rank weights the gathered rows by (rank + 1).
+    x = torch.ones(r + 1, 2, requires_grad=True)
+    (hvd.allgather(x, name="grad.ag") * (r + 1)).sum().backward()
+    assert torch.allclose(x.grad, torch.full((r + 1, 2), float(sum(range(1, n + 1))))), x.grad
+    # broadcast: the root gets the sum of all ranks' grads, others zeros.
+    x = torch.ones(4, requires_grad=True)
+    (hvd.broadcast(x, 1 % n, name="grad.bc") * (r + 1)).sum().backward()
+    expected = float(sum(range(1, n + 1))) if r == 1 % n else 0.0
+    assert torch.allclose(x.grad, torch.full((4,), expected)), x.grad
+
+
+def expect_error(exc_type, fn, *needles):
+    try:
+        fn()
+    except exc_type as e:
+        for needle in needles:
+            assert needle in str(e), f"{needle!r} not in {e}"
+        return
+    raise AssertionError(f"{exc_type.__name__} not raised")
+
+
+def check_mismatch_errors():
+    n, r = hvd.size(), hvd.rank()
+    last = n - 1  # the rank that disagrees
+    odd = r == last
+    expect_error(
+        RuntimeError,
+        lambda: hvd.allreduce(torch.ones(3 if odd else 2), name="bad.shape"),
+        "bad.shape",
+        "shape",
+        f"on rank {last}",
+    )
+    expect_error(
+        RuntimeError,
+        lambda: hvd.allreduce(torch.ones((2, 1) if odd else (2,)), name="bad.ndim"),
+        "bad.ndim",
+        "number of dimensions",
+        f"on rank {last}",
+    )
+    expect_error(
+        RuntimeError,
+        lambda: hvd.allreduce(
+            torch.ones(2, dtype=torch.float64 if odd else torch.float32), name="bad.dtype"
+        ),
+        "bad.dtype",
+        "dtype",
+        f"on rank {last}",
+    )
+    expect_error(
+        RuntimeError,
+        lambda: hvd.broadcast(torch.ones(2), 1 if odd else 0, name="bad.root"),
+        "bad.root",
+        "root",
+        f"on rank {last}",
+    )
+    expect_error(
+        RuntimeError,
+        lambda: hvd.allreduce(torch.ones(2), name="bad.op", op=hvd.Max if odd else hvd.Sum),
+        "bad.op",
+        "reduce op",
+        f"on rank {last}",
+    )
+    expect_error(
+        RuntimeError,
+        lambda: hvd.allgather(torch.ones(2, 3 if odd else 2), name="bad.ag"),
+        "bad.ag",
+        "shape",
+        f"on rank {last}",
+    )
+    # Mixed into valid work that is in flight at the same time, which must still complete.
+    h1 = hvd.allreduce_async(torch.ones(5), name="good.1", op=hvd.Sum)
+    h2 = hvd.allreduce_async(torch.ones(4 if odd else 5), name="bad.mixed", op=hvd.Sum)
+    h3 = hvd.allreduce_async(torch.ones(5), name="good.2", op=hvd.Sum)
+    expect_error(RuntimeError, lambda: hvd.synchronize(h2), "bad.mixed")
+    assert torch.equal(hvd.synchronize(h1), torch.full((5,), float(n)))
+    assert torch.equal(hvd.synchronize(h3), torch.full((5,), float(n)))
+    # The job goes on working, and the failed names can be used again.
+    assert torch.equal(
+        hvd.allreduce(torch.ones(2), name="bad.shape", op=hvd.Sum), torch.full((2,), float(n))
+    )
+
+
+def check_local_errors():
+    r = hvd.rank()
+    h = hvd.allreduce_async(torch.ones(2), name="dup", op=hvd.Sum)
+    expect_error(
+        ValueError,
+        lambda: hvd.allreduce_async(torch.ones(2), name="dup"),
+        "dup",
+        "already in flight",
+    )
+    hvd.synchronize(h)
+    expect_error(ValueError, lambda: hvd.allreduce(torch.ones(2), op=17), "op")
+    expect_error(ValueError, lambda: hvd.broadcast(torch.ones(2), 99), "root_rank")
+    expect_error(TypeError, lambda: hvd.broadcast(torch.ones(2), "0"), "root_rank")
+    expect_error(ValueError, lambda: hvd.allreduce(torch.ones(2, dtype=torch.bool)), "dtype")
+    expect_error(ValueError, lambda: hvd.allgather(torch.tensor(1.0)), "dimension")
+    expect_error(ValueError, lambda: hvd.allreduce(torch.ones(2), name=""), "name")
+    expect_error(ValueError, lambda: hvd.synchronize(10**12), "unknown")
+    # Nothing above reached the other ranks: a normal collective still pairs up.
+    assert (
+        hvd.allreduce(torch.full((1,), float(r)), name="after.local", op=hvd.Max).item()
+        == hvd.size() - 1
+    )
+
+
+def check_shutdown_pending_and_reinit():
+    n, r = hvd.size(), hvd.rank()
+    # Only rank 0 submits "lonely", so it cannot complete; shutdown must fail it, not hang.
+    h = hvd.allreduce_async(torch.ones(1), name="lonely") if r == 0 else None
+    assert h is None or not hvd.poll(h)
+    hvd.shutdown()
+    assert not hvd.is_initialized()
+    if h is not None:
+        expect_error(RuntimeError, lambda: hvd.synchronize(h), "shutdown", "lonely")
+    expect_error(RuntimeError, lambda: hvd.allreduce(torch.ones(1)), "shut down", "init")
+    expect_error(RuntimeError, hvd.rank, "shut down")
+    hvd.init()
+    assert hvd.size() == n and hvd.rank() == r
+    assert torch.equal(
+        hvd.allreduce(torch.ones(3), name="reinit", op=hvd.Sum), torch.full((3,), float(n))
+    )
+
+
+CHECKS = {name[len("check_") :]: fn for name, fn in globals().items() if name.startswith("check_")}
+
+
+def main():
+    names = sys.argv[1:]
+    results = {}
+    # Before init: clear errors, no hang.
+    try:
+        expect_error(RuntimeError, lambda: hvd.allreduce(torch.ones(1)), "not been initialized")
+        expect_error(RuntimeError, hvd.size, "not been initialized")
+        results["before_init"] = "ok"
+    except Exception:  # noqa: BLE001  (any failure is reported, not raised)
+        results["before_init"] = traceback.format_exc()
+    hvd.init()
+    rank = hvd.rank()
+    try:
+        run_checks(CHECKS, names, rank, results)
+    finally:
+        hvd.shutdown()
+
+
+if __name__ == "__main__":
+    main()

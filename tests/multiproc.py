@@ -1,0 +1,85 @@
+"""Multi-process test harness shared by the engine and training tests.
+
+The pytest side (:func:`run_ranks`) starts one group of real ranks (by ``gradfuse.run`` or
+``mpiexec``) running a worker script with a list of check names; process start-up dominates
+on 2 cores, so one group serves many tests. The worker side (:func:`run_checks`) runs each
+check, catching failures, and writes ``{check: "ok" | traceback}`` to
+``$WORKER_RESULTS.rank<r>.json``; :func:`assert_check_ok` then reads one check on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def worker_env(tmp: Path, n: int, extra: dict | None = None) -> dict:
+    # Drop the caller's launcher and gradfuse settings: each group sets its own.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GRADFUSE_", "RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))
+    }
+    env.update(WORKER_RESULTS=str(tmp / "result"), EXPECT_SIZE=str(n), OMP_NUM_THREADS="1")
+    env.update(extra or {})
+    return env
+
+
+def run_ranks(
+    tmp: Path,
+    n: int,
+    launcher: str,
+    worker: Path,
+    args: list[str],
+    extra_env: dict | None = None,
+    timeout: float = 240,
+):
+    """Runs `worker args...` on n ranks; returns (CompletedProcess, [results per rank])."""
+    if launcher == "gradfuse.run":
+        cmd = [sys.executable, "-m", "gradfuse.run", "-np", str(n), str(worker), *args]
+    elif launcher == "mpiexec":
+        cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(worker), *args]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}")
+    proc = subprocess.run(
+        cmd,
+        env=worker_env(tmp, n, extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    results = []
+    for r in range(n):
+        path = tmp / f"result.rank{r}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else None)
+    return proc, results
+
+
+def assert_check_ok(proc, results, check: str) -> None:
+    assert proc.returncode == 0, (
+        f"ranks failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    for rank, res in enumerate(results):
+        assert res is not None, f"rank {rank} wrote no results:\n{proc.stderr[-4000:]}"
+        assert res.get(check) == "ok", f"rank {rank}, {check}:\n{res.get(check)}"
+
+
+def run_checks(checks: dict, names: list[str], rank: int, results: dict | None = None) -> None:
+    """Worker side: runs checks[name]() for each name and writes this rank's results."""
+    results = dict(results or {})
+    for name in names:
+        try:
+            checks[name]()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001  (any failure is reported, not raised)
+            results[name] = traceback.format_exc()
+        print(f"rank {rank}: {name}: {results[name]}", flush=True)
+    with open(f"{os.environ['WORKER_RESULTS']}.rank{rank}.json", "w") as f:
+        json.dump(results, f)

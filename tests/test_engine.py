@@ -1,0 +1,87 @@
+"""Multi-process tests of the communication engine: real ranks over Gloo on this host.
+
+One group of processes per configuration runs every check in tests/engine_worker.py (process
+start-up dominates on 2 cores); each test below then reads its check's result on every rank."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import engine_worker
+from multiproc import MPIEXEC, assert_check_ok, run_ranks, worker_env
+
+CHECKS = sorted(engine_worker.CHECKS)
+
+
+# 2 ranks through the gradfuse.run launcher, with a tiny fusion threshold (many batches);
+# 4 ranks through mpiexec (MPI environment, mpi4py rendezvous) with the default threshold.
+CONFIGS = {
+    "2ranks-run": (2, "gradfuse.run", {"GRADFUSE_FUSION_THRESHOLD": "256"}),
+    "4ranks-mpiexec": (4, "mpiexec", {}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def group(request, tmp_path_factory):
+    n, launcher, extra = CONFIGS[request.param]
+    if launcher == "mpiexec" and not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec next to {sys.executable}")
+    tmp = tmp_path_factory.mktemp(f"ranks{n}")
+    return run_ranks(tmp, n, launcher, HERE / "engine_worker.py", CHECKS, extra)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("check", ["before_init", *CHECKS])
+def test_engine_check(group, check):
+    assert_check_ok(*group, check)
+
+
+@pytest.mark.timeout(120)
+def test_run_launcher_propagates_failure(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(3)\ntime.sleep(60)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradfuse.run", "-np", "2", str(script)],
+        env=worker_env(tmp_path, 2),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "rank 1 exited with code 3" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "var,value,needle",
+    [
+        ("GRADFUSE_BOGUS", "1", "GRADFUSE_BOGUS"),
+        ("GRADFUSE_FUSION_THRESHOLD", "lots", "GRADFUSE_FUSION_THRESHOLD"),
+        ("GRADFUSE_CYCLE_TIME", "-1", "GRADFUSE_CYCLE_TIME"),
+    ],
+)
+def test_bad_configuration_is_a_value_error(monkeypatch, var, value, needle):
+    import gradfuse
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=needle):
+        gradfuse.init()
+    assert not gradfuse.is_initialized()
+
+
+def test_bad_init_keyword():
+    import gradfuse
+
+    with pytest.raises(ValueError, match="fusion_threshold"):
+        gradfuse.init(fusion_threshold="big")
+    with pytest.raises(ValueError, match="cycle_time_ms"):
+        gradfuse.init(cycle_time_ms=0)
