@@ -121,7 +121,9 @@ __global__ void __launch_bounds__(kThreads) lars_update_kernel(UpdateMeta meta, 
   if (e.use_lars) {
     const double wn = sqrt(a.norms[2 * e.index]);
     const double gn = sqrt(a.norms[2 * e.index + 1]) * inv_scale;
-    if (wn != 0.0 && gn != 0.0) trust = a.trust_coefficient * wn / (gn + wd * wn + a.eps);
+    // __dadd_rn / __dmul_rn: no contraction into a fused multiply-add, as on the host.
+    const double denom = __dadd_rn(__dadd_rn(gn, __dmul_rn(wd, wn)), a.eps);
+    if (wn != 0.0 && gn != 0.0) trust = a.trust_coefficient * wn / denom;
   }
   const float step_in = static_cast<float>(a.lr_in_momentum ? a.lr * trust : trust);
   const float step_out = static_cast<float>(a.lr_in_momentum ? 1.0 : a.lr);
@@ -143,10 +145,12 @@ __global__ void __launch_bounds__(kThreads) lars_update_kernel(UpdateMeta meta, 
     load_f32<N>(v, i, vv);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      // The CPU kernel's operation order and fused multiply-adds (kernels_impl.h lars_range).
-      const float d = fmaf(wd_f, wv[k], gv[k] * inv_scale);
-      const float v_new = round_to<P>(fmaf(m, vv[k], step_in * d));
-      const float update = a.nesterov ? fmaf(m, v_new, step_in * d) : v_new;
+      // The CPU kernel's operation order and fused multiply-adds (kernels_impl.h lars_range);
+      // every other product is rounded on its own (__fmul_rn is never contracted).
+      const float d = fmaf(wd_f, wv[k], __fmul_rn(gv[k], inv_scale));
+      const float step = __fmul_rn(step_in, d);
+      const float v_new = round_to<P>(fmaf(m, vv[k], step));
+      const float update = a.nesterov ? fmaf(m, v_new, step) : v_new;
       wv[k] = round_to<P>(fmaf(-step_out, update, wv[k]));
       vv[k] = v_new;
     }

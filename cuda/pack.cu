@@ -40,6 +40,8 @@ __global__ void __launch_bounds__(kThreads)
   const S* src = static_cast<const S*>(kToFlat ? tensor : flat) + (kToFlat ? r.begin : flat_begin);
   D* dst = static_cast<D*>(kToFlat ? flat : tensor) + (kToFlat ? flat_begin : r.begin);
 
+  // The _rn intrinsics keep nvcc from contracting scale * x + d into one fused multiply-add:
+  // the product is rounded, then the sum, exactly as the CPU kernels and torch do it.
   bool bad = false;
   auto convert = [&](auto width, int64_t i) {
     constexpr int N = decltype(width)::value;
@@ -50,8 +52,8 @@ __global__ void __launch_bounds__(kThreads)
       if (accumulate) load_raw<N>(dst, i, d);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        double x = static_cast<double>(scale) * to_double(s[k]);
-        if (accumulate) x = to_double(d[k]) + x;
+        double x = __dmul_rn(static_cast<double>(scale), to_double(s[k]));
+        if (accumulate) x = __dadd_rn(to_double(d[k]), x);
         d[k] = from_double<D>(x);
         bad |= !is_finite(to_double(d[k]));
       }
@@ -62,8 +64,8 @@ __global__ void __launch_bounds__(kThreads)
       if (accumulate) load_f32<N>(dst, i, d);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        float y = x[k] * scale;
-        if (accumulate) y = d[k] + y;
+        float y = __fmul_rn(x[k], scale);
+        if (accumulate) y = __fadd_rn(d[k], y);
         x[k] = round_to<D>(y);
         bad |= !is_finite(x[k]);
       }
