@@ -5,13 +5,19 @@
 // counts, a dtype enum and a cudaStream_t. Every function only *enqueues* work on `stream`; none
 // synchronizes the device or the host. Scratch memory is allocated by the caller (through
 // torch's caching allocator) and passed in, with the size given by the matching *_bytes query.
-// Every launch function returns the cudaError_t of its last launch (cudaGetLastError()).
+// Every launch function returns the first error it met: a failed cudaMemsetAsync / CUB call, or
+// the cudaGetLastError() after a launch.
+//
+// Callers validate arguments (cpp/ops/op_args.h); these functions assume valid, contiguous
+// inputs on the current device.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
+
+#include "sample_plan.h"
 
 namespace gradfuse::cuda {
 
@@ -34,37 +40,42 @@ struct LarsTensor {
   bool use_weight_decay;  // false: no weight decay for this tensor
 };
 
+// The step scalars that feed the per-tensor trust ratio stay in double, as on the CPU
+// (cpp/ops/lars.cpp computes the ratio in double and rounds the products to float once).
 struct LarsOptions {
-  float lr;
+  double lr;
   float momentum;
-  float weight_decay;
-  float trust_coefficient;
-  float eps;
+  double weight_decay;
+  double trust_coefficient;
+  double eps;
   bool nesterov;
   // true: lr inside the momentum (You et al.): v = m*v + lr*trust*(g + wd*w); w -= v.
   // false: lr outside (SGD style):             v = m*v + trust*(g + wd*w);    w -= lr*v.
   bool lr_in_momentum;
-  DType param_dtype;
-  DType grad_dtype;
-  DType copy_dtype;
+  DType param_dtype;  // kFloat32, kFloat16 or kBFloat16 (also the momentum's)
+  DType grad_dtype;   // kFloat32, kFloat16 or kBFloat16
+  DType copy_dtype;   // ignored when no tensor has a model_copy
   // Optional device scalars (nullptr when absent): grads are divided by *grad_scale before use;
   // when *found_inf != 0 the whole update is skipped on the device (no host sync).
   const float* grad_scale;
   const float* found_inf;
 };
 
-// Scratch for the per-tensor norms: lars_scratch_bytes(num_tensors) bytes of device memory.
+// Scratch for the per-tensor norms: lars_scratch_bytes(num_tensors) bytes of device memory
+// (lars_update zeroes it on the stream itself).
 size_t lars_scratch_bytes(int64_t num_tensors);
 
-// `tensors` is a host array of `num_tensors` entries. Launches a norm pass (sum of squares of
-// every param and grad, per tensor) and an update pass, each chunked over all tensors in as
-// few launches as the kernel-argument space allows (multi_tensor.cuh).
+// `tensors` is a host array of `num_tensors` entries (either all or none with a model_copy).
+// Launches a norm pass (sum of squares of every param and grad of the use_lars tensors) and an
+// update pass, each chunked over all tensors in as few launches as the kernel-argument space
+// allows (multi_tensor.cuh).
 cudaError_t lars_update(const LarsTensor* tensors, int64_t num_tensors, const LarsOptions& opts,
                         void* scratch, cudaStream_t stream);
 
 // ---- pack / unpack (pack.cu) --------------------------------------------------------------
 //
-// One segment of the flat buffer: `numel` elements of `tensor` stored at `flat + offset`.
+// One segment of the flat buffer: `numel` elements of `tensor` stored at `flat + offset`
+// (offset in elements of the flat dtype). Segments may have different dtypes.
 struct PackSegment {
   void* tensor;
   int64_t offset;
@@ -86,42 +97,42 @@ cudaError_t unpack(const PackSegment* segments, int64_t num_segments, const void
 
 // ---- top-k compression with error feedback (topk.cu) ----------------------------------------
 //
-// Step 1, one streaming pass: residual[i] += grad[i] (residual is fp32), and take a strided
-// sample of |residual| into `sample` (sample_size floats, positions start + j*stride).
-cudaError_t topk_accumulate_and_sample(float* residual, const void* grad, DType grad_dtype,
-                                       int64_t numel, float* sample, int64_t sample_size,
-                                       int64_t sample_start, int64_t sample_stride,
-                                       cudaStream_t stream);
+// The device half of topk_compress (cpp/ops/cuda/topk_cuda.cpp drives it; the CPU path in
+// cpp/ops/topk.cpp has the same steps and the same results):
+//   1. topk_sample         sample[j] = |residual[p_j] + grad[p_j]| at the plan's positions
+//                          (residual not yet updated), NaN stored as +inf.
+//   2. topk_sort_sample    the sample sorted descending; the threshold is one of its entries.
+//   3. topk_select         residual += grad (once) and collect |residual| >= threshold.
+//   4. topk_order          the candidates ascending, or trimmed to the k largest first.
+//   5. topk_gather_and_clear
+// NaN ranks above every number throughout (as in torch.topk): it passes every threshold.
+cudaError_t topk_sample(const float* residual, const void* grad, DType grad_dtype,
+                        const SamplePlan& plan, float* sample, cudaStream_t stream);
 
-// Sorts `sample` descending in place (device), so the caller can read a threshold at any rank.
+// Sorts sample_in[0 .. sample_size) descending into sample_out (both device).
 size_t topk_sort_sample_scratch_bytes(int64_t sample_size);
-cudaError_t topk_sort_sample(float* sample, int64_t sample_size, void* scratch,
-                             size_t scratch_bytes, cudaStream_t stream);
+cudaError_t topk_sort_sample(const float* sample_in, float* sample_out, int64_t sample_size,
+                             void* scratch, size_t scratch_bytes, cudaStream_t stream);
 
-// Step 2: write the positions with |residual[i]| >= *threshold (device scalar) into
-// candidates[0 .. capacity) in any order, counting all of them in *count (int64, device; the
-// caller zeroes it). Positions beyond `capacity` are counted but not written.
-cudaError_t topk_select_candidates(const float* residual, int64_t numel, const float* threshold,
-                                   int64_t* candidates, int64_t capacity,
-                                   unsigned long long* count, cudaStream_t stream);
+// When `grad` is not null, residual[i] += grad[i] first. Then writes the positions with
+// |residual[i]| >= *threshold (device scalar; NaN always passes) into candidates[0 ..
+// capacity) in any order, counting all of them in *count (device; the caller zeroes it).
+// Positions beyond `capacity` are counted but not written.
+cudaError_t topk_select(float* residual, const void* grad, DType grad_dtype, int64_t numel,
+                        const float* threshold, int64_t* candidates, int64_t capacity,
+                        unsigned long long* count, cudaStream_t stream);
 
-// Step 3 (exact trim, optional): order `num_candidates` candidates by |residual| descending
-// (ties by ascending index), keeping the first k in `selected`.
-size_t topk_trim_scratch_bytes(int64_t num_candidates);
-cudaError_t topk_trim(const float* residual, const int64_t* candidates, int64_t num_candidates,
-                      int64_t k, int64_t* selected, void* scratch, size_t scratch_bytes,
-                      cudaStream_t stream);
+// Writes `keep` (<= num_candidates) of the candidates to `selected` in ascending order: all of
+// them when keep == num_candidates, else the `keep` largest |residual| (NaN largest; ties by
+// ascending index, as on the CPU). Candidates are indices in [0, numel).
+size_t topk_order_scratch_bytes(int64_t num_candidates, int64_t keep, int64_t numel);
+cudaError_t topk_order(const float* residual, int64_t numel, const int64_t* candidates,
+                       int64_t num_candidates, int64_t keep, int64_t* selected, void* scratch,
+                       size_t scratch_bytes, cudaStream_t stream);
 
-// Step 4: values[j] = residual[idx[j]]; residual[idx[j]] = 0; indices written as int32 when
+// values[j] = residual[idx[j]]; residual[idx[j]] = 0; indices written as int32 when
 // `indices_int32`, else int64.
-cudaError_t topk_gather_and_clear(float* residual, const int64_t* idx, int64_t count,
-                                  float* values, void* indices, bool indices_int32,
-                                  cudaStream_t stream);
-
-// dense[indices[j]] += values[j] (atomic; duplicates add up). dense and values have `dtype`
-// (kFloat32, kFloat16, kBFloat16 or kFloat64).
-cudaError_t topk_scatter_add(void* dense, DType dtype, const void* values, const void* indices,
-                             bool indices_int32, int64_t count, int64_t numel,
-                             cudaStream_t stream);
+cudaError_t topk_gather_and_clear(float* residual, const int64_t* idx, int64_t count, float* values,
+                                  void* indices, bool indices_int32, cudaStream_t stream);
 
 }  // namespace gradfuse::cuda

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 
 #include "cpu/kernels.h"
+#if defined(GRADFUSE_WITH_CUDA)
+#include "cuda/kernels.h"
+#endif
 
 namespace gradfuse::ops {
 
@@ -19,6 +22,10 @@ DType kernel_dtype(at::ScalarType t) {
 }
 
 inline cpu::DType cpu_dtype(at::ScalarType t) { return kernel_dtype<cpu::DType>(t); }
+
+#if defined(GRADFUSE_WITH_CUDA)
+inline cuda::DType cuda_dtype(at::ScalarType t) { return kernel_dtype<cuda::DType>(t); }
+#endif
 
 inline int64_t cpu_dtype_size(cpu::DType t) {
   return t == cpu::DType::kFloat64 ? 8 : t == cpu::DType::kFloat32 ? 4 : 2;

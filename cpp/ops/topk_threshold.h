@@ -1,5 +1,7 @@
 // Host-side logic of the sampled threshold used by topk_compress on every device: where to
-// sample, and which threshold to try first and next. Pure arithmetic on a small host vector.
+// sample (SamplePlan, cuda/sample_plan.h), and which threshold to try first and next. Pure
+// arithmetic; the CPU path keeps the sorted sample on the host (ThresholdLadder), the CUDA path
+// keeps it on the device and uses only the rank arithmetic (the static members).
 #pragma once
 
 #include <algorithm>
@@ -8,36 +10,9 @@
 #include <functional>
 #include <vector>
 
+#include "cuda/sample_plan.h"  // shared with the CUDA kernel, which draws the same sample
+
 namespace gradfuse::ops {
-
-// A stratified random sample: `size` strata of `stratum` consecutive elements, one position
-// drawn in each (so no stride can alias with the layout of a convolution's weights).
-struct SamplePlan {
-  int64_t numel = 0;
-  int64_t size = 0;
-  int64_t stratum = 1;
-  uint64_t seed = 0;
-
-  // Big enough that about 64 sampled elements are expected above the k-th largest.
-  static SamplePlan make(int64_t numel, int64_t k, int64_t seed) {
-    SamplePlan p;
-    p.numel = numel;
-    const double wanted = 64.0 * static_cast<double>(numel) / static_cast<double>(k);
-    p.size = std::min<int64_t>(numel, std::clamp<int64_t>(static_cast<int64_t>(wanted), 4096, 1 << 17));
-    p.stratum = numel / p.size;
-    p.seed = static_cast<uint64_t>(seed);
-    return p;
-  }
-
-  int64_t position(int64_t j) const {
-    // splitmix64 of (seed, j): cheap, well mixed, the same on every platform.
-    uint64_t z = seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(j + 1);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return j * stratum + static_cast<int64_t>(z % static_cast<uint64_t>(stratum));
-  }
-};
 
 // Thresholds to try, from the sample: first one expected to let about 1.25 k + 3 sigma
 // elements through (so exact mode rarely rescans), then 4x lower in rank each time, and
@@ -51,8 +26,7 @@ class ThresholdLadder {
       if (std::isnan(s)) s = INFINITY;
     }
     std::sort(sample_.begin(), sample_.end(), std::greater<float>());
-    const double expected = static_cast<double>(k) * sample_.size() / numel_;
-    rank_ = static_cast<int64_t>(std::ceil(1.25 * expected + 3.0 * std::sqrt(expected) + 1.0));
+    rank_ = first_rank(static_cast<int64_t>(sample_.size()), numel_, k);
   }
 
   float threshold() const {
@@ -60,10 +34,22 @@ class ThresholdLadder {
   }
   // How many elements this threshold is expected to let through (sizes scan buffers).
   int64_t expected_count() const {
-    const auto s = static_cast<int64_t>(sample_.size());
-    return rank_ >= s ? numel_ : rank_ * (numel_ / s);
+    return expected_count(rank_, static_cast<int64_t>(sample_.size()), numel_);
   }
-  void lower() { rank_ *= 4; }
+  void lower() { rank_ = next_rank(rank_); }
+
+  // The rank arithmetic alone, for callers that keep the sorted sample elsewhere (the CUDA
+  // path). Ranks are 1-based positions in the sample sorted descending; a rank past the end of
+  // the sample means threshold 0.
+  static int64_t first_rank(int64_t sample_size, int64_t numel, int64_t k) {
+    const double expected =
+        static_cast<double>(k) * static_cast<double>(sample_size) / static_cast<double>(numel);
+    return static_cast<int64_t>(std::ceil(1.25 * expected + 3.0 * std::sqrt(expected) + 1.0));
+  }
+  static int64_t expected_count(int64_t rank, int64_t sample_size, int64_t numel) {
+    return rank >= sample_size ? numel : rank * (numel / sample_size);
+  }
+  static int64_t next_rank(int64_t rank) { return rank * 4; }
 
  private:
   std::vector<float> sample_;

@@ -1,0 +1,656 @@
+"""The CUDA kernels of every gradfuse op against float64 references and the CPU kernels.
+
+Skipped as a whole without a GPU (or with a CPU-only build of gradfuse). Inputs are fresh
+random data each run (the seed is printed, so a failure can be replayed) in awkward sizes:
+empty, single, odd, around the 4-wide vector width and the 64K-element chunk, many small
+tensors (several kernel-argument tables), misaligned views (the scalar fallback) and one
+tensor of about 25M elements.
+"""
+
+import math
+
+import gradfuse
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and gradfuse.build_info()["cuda"]),
+    reason="needs a GPU and a CUDA build of gradfuse",
+)
+
+ops = torch.ops.gradfuse
+DEV = "cuda"
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LOW = [torch.float16, torch.bfloat16]
+# Empty, single, odd, around the 4-wide vectors and the 65536-element chunks.
+AWKWARD = [0, 1, 3, 4, 5, 7, 9, 33, 4097, 65535, 65536, 65537, 100003]
+HUGE = 25_000_003
+
+
+@pytest.fixture
+def gen():
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    print(f"generator seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(gen, *shape, dtype=torch.float32, scale=1.0, device=DEV):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+
+
+def misaligned(t):
+    """A contiguous copy of t that starts one element into its storage (not 16-byte aligned)."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = base[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def rel_err(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def error_of(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - we compare whatever was raised
+        return type(exc), str(exc).splitlines()[0]
+    return None
+
+
+def assert_same_error(cpu_call, cuda_call):
+    """Both devices reject the input with the same exception type and message."""
+    cpu, cuda = error_of(cpu_call), error_of(cuda_call)
+    assert cpu is not None, "the CPU op accepted the input"
+    assert cuda == cpu
+
+
+# ---- LARS -----------------------------------------------------------------------------------
+
+HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02, "eps": 1e-8}
+
+
+def lars(
+    params,
+    grads,
+    bufs,
+    copies=(),
+    use_lars=None,
+    use_wd=None,
+    nesterov=False,
+    lr_in_momentum=False,
+    grad_scale=None,
+    found_inf=None,
+    **hyper,
+):
+    h = {**HYPER, **hyper}
+    n = len(params)
+    ops.lars_update_(
+        list(params),
+        list(grads),
+        list(bufs),
+        list(copies),
+        [True] * n if use_lars is None else list(use_lars),
+        [True] * n if use_wd is None else list(use_wd),
+        h["lr"],
+        h["momentum"],
+        h["weight_decay"],
+        h["trust_coefficient"],
+        h["eps"],
+        nesterov,
+        lr_in_momentum,
+        grad_scale,
+        found_inf,
+    )
+
+
+def lars_reference(
+    p,
+    g,
+    v,
+    *,
+    use_lars=True,
+    use_wd=True,
+    nesterov=False,
+    lr_in_momentum=False,
+    grad_scale=1.0,
+    **hyper,
+):
+    """One LARS step in float64 on the CPU: (new param, new momentum)."""
+    h = {**HYPER, **hyper}
+    w, g, v = p.double().cpu(), g.double().cpu() / grad_scale, v.double().cpu()
+    wd = h["weight_decay"] if use_wd else 0.0
+    wn, gn = w.norm().item(), g.norm().item()
+    # Zero norm -> ratio 1; a NaN norm is not zero and poisons the ratio.
+    if use_lars and wn != 0 and gn != 0:
+        trust = h["trust_coefficient"] * wn / (gn + wd * wn + h["eps"])
+    else:
+        trust = 1.0
+    d = g + wd * w
+    step_in, step_out = (h["lr"] * trust, 1.0) if lr_in_momentum else (trust, h["lr"])
+    v_new = h["momentum"] * v + step_in * d
+    update = h["momentum"] * v_new + step_in * d if nesterov else v_new
+    return w - step_out * update, v_new
+
+
+def lars_case(gen, numels, dtype=torch.float32, grad_dtype=None):
+    params = [randn(gen, n, dtype=dtype) for n in numels]
+    grads = [randn(gen, n, dtype=grad_dtype or dtype, scale=0.01) for n in numels]
+    bufs = [randn(gen, n, dtype=dtype, scale=0.001) for n in numels]
+    return params, grads, bufs
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("lr_in_momentum", [False, True])
+def test_lars_awkward_sizes(gen, nesterov, lr_in_momentum):
+    numels = AWKWARD + [108]  # the last: a multiple of 4 but not 16-byte aligned
+    params, grads, bufs = lars_case(gen, numels)
+    params[-1], grads[-1], bufs[-1] = (misaligned(t) for t in (params[-1], grads[-1], bufs[-1]))
+    use_lars = [i % 3 != 1 for i in range(len(numels))]
+    use_wd = [i % 4 != 2 for i in range(len(numels))]
+    flags = {"nesterov": nesterov, "lr_in_momentum": lr_in_momentum}
+    refs = [
+        lars_reference(p, g, v, use_lars=ul, use_wd=uw, **flags)
+        for p, g, v, ul, uw in zip(params, grads, bufs, use_lars, use_wd)
+    ]
+    lars(params, grads, bufs, use_lars=use_lars, use_wd=use_wd, **flags)
+    for p, v, (p_ref, v_ref) in zip(params, bufs, refs):
+        assert rel_err(p, p_ref) < 1e-6
+        assert rel_err(v, v_ref) < 1e-5
+
+
+def test_lars_many_small_tensors_and_cpu_agreement(gen):
+    # 700 tensors: several launches of the 36-tensor update table and the 64-tensor norm table,
+    # with tensors cut between launches.
+    numels = torch.randint(1, 3000, (700,), generator=gen).tolist()
+    numels[350] = 200_000
+    params, grads, bufs = lars_case(gen, numels)
+    cpu = [[t.to("cpu", copy=True) for t in ts] for ts in (params, grads, bufs)]
+    use_lars = [i % 5 != 0 for i in range(len(numels))]
+    refs = [
+        lars_reference(p, g, v, use_lars=ul, use_wd=ul)
+        for p, g, v, ul in zip(params, grads, bufs, use_lars)
+    ]
+    lars(params, grads, bufs, use_lars=use_lars, use_wd=use_lars)
+    lars(*cpu, use_lars=use_lars, use_wd=use_lars)
+    assert max(rel_err(p, r[0]) for p, r in zip(params, refs)) < 1e-6
+    # The CPU sums the norms in another order: the two devices agree to a few ulps.
+    for p, p_cpu in zip(params, cpu[0]):
+        torch.testing.assert_close(p.cpu(), p_cpu, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32] + LOW)
+@pytest.mark.parametrize("grad_dtype", [torch.float32] + LOW)
+@pytest.mark.parametrize("copy_dtype", [None, torch.float32] + LOW)
+def test_lars_dtypes_and_model_copies(gen, param_dtype, grad_dtype, copy_dtype):
+    numels = [1, 9, 1000, 65537]
+    params, grads, bufs = lars_case(gen, numels, dtype=param_dtype, grad_dtype=grad_dtype)
+    copies = (
+        []
+        if copy_dtype is None
+        else [torch.full((n,), float("nan"), dtype=copy_dtype, device=DEV) for n in numels]
+    )  # poisoned: every element must be written
+    refs = [lars_reference(p, g, v, nesterov=True) for p, g, v in zip(params, grads, bufs)]
+    lars(params, grads, bufs, copies, nesterov=True)
+    tol = 1e-6 if param_dtype == torch.float32 else 1e-2
+    for p, (p_ref, _) in zip(params, refs):
+        assert rel_err(p, p_ref) < tol
+    for p, c in zip(params, copies):
+        assert torch.equal(c, p.to(copy_dtype))  # rounded once from the stored parameter
+
+
+def test_lars_grad_scale_and_found_inf_skip(gen):
+    numels = [50, 9, 70000]
+    params, grads, bufs = lars_case(gen, numels)
+    copies = [torch.full((n,), 3.0, dtype=torch.float16, device=DEV) for n in numels]
+    scale = 1024.0
+    scaled = [g * scale for g in grads]
+    before = [t.clone() for t in params + bufs + copies]
+    # found_inf set: nothing moves, and nothing waits for the host.
+    lars(
+        params,
+        scaled,
+        bufs,
+        copies,
+        lr_in_momentum=True,
+        grad_scale=torch.tensor([scale], device=DEV),
+        found_inf=torch.ones(1, device=DEV),
+    )
+    assert all(torch.equal(a, b) for a, b in zip(params + bufs + copies, before))
+    refs = [lars_reference(p, g, v, lr_in_momentum=True) for p, g, v in zip(params, grads, bufs)]
+    lars(
+        params,
+        scaled,
+        bufs,
+        copies,
+        lr_in_momentum=True,
+        grad_scale=torch.tensor([scale], device=DEV),
+        found_inf=torch.zeros(1, device=DEV),
+    )
+    for p, c, (p_ref, _) in zip(params, copies, refs):
+        assert rel_err(p, p_ref) < 1e-6
+        assert torch.equal(c, p.half())
+
+
+def test_lars_zero_norms_give_trust_ratio_one(gen):
+    p_zero, g = torch.zeros(37, device=DEV), randn(gen, 37)
+    p, g_zero = randn(gen, 37), torch.zeros(37, device=DEV)
+    bufs = [torch.zeros(37, device=DEV), torch.zeros(37, device=DEV)]
+    p_zero_before, p_before = p_zero.clone(), p.clone()
+    lars([p_zero, p], [g, g_zero], bufs, lr=0.5, weight_decay=0.0, trust_coefficient=0.001)
+    torch.testing.assert_close(p_zero, p_zero_before - 0.5 * g, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p, p_before)
+
+
+def test_lars_nan_gradient_poisons_its_tensor_only(gen):
+    params, grads, bufs = lars_case(gen, [20, 30])
+    grads[0][3] = float("nan")
+    lars(params, grads, bufs)
+    assert params[0].isnan().all()  # the NaN norm poisons the trust ratio: loud, not hidden
+    assert params[1].isfinite().all()
+
+
+def test_lars_huge_tensor(gen):
+    params, grads, bufs = lars_case(gen, [HUGE])
+    p_ref, v_ref = lars_reference(params[0], grads[0], bufs[0])
+    lars(params, grads, bufs)
+    assert rel_err(params[0], p_ref) < 1e-6
+    assert rel_err(bufs[0], v_ref) < 1e-5
+
+
+def test_lars_on_a_side_stream(gen):
+    params, grads, bufs = lars_case(gen, [1000, 3])
+    refs = [lars_reference(p, g, v) for p, g, v in zip(params, grads, bufs)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        lars(params, grads, bufs)
+    stream.synchronize()
+    for p, (p_ref, _) in zip(params, refs):
+        assert rel_err(p, p_ref) < 1e-6
+
+
+def lars_bad_inputs(device):
+    z = lambda *s, **kw: torch.zeros(*s, device=device, **kw)
+    return [
+        ([z(3)], [z(3), z(3)], [z(3)], {}),  # length mismatch
+        ([z(3)], [z(4)], [z(3)], {}),  # numel mismatch
+        ([z(3, dtype=torch.float64)], [z(3)], [z(3)], {}),  # fp64 params
+        ([z(3)], [z(3, dtype=torch.int32)], [z(3)], {}),  # int grads
+        ([z(4, 2).t()], [z(2, 4)], [z(2, 4)], {}),  # non-contiguous
+        ([z(3)], [z(3)], [z(3, dtype=torch.half)], {}),  # momentum dtype
+        ([z(3)], [z(3)], [z(3)], {"lr": -1.0}),
+        ([z(3)], [z(3)], [z(3)], {"eps": float("nan")}),
+        ([z(3)], [z(3)], [z(3)], {"grad_scale": z(2)}),
+        ([z(3)], [z(3)], [z(3)], {"found_inf": z(1, dtype=torch.half)}),
+        ([z(3)], [z(3)], [z(3)], {"copies": [z(4, dtype=torch.half)]}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_lars_bad_input_same_error_as_cpu(case):
+    cpu, cuda = lars_bad_inputs("cpu")[case], lars_bad_inputs(DEV)[case]
+
+    def call(args):
+        params, grads, bufs, kw = args
+        kw = dict(kw)
+        copies = kw.pop("copies", ())
+        return lambda: lars(params, grads, bufs, copies, **kw)
+
+    assert_same_error(call(cpu), call(cuda))
+
+
+def test_lars_mixed_devices_rejected():
+    with pytest.raises(ValueError, match=r"grads\[0\] is on cpu but params\[0\] is on cuda"):
+        lars([torch.zeros(3, device=DEV)], [torch.zeros(3)], [torch.zeros(3, device=DEV)])
+
+
+# ---- pack / unpack ----------------------------------------------------------------------------
+
+ULP = {torch.float64: 2**-52, torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def math_dtype(*dtypes):
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def as_f32(x):
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def assert_converted(out, ref, *dtypes):
+    out, ref = out.cpu(), ref.cpu()
+    if torch.float64 in dtypes:
+        # The kernel rounds fp64 -> 16 bit once; torch's reference may go through fp32: one ulp
+        # of slack (one subnormal step near zero).
+        finfo = torch.finfo(out.dtype)
+        torch.testing.assert_close(out, ref, rtol=ULP[out.dtype], atol=finfo.tiny * finfo.eps)
+    else:
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("src", FLOATS)
+@pytest.mark.parametrize("dst", FLOATS)
+def test_pack_converts_and_rounds_once(gen, src, dst):
+    tensors = [randn(gen, n, dtype=src) for n in AWKWARD] + [
+        misaligned(randn(gen, 3, 5, dtype=src))
+    ]
+    total = sum(t.numel() for t in tensors)
+    out = torch.full((total + 3,), 7.0, dtype=dst, device=DEV)  # poisoned, with a tail
+    flag = torch.zeros(1, device=DEV)
+    scale = as_f32(0.37)
+    ops.pack_(tensors, out, scale, flag)
+    math_t = math_dtype(src, dst)
+    ref = torch.cat([t.cpu().to(math_t).flatten() * scale for t in tensors]).to(dst)
+    assert_converted(out[:total], ref, src, dst)
+    assert torch.equal(out[total:].cpu(), torch.full((3,), 7.0, dtype=dst))
+    assert flag.item() == 0.0
+
+
+@pytest.mark.parametrize("flat_dtype", FLOATS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_unpack_mixed_dtypes(gen, flat_dtype, accumulate):
+    tensors = [randn(gen, n, dtype=FLOATS[i % 4]) for i, n in enumerate(AWKWARD)]
+    flat = randn(gen, sum(t.numel() for t in tensors) + 5, dtype=flat_dtype)
+    before = [t.clone() for t in tensors]
+    scale = as_f32(0.3)
+    ops.unpack_(flat, tensors, scale, accumulate)
+    offset = 0
+    for t, b in zip(tensors, before):
+        m = math_dtype(t.dtype, flat_dtype)
+        part = flat[offset : offset + t.numel()].cpu().to(m) * scale
+        ref = (b.cpu().to(m) + part if accumulate else part).to(t.dtype)
+        offset += t.numel()
+        assert_converted(t, ref, t.dtype, flat_dtype)
+
+
+def test_pack_many_small_tensors_round_trip(gen):
+    # 500 tensors: several 80-tensor launch tables; odd sizes put most segments off alignment.
+    numels = torch.randint(0, 5000, (500,), generator=gen).tolist()
+    grads = [randn(gen, n, scale=1e-2) for n in numels]
+    flat = torch.full((sum(numels),), float("nan"), dtype=torch.float16, device=DEV)
+    flag = torch.zeros(1, device=DEV)
+    ops.pack_(grads, flat, 4.0, flag)
+    assert flag.item() == 0.0
+    restored = [torch.full_like(g, float("nan")) for g in grads]
+    ops.unpack_(flat, restored, 0.25, False, flag)
+    for g, r in zip(grads, restored):
+        assert torch.equal(r, (g * 4.0).half().float() * 0.25)  # exact: powers of two
+    # The CPU kernels write the same bits.
+    flat_cpu = torch.empty(sum(numels), dtype=torch.float16)
+    ops.pack_([g.cpu() for g in grads], flat_cpu, 4.0)
+    assert torch.equal(flat.cpu(), flat_cpu)
+
+
+def test_fp16_overflow_and_sticky_flag(gen):
+    x = randn(gen, 1001)
+    out = torch.empty(1001, dtype=torch.float16, device=DEV)
+    flag = torch.zeros(1, device=DEV)
+    ops.pack_([x], out, 1.0, flag)
+    assert flag.item() == 0.0
+    x[500] = 65519.0  # rounds down to 65504: finite
+    ops.pack_([x], out, 1.0, flag)
+    assert flag.item() == 0.0 and out[500].item() == 65504.0
+    x[999] = 65520.0  # rounds to inf
+    ops.pack_([x], out, 1.0, flag)
+    assert flag.item() == 1.0 and out[999].isinf().item()
+    ops.pack_([x * 0.5], out, 1.0, flag)
+    assert flag.item() == 1.0  # sticky: set, never cleared
+    flag.zero_()
+    ops.pack_([x * 0.5], out, 1.0, flag)
+    assert flag.item() == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dst", FLOATS)
+def test_nonfinite_inputs_reported(gen, bad, dst):
+    for n in (37, 4096):
+        x = randn(gen, n)
+        x[n - 1] = bad
+        out = torch.empty(n, dtype=dst, device=DEV)
+        flag = torch.zeros(1, device=DEV)
+        ops.pack_([x], out, 2.0, flag)
+        assert flag.item() == 1.0
+        assert out[n - 1].isnan().item() == math.isnan(bad)
+        back = torch.empty(n, device=DEV)
+        flag.zero_()
+        ops.unpack_(out, [back], 1.0, False, flag)
+        assert flag.item() == 1.0
+
+
+def test_pack_huge_tensor(gen):
+    x = randn(gen, HUGE)
+    out = torch.empty(HUGE, dtype=torch.bfloat16, device=DEV)
+    flag = torch.zeros(1, device=DEV)
+    ops.pack_([x], out, 1.0, flag)
+    assert torch.equal(out, x.to(torch.bfloat16)) and flag.item() == 0.0
+
+
+def test_pack_empty():
+    out = torch.full((4,), 3.0, device=DEV)
+    ops.pack_([], out)
+    ops.pack_([torch.empty(0, device=DEV), torch.empty(0, 5, device=DEV)], out)
+    ops.unpack_(out, [torch.empty(0, device=DEV)])
+    assert torch.equal(out.cpu(), torch.full((4,), 3.0))
+
+
+def pack_bad_inputs(device):
+    z = lambda *s, **kw: torch.zeros(*s, device=device, **kw)
+    return [
+        ([z(5)], z(4), None),
+        ([z(2, dtype=torch.int32)], z(4), None),
+        ([z(2)], z(4, dtype=torch.int64), None),
+        ([z(1), z(4, 2).t()], z(10), None),
+        ([z(2)], z(8)[::2], None),
+        ([z(2)], z(2), z(2)),
+        ([z(2)], z(2), z(1, dtype=torch.half)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_pack_bad_input_same_error_as_cpu(case):
+    (tc, oc, fc), (tg, og, fg) = pack_bad_inputs("cpu")[case], pack_bad_inputs(DEV)[case]
+    assert_same_error(lambda: ops.pack_(tc, oc, 1.0, fc), lambda: ops.pack_(tg, og, 1.0, fg))
+    assert_same_error(
+        lambda: ops.unpack_(oc, tc, 1.0, False, fc), lambda: ops.unpack_(og, tg, 1.0, False, fg)
+    )
+
+
+# ---- top-k ------------------------------------------------------------------------------------
+
+
+def expected_k(numel, ratio):
+    return 0 if numel == 0 else min(numel, max(1, math.ceil(ratio * numel)))
+
+
+def compress(grad, residual, ratio, sampled=False, index_dtype=None, seed=0):
+    return ops.topk_compress(grad, residual, ratio, sampled, index_dtype, seed)
+
+
+def assert_topk_magnitudes(acc, indices, k):
+    """The selected magnitudes are torch.topk's (compared as values: fp32 data can tie)."""
+    mine = acc.abs()[indices.cpu().long()].sort().values
+    assert torch.equal(mine, torch.topk(acc.abs(), k).values.sort().values)
+
+
+def check_error_feedback(grad, residual_before, residual_after, values, indices):
+    """values are (residual + grad) at indices, zeroed there; everything else accumulated."""
+    acc = (residual_before.cpu() + grad.cpu().float()).flatten()
+    idx = indices.cpu().long()
+    values, after = values.cpu(), residual_after.cpu().flatten()
+    torch.testing.assert_close(values, acc[idx], rtol=0, atol=0, equal_nan=True)
+    assert (after[idx] == 0).all()
+    keep = torch.ones(acc.numel(), dtype=torch.bool)
+    keep[idx] = False
+    assert torch.equal(after[keep], acc[keep])
+    return acc
+
+
+@pytest.mark.parametrize("numel", [1, 2, 7, 9, 33, 4097, 100003, 1_000_003])
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.3, 1.0])
+def test_topk_exact_is_the_topk_set_and_matches_cpu(gen, numel, ratio):
+    grad = randn(gen, numel)
+    residual = randn(gen, numel, scale=0.5)
+    before = residual.clone()
+    residual_cpu = residual.to("cpu", copy=True)
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    values, indices = compress(grad, residual, ratio, seed=seed)
+    k = expected_k(numel, ratio)
+    assert values.shape == indices.shape == (k,)
+    assert indices.dtype == torch.int64 and values.device.type == torch.device(DEV).type
+    assert torch.equal(indices, indices.sort().values)
+    acc = check_error_feedback(grad, before, residual, values, indices)
+    assert_topk_magnitudes(acc, indices, k)
+    # Same sample, same threshold, same selection: the CPU gives the very same answer.
+    v_cpu, i_cpu = compress(grad.cpu(), residual_cpu, ratio, seed=seed)
+    assert torch.equal(indices.cpu(), i_cpu) and torch.equal(values.cpu(), v_cpu)
+    assert torch.equal(residual.cpu(), residual_cpu)
+
+
+@pytest.mark.parametrize("numel", [1, 100, 4097, 100003, 2_000_000])
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.1])
+def test_topk_sampled_bounds_and_cpu_agreement(gen, numel, ratio):
+    grad = randn(gen, numel)
+    residual = torch.zeros(numel, device=DEV)
+    values, indices = compress(grad, residual, ratio, sampled=True, seed=7)
+    k = expected_k(numel, ratio)
+    assert k <= indices.numel() <= 2 * k
+    check_error_feedback(grad, torch.zeros(numel), residual, values, indices)
+    if numel > indices.numel():  # a top-m set: nothing left out beats anything sent
+        assert residual.abs().max().item() <= values.abs().min().item()
+    assert torch.equal(indices, indices.sort().values)
+    v_cpu, i_cpu = compress(grad.cpu(), torch.zeros(numel), ratio, sampled=True, seed=7)
+    assert torch.equal(indices.cpu(), i_cpu) and torch.equal(values.cpu(), v_cpu)
+
+
+def splitmix_positions(numel, k, seed):
+    """SamplePlan (cuda/sample_plan.h) in Python: where topk_compress samples."""
+    mask = 2**64 - 1
+    size = min(numel, max(4096, min(int(64.0 * numel / k), 1 << 17)))
+    stratum = numel // size
+    out = []
+    for j in range(size):
+        z = (seed + 0x9E3779B97F4A7C15 * (j + 1)) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append(j * stratum + z % stratum)
+    return out
+
+
+def test_topk_rescans_with_a_lower_threshold():
+    # Large values exactly at the sampled positions: the first threshold lets only those through
+    # (fewer than k), so the threshold is lowered (to 0 here) and the scan repeated without
+    # accumulating again, then the candidates are trimmed exactly to k.
+    n, ratio, seed = 100_000, 0.5, 3
+    k = expected_k(n, ratio)
+    sampled = splitmix_positions(n, k, seed)
+    grad = torch.ones(n)
+    grad[sampled] = 10.0
+    residual = torch.zeros(n, device=DEV)
+    values, indices = compress(grad.to(DEV), residual, ratio, seed=seed)
+    assert indices.numel() == k
+    assert set(sampled) <= set(indices.tolist())
+    check_error_feedback(grad, torch.zeros(n), residual, values, indices)
+    v_cpu, i_cpu = compress(grad, torch.zeros(n), ratio, seed=seed)
+    assert torch.equal(indices.cpu(), i_cpu) and torch.equal(values.cpu(), v_cpu)
+
+
+def test_topk_recollects_when_the_candidate_buffer_overflows(gen):
+    # The sample sees only zeros (the few large values sit elsewhere), so the first threshold is
+    # 0 and every element passes: far more than the candidate buffer sized from the sample, so
+    # the candidates are collected again into an exact-size buffer, then trimmed to k.
+    n, ratio, seed = 1_000_000, 0.001, 11
+    k = expected_k(n, ratio)
+    sampled = set(splitmix_positions(n, k, seed))
+    large = [i for i in torch.randperm(n, generator=gen)[:2000].tolist() if i not in sampled][:500]
+    grad = torch.zeros(n)
+    grad[large] = 5.0
+    residual = torch.zeros(n, device=DEV)
+    values, indices = compress(grad.to(DEV), residual, ratio, seed=seed)
+    chosen = indices.tolist()
+    assert len(chosen) == k and set(large) <= set(chosen)
+    zeros = sorted(set(range(n)) - set(large))[: k - len(large)]  # ties: the lowest indices
+    assert sorted(chosen) == sorted(large + zeros)
+    v_cpu, i_cpu = compress(grad, torch.zeros(n), ratio, seed=seed)
+    assert torch.equal(indices.cpu(), i_cpu) and torch.equal(values.cpu(), v_cpu)
+
+
+def test_topk_nan_and_inf_always_selected(gen):
+    grad = randn(gen, 10000)
+    grad[17], grad[9000], grad[4] = float("nan"), float("inf"), -float("inf")
+    residual = torch.zeros(10000, device=DEV)
+    values, indices = compress(grad, residual, 0.001)  # k = 10
+    assert {4, 17, 9000} <= set(indices.tolist())
+    assert values[indices == 17].isnan().all()
+    assert residual.isfinite().all()
+    _, i_cpu = compress(grad.cpu(), torch.zeros(10000), 0.001)
+    assert torch.equal(indices.cpu(), i_cpu)
+
+
+def test_topk_ties_and_zeros():
+    residual = torch.zeros(1000, device=DEV)
+    values, indices = compress(torch.zeros(1000, device=DEV), residual, 0.01)
+    assert indices.tolist() == list(range(10)) and (values == 0).all()  # ties: lowest indices
+    grad = torch.ones(5000, device=DEV)
+    grad[[3, 1000, 4999]] = 5.0
+    values, indices = compress(grad, torch.zeros(5000, device=DEV), 0.0006)  # k = 3
+    assert indices.tolist() == [3, 1000, 4999]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_topk_half_grads_and_int32_indices(gen, dtype):
+    grad = randn(gen, 5001, dtype=dtype)
+    residual = randn(gen, 5001)
+    before = residual.clone()
+    values, indices = compress(grad, residual, 0.01, index_dtype=torch.int32)
+    assert indices.dtype == torch.int32 and values.dtype == torch.float32
+    acc = check_error_feedback(grad, before, residual, values, indices)
+    assert_topk_magnitudes(acc, indices, expected_k(5001, 0.01))
+
+
+def test_topk_empty():
+    values, indices = compress(torch.empty(0, device=DEV), torch.empty(0, device=DEV), 0.5)
+    assert values.numel() == 0 and indices.numel() == 0 and values.device.type == torch.device(DEV).type
+
+
+def test_topk_huge_exact(gen):
+    grad = randn(gen, 25_000_000)
+    residual = torch.zeros(25_000_000, device=DEV)
+    values, indices = compress(grad, residual, 0.001)
+    assert indices.numel() == 25_000 and torch.equal(indices, indices.sort().values)
+    assert_topk_magnitudes(grad.cpu(), indices, 25_000)
+    assert torch.equal(values, grad[indices])
+
+
+def test_topk_round_trip_through_decompress(gen):
+    grad = randn(gen, 3000)
+    residual = torch.zeros(3000, device=DEV)
+    values, indices = compress(grad, residual, 0.1)
+    dense = ops.topk_decompress(values, indices, 3000)
+    assert torch.equal(dense + residual, grad)
+
+
+def topk_bad_inputs(device):
+    z = lambda *s, **kw: torch.zeros(*s, device=device, **kw)
+    return [
+        (z(4), z(4), 0.0, None),
+        (z(4), z(4), 1.5, None),
+        (z(4), z(4, dtype=torch.half), 0.5, None),
+        (z(4, dtype=torch.float64), z(4), 0.5, None),
+        (z(4), z(2, 2), 0.5, None),
+        (z(4, 2).t(), z(2, 4), 0.5, None),
+        (z(4), z(4), 0.5, torch.float32),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_topk_bad_input_same_error_as_cpu(case):
+    (gc, rc, ratio, idx), (gg, rg, _, _) = topk_bad_inputs("cpu")[case], topk_bad_inputs(DEV)[case]
+    assert_same_error(
+        lambda: compress(gc, rc, ratio, index_dtype=idx),
+        lambda: compress(gg, rg, ratio, index_dtype=idx),
+    )
