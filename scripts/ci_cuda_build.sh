@@ -18,6 +18,8 @@ torch_req="torch==2.14.1"  # CUDA 13.0 build: the one nvcc 13 compiles against
 export GRADFUSE_CUDA=ON    # fail the build, rather than fall back to CPU only
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 pip_quiet=(--quiet --disable-pip-version-check)
+# Its own CMake build directory: the CPU build of the same checkout uses build/<wheel tag>.
+build_dir=(--config-settings=build-dir=build/cuda-{wheel_tag})
 start=$SECONDS
 log() { printf '[ci-cuda %4ds] %s\n' $((SECONDS - start)) "$*" >&2; }
 
@@ -58,11 +60,13 @@ EOF
 }
 
 log "building and installing gradfuse (CUDA ON, architectures $TORCH_CUDA_ARCH_LIST)"
-"$py" -m pip install "${pip_quiet[@]}" --no-build-isolation --no-deps --force-reinstall "$root"
+"$py" -m pip install "${pip_quiet[@]}" "${build_dir[@]}" --no-build-isolation --no-deps \
+  --force-reinstall "$root"
 check_import "$py"
 
 log "building the wheel"
-"$py" -m pip wheel "${pip_quiet[@]}" --no-build-isolation --no-deps "$root" -w "$work/dist"
+"$py" -m pip wheel "${pip_quiet[@]}" "${build_dir[@]}" --no-build-isolation --no-deps "$root" \
+  -w "$work/dist"
 wheel="$(ls "$work"/dist/gradfuse-*.whl)"
 log "built $(basename "$wheel")"
 

@@ -7,10 +7,10 @@
 #include <mutex>
 
 #include "engine/collectives.h"
+#include "engine/cuda_event.h"
 #include "engine/handles.h"
 
 #ifdef GRADFUSE_WITH_CUDA
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -114,9 +114,11 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   if (device.is_cuda()) {
     // Backward may still be writing the tensor on the caller's stream: the engine's stream
     // waits for this event before reading it.
-    auto ready = std::make_shared<at::cuda::CUDAEvent>();
+    auto ready = std::make_shared<CudaEvent>(device.index());
     ready->record(c10::cuda::getCurrentCUDAStream(device.index()));
-    e.wait_for_producer = [ready] { ready->block(c10::cuda::getCurrentCUDAStream()); };
+    e.wait_for_producer = [ready, device] {
+      ready->block(c10::cuda::getCurrentCUDAStream(device.index()));
+    };
   }
 #endif
   e.handle = HandleTable::get().create(a.name);
@@ -316,7 +318,7 @@ void Engine::run_cuda_batch(const Batch& batch, const CollectiveContext& ctx) {
   // NCCL orders its kernels after the current (engine) stream; Work::wait() orders the engine
   // stream after NCCL's. No host-side synchronization.
   std::vector<at::Tensor> outputs = run_batch(batch, ctx);
-  auto done = std::make_shared<at::cuda::CUDAEvent>();
+  auto done = std::make_shared<CudaEvent>(index);
   done->record(stream);
   for (size_t i = 0; i < batch.entries.size(); ++i) {
     const Entry& e = batch.entries[i];
