@@ -45,9 +45,13 @@ def main(argv=None) -> int:
     port = free_port()
     cmd = [sys.executable] + (["-m"] if args.module else []) + [args.program] + args.args
     procs = []
+    base_env = dict(os.environ)
+    if args.np > 1 and "OMP_NUM_THREADS" not in base_env:
+        # As torchrun does: N ranks each using every core oversubscribe the machine.
+        base_env["OMP_NUM_THREADS"] = "1"
     for rank in range(args.np):
         env = dict(
-            os.environ,
+            base_env,
             RANK=str(rank),
             WORLD_SIZE=str(args.np),
             LOCAL_RANK=str(rank),
