@@ -162,8 +162,7 @@ def main(argv=None) -> None:
             ("bytes all-reduced by this rank", f"{engine['bytes'] / 1e6:.1f} MB"),
             (
                 "collectives / tensors",
-                f"{engine['collectives']} / {engine['tensors']} "
-                f"({fused:.1f} tensors per collective)",
+                f"{engine['collectives']} / {engine['tensors']} ({fused:.1f} per collective)",
             ),
             ("checkpoint (rank 0)", str(args.checkpoint)),
         ]
