@@ -1,4 +1,10 @@
-"""`python -m gradfuse.bench ops [--device cpu|cuda] [--json out.json]`."""
+"""gradfuse-bench: the benchmark tables.
+
+  gradfuse-bench ops [--device cpu|cuda]             fused ops vs the torch code doing the same work
+  gradfuse-bench train --np 1,2,4 --model mlp        synthetic training, gradfuse vs DDP
+
+Every subcommand prints a table; --json PATH writes the results, --plot PATH.png draws them.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,62 @@ import sys
 import torch
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradfuse-bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_ops = sub.add_parser("ops", help="fused ops vs the torch code doing the same work")
-    p_ops.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p_ops.add_argument("--density", type=float, default=0.001, help="top-k density")
-    p_ops.add_argument("--reps", type=int, default=11, help="timed repetitions per row")
-    p_ops.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args(argv)
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--np must be like 1,2,4, got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"--np needs rank counts >= 1, got {text!r}")
+    return ranks
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradfuse-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ops = sub.add_parser("ops", help="fused ops vs the torch code doing the same work")
+    ops.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ops.add_argument("--density", type=float, default=0.001, help="top-k density")
+    ops.add_argument("--reps", type=int, default=11, help="timed repetitions per row")
+    train = sub.add_parser("train", help="synthetic training throughput, gradfuse vs DDP")
+    train.add_argument("--np", type=_ranks, default=[1, 2, 4], help="rank counts, e.g. 1,2,4")
+    train.add_argument("--model", choices=["mlp", "resnet18-like"], default="resnet18-like")
+    train.add_argument("--batch-size", type=int, default=32, help="per rank")
+    train.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    train.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework")
+    for p in (ops, train):
+        p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+        p.add_argument("--plot", metavar="PATH", help="also draw the results (PNG)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "ops":
-        from . import ops as bench_ops
+        from . import ops as bench
 
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
-        rows, copy_bw = bench_ops.run(args.device, args.density, args.reps)
-        print(bench_ops.format_table(rows, copy_bw, args.device))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(bench_ops.to_json(rows, copy_bw), f, indent=2)
+        rows, copy_bw = bench.run(args.device, args.density, args.reps)
+        print(bench.format_table(rows, copy_bw, args.device))
+        results = bench.to_json(rows, copy_bw)
+        if args.plot:
+            bench.plot(rows, args.plot)
+    else:
+        from . import train as bench
+
+        results = bench.run(args.np, args.model, args.batch_size, args.steps, args.rounds)
+        print(bench.format_table(results))
+        if args.plot:
+            bench.plot(results, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
     return 0
 
 

@@ -177,3 +177,22 @@ def format_table(rows: list[Row], copy_bw: float, device: str) -> str:
 
 def to_json(rows: list[Row], copy_bw: float) -> dict:
     return {"copy_bandwidth_gbps": copy_bw / 1e9, "rows": [asdict(r) for r in rows]}
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Speed-up over the torch reference for each gradfuse row (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in rows if r.speedup is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(
+        [f"{r.op.split(' (')[0]}\n{r.impl.split(' (')[0]}" for r in ours], [r.speedup for r in ours]
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over the torch reference (same run)")
+    ax.axvline(1.0, color="gray", linewidth=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

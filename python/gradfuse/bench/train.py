@@ -1,0 +1,101 @@
+"""``gradfuse-bench train``: synthetic-data throughput in the manner of Horovod's synthetic
+benchmark, gradfuse and torch DDP side by side, at several rank counts on this host.
+
+Each rank count is one ``gradfuse.run`` job running both frameworks in the same processes
+(train_worker.py). Reported: samples/s per rank and in total, and the scaling efficiency
+``total(N) / (N * total(1))`` against the 1-rank run of the same framework."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run(ranks: list[int], model: str, batch_size: int, steps: int, rounds: int) -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in ranks:
+            out = Path(tmp) / f"train{n}.json"
+            cmd = [
+                sys.executable,
+                "-m",
+                "gradfuse.run",
+                "-np",
+                str(n),
+                "-m",
+                "gradfuse.bench.train_worker",
+                "--model",
+                model,
+                "--batch-size",
+                str(batch_size),
+                "--steps",
+                str(steps),
+                "--rounds",
+                str(rounds),
+                "--out",
+                str(out),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"gradfuse-bench train: {n} ranks failed "
+                    f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+                )
+            results.append(json.loads(out.read_text()))
+    base = {
+        fw: next((r[f"{fw}_per_rank"] for r in results if r["ranks"] == 1), None)
+        for fw in ("gradfuse", "ddp")
+    }
+    for r in results:
+        for fw in ("gradfuse", "ddp"):
+            r[f"{fw}_total"] = r[f"{fw}_per_rank"] * r["ranks"]
+            r[f"{fw}_efficiency"] = (r[f"{fw}_per_rank"] / base[fw]) if base[fw] else None
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    first = results[0]
+    title = (
+        f"synthetic training, model {first['model']} ({first['parameters'] / 1e6:.2f}M "
+        f"parameters), batch {first['batch_per_rank']} per rank, CPU ranks over Gloo"
+    )
+    header = (
+        f"{'ranks':>5} | {'gradfuse/rank':>13} {'total':>8} {'eff.':>6} | "
+        f"{'DDP/rank':>9} {'total':>8} {'eff.':>6} | {'gradfuse/DDP':>12}"
+    )
+    lines = [title, header]
+
+    def eff(x):
+        return f"{100 * x:5.0f}%" if x is not None else "     -"
+
+    for r in results:
+        lines.append(
+            f"{r['ranks']:>5} | {r['gradfuse_per_rank']:>13.1f} {r['gradfuse_total']:>8.1f} "
+            f"{eff(r['gradfuse_efficiency'])} | {r['ddp_per_rank']:>9.1f} {r['ddp_total']:>8.1f} "
+            f"{eff(r['ddp_efficiency'])} | {r['gradfuse_total'] / r['ddp_total']:>11.2f}x"
+        )
+    lines.append("samples/s; efficiency = per-rank rate at N ranks / rate at 1 rank")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = [r["ranks"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ranks, [r["gradfuse_total"] for r in results], "o-", label="gradfuse")
+    ax.plot(ranks, [r["ddp_total"] for r in results], "s--", label="torch DDP")
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("samples/s (total)")
+    ax.set_xticks(ranks)
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{results[0]['model']}: synthetic training throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
