@@ -78,6 +78,14 @@ def test_bad_configuration_is_a_value_error(monkeypatch, var, value, needle):
     assert not gradfuse.is_initialized()
 
 
+def test_kernel_and_build_variables_are_not_engine_errors(monkeypatch):
+    from gradfuse import config
+
+    for var in ("GRADFUSE_CPU_SIMD", "GRADFUSE_CUDA", "GRADFUSE_VENV"):
+        monkeypatch.setenv(var, "scalar")
+    config.resolve()  # no "unknown GRADFUSE_* variable" error
+
+
 def test_bad_init_keyword():
     import gradfuse
 

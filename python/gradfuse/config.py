@@ -29,8 +29,10 @@ _OPTIONS = {
         "a number > 0 (seconds a collective may wait for a peer)",
     ),
 }
-# GRADFUSE_* variables that belong to the build and test scripts, not to the engine.
+# GRADFUSE_* variables that belong to the build and test scripts or to the CPU kernels
+# (GRADFUSE_CPU_SIMD, read by cpp/ops/cpu/dispatch.cpp), not to the engine.
 _NOT_ENGINE = {
+    "GRADFUSE_CPU_SIMD",
     "GRADFUSE_CUDA",
     "GRADFUSE_PYTHON",
     "GRADFUSE_BUILD_DIR",
