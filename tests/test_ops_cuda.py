@@ -614,7 +614,11 @@ def test_topk_half_grads_and_int32_indices(gen, dtype):
 
 def test_topk_empty():
     values, indices = compress(torch.empty(0, device=DEV), torch.empty(0, device=DEV), 0.5)
-    assert values.numel() == 0 and indices.numel() == 0 and values.device.type == torch.device(DEV).type
+    assert (
+        values.numel() == 0
+        and indices.numel() == 0
+        and values.device.type == torch.device(DEV).type
+    )
 
 
 def test_topk_huge_exact(gen):
