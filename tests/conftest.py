@@ -25,15 +25,3 @@ def gen():
 
 # Sizes that hit empty, single, odd, just below / above the 8-lane vector width and a chunk.
 AWKWARD_SIZES = [0, 1, 7, 8, 9, 33, 4097, 65537, 100003]
-
-
-def randn(gen, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (0 when both are empty or zero)."""
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
-    diff = (out - ref).norm().item()
-    return diff / denom if denom > 0 else diff

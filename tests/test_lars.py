@@ -4,40 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import AWKWARD_SIZES, randn, rel_err
+from conftest import AWKWARD_SIZES
 from gradfuse import ops
 from gradfuse.bench.shapes import resnet50_shapes
-
-HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02, "eps": 1e-8}
-
-
-def lars_reference(
-    p,
-    g,
-    v,
-    *,
-    lr,
-    momentum,
-    weight_decay,
-    trust_coefficient,
-    eps,
-    nesterov,
-    lr_in_momentum,
-    use_lars,
-    use_wd,
-    grad_scale=1.0,
-):
-    """One LARS step in float64; returns (new param, new momentum)."""
-    w, g, v = p.double(), g.double() / grad_scale, v.double()
-    wd = weight_decay if use_wd else 0.0
-    wn, gn = w.norm().item(), g.norm().item()
-    ratio_applies = use_lars and wn != 0 and gn != 0
-    trust = trust_coefficient * wn / (gn + wd * wn + eps) if ratio_applies else 1.0
-    d = g + wd * w
-    step_in, step_out = (lr * trust, 1.0) if lr_in_momentum else (trust, lr)
-    v_new = momentum * v + step_in * d
-    update = momentum * v_new + step_in * d if nesterov else v_new
-    return w - step_out * update, v_new
+from references import HYPER, lars_reference, randn, rel_err
 
 
 def make_case(gen, shapes, dtype=torch.float32, grad_dtype=None):

@@ -11,7 +11,18 @@ import math
 
 import gradfuse
 import pytest
+import references
 import torch
+from references import (
+    HYPER,
+    ULP,
+    as_f32,
+    check_error_feedback,
+    expected_k,
+    lars_reference,
+    math_dtype,
+    rel_err,
+)
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and gradfuse.build_info()["cuda"]),
@@ -27,15 +38,9 @@ AWKWARD = [0, 1, 3, 4, 5, 7, 9, 33, 4097, 65535, 65536, 65537, 100003]
 HUGE = 25_000_003
 
 
-@pytest.fixture
-def gen():
-    seed = torch.randint(0, 2**31 - 1, ()).item()
-    print(f"generator seed {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def randn(gen, *shape, dtype=torch.float32, scale=1.0, device=DEV):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+    """references.randn, on the GPU by default."""
+    return references.randn(gen, *shape, dtype=dtype, scale=scale, device=device)
 
 
 def misaligned(t):
@@ -44,13 +49,6 @@ def misaligned(t):
     view = base[1:].view(t.shape)
     view.copy_(t)
     return view
-
-
-def rel_err(out, ref):
-    out, ref = out.double().cpu(), ref.double().cpu()
-    denom = ref.norm().item()
-    diff = (out - ref).norm().item()
-    return diff / denom if denom > 0 else diff
 
 
 def error_of(fn):
@@ -69,8 +67,6 @@ def assert_same_error(cpu_call, cuda_call):
 
 
 # ---- LARS -----------------------------------------------------------------------------------
-
-HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02, "eps": 1e-8}
 
 
 def lars(
@@ -105,35 +101,6 @@ def lars(
         grad_scale,
         found_inf,
     )
-
-
-def lars_reference(
-    p,
-    g,
-    v,
-    *,
-    use_lars=True,
-    use_wd=True,
-    nesterov=False,
-    lr_in_momentum=False,
-    grad_scale=1.0,
-    **hyper,
-):
-    """One LARS step in float64 on the CPU: (new param, new momentum)."""
-    h = {**HYPER, **hyper}
-    w, g, v = p.double().cpu(), g.double().cpu() / grad_scale, v.double().cpu()
-    wd = h["weight_decay"] if use_wd else 0.0
-    wn, gn = w.norm().item(), g.norm().item()
-    # Zero norm -> ratio 1; a NaN norm is not zero and poisons the ratio.
-    if use_lars and wn != 0 and gn != 0:
-        trust = h["trust_coefficient"] * wn / (gn + wd * wn + h["eps"])
-    else:
-        trust = 1.0
-    d = g + wd * w
-    step_in, step_out = (h["lr"] * trust, 1.0) if lr_in_momentum else (trust, h["lr"])
-    v_new = h["momentum"] * v + step_in * d
-    update = h["momentum"] * v_new + step_in * d if nesterov else v_new
-    return w - step_out * update, v_new
 
 
 def lars_case(gen, numels, dtype=torch.float32, grad_dtype=None):
@@ -310,16 +277,6 @@ def test_lars_mixed_devices_rejected():
 
 # ---- pack / unpack ----------------------------------------------------------------------------
 
-ULP = {torch.float64: 2**-52, torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
-
-
-def math_dtype(*dtypes):
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def as_f32(x):
-    return torch.tensor(x, dtype=torch.float32).item()
-
 
 def assert_converted(out, ref, *dtypes):
     out, ref = out.cpu(), ref.cpu()
@@ -462,10 +419,6 @@ def test_pack_bad_input_same_error_as_cpu(case):
 # ---- top-k ------------------------------------------------------------------------------------
 
 
-def expected_k(numel, ratio):
-    return 0 if numel == 0 else min(numel, max(1, math.ceil(ratio * numel)))
-
-
 def compress(grad, residual, ratio, sampled=False, index_dtype=None, seed=0):
     return ops.topk_compress(grad, residual, ratio, sampled, index_dtype, seed)
 
@@ -474,19 +427,6 @@ def assert_topk_magnitudes(acc, indices, k):
     """The selected magnitudes are torch.topk's (compared as values: fp32 data can tie)."""
     mine = acc.abs()[indices.cpu().long()].sort().values
     assert torch.equal(mine, torch.topk(acc.abs(), k).values.sort().values)
-
-
-def check_error_feedback(grad, residual_before, residual_after, values, indices):
-    """values are (residual + grad) at indices, zeroed there; everything else accumulated."""
-    acc = (residual_before.cpu() + grad.cpu().float()).flatten()
-    idx = indices.cpu().long()
-    values, after = values.cpu(), residual_after.cpu().flatten()
-    torch.testing.assert_close(values, acc[idx], rtol=0, atol=0, equal_nan=True)
-    assert (after[idx] == 0).all()
-    keep = torch.ones(acc.numel(), dtype=torch.bool)
-    keep[idx] = False
-    assert torch.equal(after[keep], acc[keep])
-    return acc
 
 
 @pytest.mark.parametrize("numel", [1, 2, 7, 9, 33, 4097, 100003, 1_000_003])

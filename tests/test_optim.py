@@ -6,7 +6,7 @@ import gradfuse
 import pytest
 import torch
 from gradfuse.optim import LARS, LARSWrapper
-from test_lars import lars_reference
+from references import lars_reference
 
 
 def small_cnn():

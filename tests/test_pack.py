@@ -4,24 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import AWKWARD_SIZES, randn
+from conftest import AWKWARD_SIZES
 from gradfuse import ops
 from gradfuse.bench.shapes import resnet50_shapes
+from references import ULP, as_f32, math_dtype, randn
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-
-ULP = {torch.float64: 2**-52, torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
-
-
-def math_dtype(*dtypes):
-    """The ops compute in fp32, or fp64 when either side is fp64."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def as_f32(scale):
-    """The scale as the kernels see it (the schema's float arrives as fp32 in the kernel)."""
-    return torch.tensor(scale, dtype=torch.float32).item()
 
 
 def assert_matches(out, ref, *dtypes):

@@ -1,28 +1,9 @@
 """topk_compress / topk_decompress: exact set, sampled bounds, error feedback, bad input."""
 
-import math
-
 import pytest
 import torch
-from conftest import randn
 from gradfuse import ops
-
-
-def expected_k(numel, ratio):
-    return 0 if numel == 0 else min(numel, max(1, math.ceil(ratio * numel)))
-
-
-def check_error_feedback(grad, residual_before, residual_after, values, indices):
-    """values are (residual + grad) at indices, zeroed there; everything else accumulated."""
-    acc = residual_before.double() + grad.double()
-    acc32 = (residual_before + grad.float()).flatten()
-    idx = indices.long()
-    assert torch.equal(values, acc32[idx])
-    assert (residual_after.flatten()[idx] == 0).all()
-    keep = torch.ones(acc.numel(), dtype=torch.bool)
-    keep[idx] = False
-    assert torch.equal(residual_after.flatten()[keep], acc32[keep])
-    return acc32
+from references import check_error_feedback, expected_k, randn
 
 
 @pytest.mark.parametrize("numel", [1, 2, 7, 9, 33, 4097, 100003, 1_000_003])

@@ -27,8 +27,21 @@ from collections.abc import Iterator, Sequence
 import torch
 
 
-def _generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+class _EpochSeededBatchSampler:
+    """A fixed number of batches per epoch, drawn from a generator seeded by (seed, epoch), so
+    every rank produces the same batches and ``set_epoch`` reshuffles them all alike."""
+
+    def __init__(self, num_batches: int, seed: int):
+        self.num_batches, self.seed, self.epoch = num_batches, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
 
 
 def _labels_by_class(labels: Sequence[int] | torch.Tensor) -> dict[int, torch.Tensor]:
@@ -40,7 +53,7 @@ def _labels_by_class(labels: Sequence[int] | torch.Tensor) -> dict[int, torch.Te
     return {int(c): torch.nonzero(labels == c).flatten() for c in torch.unique(labels)}
 
 
-class BalancedBatchSampler:
+class BalancedBatchSampler(_EpochSeededBatchSampler):
     """Class-balanced batches: each sample is drawn (with replacement) with probability
     inversely proportional to its class's frequency, so every class is equally likely in every
     batch however skewed the data set is. ``len(labels) // batch_size`` batches per epoch."""
@@ -53,25 +66,17 @@ class BalancedBatchSampler:
         counts = {c: idx.numel() for c, idx in classes.items()}
         self.weights = torch.tensor([1.0 / counts[int(c)] for c in labels], dtype=torch.float64)
         self.batch_size = batch_size
-        self.num_batches = len(labels) // batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
+        super().__init__(len(labels) // batch_size, seed)
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = _generator(self.seed, self.epoch)
+        gen = self._generator()
         draws = torch.multinomial(
             self.weights, self.num_batches * self.batch_size, replacement=True, generator=gen
         )
         yield from draws.view(self.num_batches, self.batch_size).tolist()
 
 
-class PKBatchSampler:
+class PKBatchSampler(_EpochSeededBatchSampler):
     """Triplet-loss batches: ``p`` distinct classes, ``k`` samples of each, laid out class by
     class (``k`` consecutive indices per class). A class with fewer than ``k`` samples is drawn
     with replacement. ``len(labels) // (p * k)`` batches per epoch."""
@@ -82,18 +87,12 @@ class PKBatchSampler:
             raise ValueError(f"p must be between 1 and the {len(self.classes)} classes, got {p}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.p, self.k, self.seed, self.epoch = p, k, seed, 0
+        self.p, self.k = p, k
         self.batch_size = p * k
-        self.num_batches = max(1, len(torch.as_tensor(labels)) // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
+        super().__init__(max(1, len(torch.as_tensor(labels)) // self.batch_size), seed)
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = _generator(self.seed, self.epoch)
+        gen = self._generator()
         class_ids = sorted(self.classes)
         for _ in range(self.num_batches):
             batch: list[int] = []
