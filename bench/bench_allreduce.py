@@ -26,9 +26,17 @@ def resnet50_shapes():
     for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
         for b in range(blocks):
             out_ch = width * 4
-            shapes += [(width, in_ch, 1, 1), (width,), (width,),
-                       (width, width, 3, 3), (width,), (width,),
-                       (out_ch, width, 1, 1), (out_ch,), (out_ch,)]
+            shapes += [
+                (width, in_ch, 1, 1),
+                (width,),
+                (width,),
+                (width, width, 3, 3),
+                (width,),
+                (width,),
+                (out_ch, width, 1, 1),
+                (out_ch,),
+                (out_ch,),
+            ]
             if b == 0:  # projection shortcut
                 shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
             in_ch = out_ch
@@ -52,8 +60,9 @@ def timed(fn, iters, warmup=2):
 
 
 def worker(rank, size, port, iters, result_queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size)
+    )
     torch.set_num_threads(1)  # 4 ranks share 2 cores
     import gradfuse as hvd
 
@@ -90,7 +99,7 @@ def worker(rank, size, port, iters, result_queue):
             dist.all_reduce(buf)
             offset = 0
             for g in bucket:
-                g.copy_(buf[offset:offset + g.numel()].view_as(g))
+                g.copy_(buf[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
     small = torch.randn(256)  # 1 KiB
@@ -104,9 +113,14 @@ def worker(rank, size, port, iters, result_queue):
     # Baselines first, while the engine is not running: its background threads negotiate every
     # cycle time and would take CPU from the baselines on a small machine.
     dist.init_process_group("gloo", rank=rank, world_size=size)
-    res = {"tensors": len(grads), "values": total, "b": timed(per_tensor, iters),
-           "c": timed(one_flat, iters), "d": timed(ddp_buckets, iters),
-           "lat_direct": timed(direct_small, 200, warmup=10)}
+    res = {
+        "tensors": len(grads),
+        "values": total,
+        "b": timed(per_tensor, iters),
+        "c": timed(one_flat, iters),
+        "d": timed(ddp_buckets, iters),
+        "lat_direct": timed(direct_small, 200, warmup=10),
+    }
     hvd.init()
     before = hvd._C.engine_stats()
     res["a"] = timed(engine, iters)
@@ -132,21 +146,29 @@ def main():
     mp.spawn(worker, args=(args.ranks, free_port(), args.iters, q), nprocs=args.ranks)
     r = q.get()
     nbytes = r["values"] * 4
-    print(f"ResNet-50 gradients: {r['tensors']} tensors, {r['values'] / 1e6:.1f}M fp32 "
-          f"({nbytes / 2**20:.0f} MiB), {args.ranks} CPU ranks, Gloo, median of {args.iters}")
+    print(
+        f"ResNet-50 gradients: {r['tensors']} tensors, {r['values'] / 1e6:.1f}M fp32 "
+        f"({nbytes / 2**20:.0f} MiB), {args.ranks} CPU ranks, Gloo, median of {args.iters}"
+    )
     print(f"{'method':<44}{'time ms':>10}{'vs (c)':>9}{'algbw GB/s':>12}")
-    rows = [("(a) gradfuse fused allreduce", r["a"]),
-            ("(b) per-tensor dist.all_reduce loop", r["b"]),
-            ("(c) one flat dist.all_reduce (floor)", r["c"]),
-            ("(d) DDP-style 25 MiB buckets", r["d"])]
+    rows = [
+        ("(a) gradfuse fused allreduce", r["a"]),
+        ("(b) per-tensor dist.all_reduce loop", r["b"]),
+        ("(c) one flat dist.all_reduce (floor)", r["c"]),
+        ("(d) DDP-style 25 MiB buckets", r["d"]),
+    ]
     for label, t in rows:
         print(f"{label:<44}{t * 1e3:>10.1f}{t / r['c']:>8.2f}x{nbytes / t / 1e9:>12.2f}")
     st = r["stats"]
-    print(f"engine during (a): {st['busy_cycles']} busy negotiation cycles, {st['collectives']} "
-          f"collectives for {st['tensors']} tensors ({st['tensors'] / st['collectives']:.1f} "
-          f"tensors per collective)")
-    print(f"1 KiB allreduce latency: gradfuse {r['lat_engine'] * 1e6:.0f} us, direct "
-          f"dist.all_reduce {r['lat_direct'] * 1e6:.0f} us")
+    print(
+        f"engine during (a): {st['busy_cycles']} busy negotiation cycles, {st['collectives']} "
+        f"collectives for {st['tensors']} tensors ({st['tensors'] / st['collectives']:.1f} "
+        f"tensors per collective)"
+    )
+    print(
+        f"1 KiB allreduce latency: gradfuse {r['lat_engine'] * 1e6:.0f} us, direct "
+        f"dist.all_reduce {r['lat_direct'] * 1e6:.0f} us"
+    )
 
 
 if __name__ == "__main__":
