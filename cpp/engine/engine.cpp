@@ -44,6 +44,14 @@ Engine::Engine(EngineConfig config) : config_(std::move(config)), controller_(co
   control_ = c10d::resolve_process_group(config_.control_group);
   cpu_ = c10d::resolve_process_group(config_.cpu_group);
   if (!config_.cuda_group.empty()) cuda_ = c10d::resolve_process_group(config_.cuda_group);
+  if (!config_.local_group.empty()) {
+    cpu_hierarchy_.local = c10d::resolve_process_group(config_.local_group);
+    cpu_hierarchy_.cross = c10d::resolve_process_group(config_.cross_group);
+  }
+  if (!config_.cuda_local_group.empty()) {
+    cuda_hierarchy_.local = c10d::resolve_process_group(config_.cuda_local_group);
+    cuda_hierarchy_.cross = c10d::resolve_process_group(config_.cuda_cross_group);
+  }
   TORCH_CHECK_VALUE(control_->getSize() == config_.size && control_->getRank() == config_.rank,
                     "gradfuse: control group '", config_.control_group, "' has rank ",
                     control_->getRank(), " of ", control_->getSize(), ", expected rank ",
@@ -273,7 +281,8 @@ void Engine::execute(std::vector<Response> responses) {
       for (const Response& r : batch.responses) batch.entries.push_back(queue_.take(r.name));
       const bool on_cuda =
           static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
-      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_};
+      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_,
+                            on_cuda ? cuda_hierarchy_ : cpu_hierarchy_};
       stats_.collectives++;
       stats_.tensors += static_cast<int64_t>(batch.entries.size());
       for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();

@@ -78,6 +78,8 @@ class Engine {
   c10::intrusive_ptr<c10d::ProcessGroup> control_;
   c10::intrusive_ptr<c10d::ProcessGroup> cpu_;
   c10::intrusive_ptr<c10d::ProcessGroup> cuda_;
+  HierarchyGroups cpu_hierarchy_;  // empty unless allreduce is hierarchical
+  HierarchyGroups cuda_hierarchy_;
   TensorQueue queue_;
   Controller controller_;
   BufferPool buffers_;
