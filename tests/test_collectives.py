@@ -1,5 +1,5 @@
 """Multi-process tests of hierarchical allreduce and of reducescatter, alltoall, barrier and
-join: real ranks over Gloo on this host.
+join: real ranks over Gloo on this host, one group of processes per configuration.
 
 4 ranks act as 2 nodes x 2 ranks (the test-only GRADFUSE_TEST_LOCAL_SIZE) with hierarchical
 allreduce on; the engine's allreduce checks from tests/engine_worker.py run there too, so the
@@ -19,7 +19,9 @@ from multiproc import assert_check_ok, run_ranks
 
 CHECKS = sorted(collectives_worker.CHECKS)
 
+# 3 flat ranks: splits that do not divide, and the same checks without the hierarchy.
 CONFIGS = {
+    "3ranks-flat": (3, {}),
     "4ranks-2x2-hierarchical": (
         4,
         {"GRADFUSE_HIERARCHICAL_ALLREDUCE": "1", "GRADFUSE_TEST_LOCAL_SIZE": "2"},

@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include "engine/alltoall.h"
+#include "engine/reducescatter.h"
+
 namespace gradfuse::engine {
 
 namespace {
@@ -199,6 +202,25 @@ StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int s
     }
     case OpType::kAllgather: {
       auto outputs = run_allgather(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kReducescatter: {
+      auto outputs = run_reducescatter(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kAlltoall: {
+      auto outputs = run_alltoall(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kBarrier:
+    case OpType::kJoin: {
+      // Negotiation did the work: every rank had submitted (or joined). Join answers with the
+      // rank that joined last (Response::request.root); barrier with an empty tensor.
+      std::vector<at::Tensor> outputs;
+      for (const Response& r : batch.responses) {
+        outputs.push_back(r.request.op == OpType::kJoin ? at::tensor({int64_t{r.request.root}})
+                                                        : at::empty({0}));
+      }
       return {[outputs] { return outputs; }};
     }
   }

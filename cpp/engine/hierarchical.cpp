@@ -29,7 +29,7 @@ void hierarchical_allreduce(const at::Tensor& flat, c10d::ReduceOp op, const Hie
   if (local_size > 1) {
     c10d::ReduceScatterOptions rs;
     rs.reduceOp = op;
-    g.local->_reduce_scatter_base(mine, buf, rs)->wait();
+    g.local->reduce_scatter_single(mine, buf, rs)->wait();
   }
   if (g.cross->getSize() > 1) {
     c10d::AllreduceOptions ar;
@@ -37,7 +37,7 @@ void hierarchical_allreduce(const at::Tensor& flat, c10d::ReduceOp op, const Hie
     std::vector<at::Tensor> ts{mine};
     g.cross->allreduce(ts, ar)->wait();
   }
-  if (local_size > 1) g.local->_allgather_base(buf, mine)->wait();
+  if (local_size > 1) g.local->all_gather_single(buf, mine)->wait();
   if (!buf.is_same(flat)) flat.copy_(buf.narrow(0, 0, n));
 }
 
