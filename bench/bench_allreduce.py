@@ -1,7 +1,10 @@
 """Allreduce of ResNet-50's gradients (161 tensors, 25.6M fp32 values) across CPU ranks over
 Gloo: (a) gradfuse's fused engine, (b) one torch.distributed.all_reduce per tensor, (c) one
 all_reduce of a flat buffer of the same size (the floor), (d) DDP-style 25 MiB buckets; plus the
-latency of one 1 KiB allreduce through the engine vs a direct all_reduce.
+latency of one 1 KiB allreduce through the engine vs a direct all_reduce. Row (e) is (a) with
+hierarchical allreduce, the ranks acting as nodes of 2 (GRADFUSE_TEST_LOCAL_SIZE's override): on
+one host there are no slow links to save, so it only shows the hierarchy's overhead (three
+collectives instead of one, unpipelined).
 
     PYTHONPATH=python python bench/bench_allreduce.py [--ranks 4] [--iters 10]
 """
@@ -128,6 +131,11 @@ def worker(rank, size, port, iters, result_queue):
     res["stats"] = {k: after[k] - before[k] for k in after}
     res["lat_engine"] = timed(engine_small, 200, warmup=10)
     hvd.shutdown()
+    if size % 2 == 0:
+        hvd.init(hierarchical_allreduce=True, test_local_size=2)
+        res["e"] = timed(engine, iters)
+        res["lat_hier"] = timed(engine_small, 200, warmup=10)
+        hvd.shutdown()
     if rank == 0:
         result_queue.put(res)
     dist.destroy_process_group()
@@ -157,6 +165,8 @@ def main():
         ("(c) one flat dist.all_reduce (floor)", r["c"]),
         ("(d) DDP-style 25 MiB buckets", r["d"]),
     ]
+    if "e" in r:
+        rows.append(("(e) (a), hierarchical, nodes of 2 ranks", r["e"]))
     for label, t in rows:
         print(f"{label:<44}{t * 1e3:>10.1f}{t / r['c']:>8.2f}x{nbytes / t / 1e9:>12.2f}")
     st = r["stats"]
@@ -168,6 +178,7 @@ def main():
     print(
         f"1 KiB allreduce latency: gradfuse {r['lat_engine'] * 1e6:.0f} us, direct "
         f"dist.all_reduce {r['lat_direct'] * 1e6:.0f} us"
+        + (f", gradfuse hierarchical {r['lat_hier'] * 1e6:.0f} us" if "lat_hier" in r else "")
     )
 
 

@@ -2,9 +2,16 @@
 
 #include <ATen/ATen.h>
 
+#include "engine/alltoall.h"
+#include "engine/reducescatter.h"
+
 namespace gradfuse::engine {
 
 namespace {
+
+// Fusion buffer slots: 0 and 1 alternate between pipelined allreduce batches, 2 is broadcast's,
+// 3 and 4 allgather's; the hierarchical allreduce pads in its own.
+constexpr int kHierarchyPadSlot = 5;
 
 c10d::ReduceOp to_c10d(ReduceOp op) {
   switch (op) {
@@ -48,6 +55,11 @@ StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, i
   if (entries.size() == 1 && entries[0].prescale == 1.0 && entries[0].postscale * average == 1.0 &&
       wire_dtype(first.scalar_type()) == first.scalar_type()) {
     if (!outputs[0].is_same(first)) outputs[0].copy_(first);
+    if (ctx.hierarchy) {
+      hierarchical_allreduce(outputs[0].view(-1), opts.reduceOp, ctx.hierarchy, ctx.buffers,
+                             kHierarchyPadSlot);
+      return {[outputs] { return outputs; }};
+    }
     std::vector<at::Tensor> ts{outputs[0]};
     auto work = ctx.group->allreduce(ts, opts);
     return {[work, outputs] {
@@ -70,11 +82,17 @@ StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, i
         for (size_t i = b; i < end; ++i) ts.push_back(entries[i].tensor);
         pack(ts, flat.narrow(0, offsets[b], flat.numel() - offsets[b]), scale);
       });
-  std::vector<at::Tensor> ts{flat};
-  auto work = ctx.group->allreduce(ts, opts);
+  c10::intrusive_ptr<c10d::Work> work;
+  if (ctx.hierarchy) {
+    // Three dependent collectives: run them here (no overlap with the next batch's pack).
+    hierarchical_allreduce(flat, opts.reduceOp, ctx.hierarchy, ctx.buffers, kHierarchyPadSlot);
+  } else {
+    std::vector<at::Tensor> ts{flat};
+    work = ctx.group->allreduce(ts, opts);
+  }
   // `batch` outlives finish(): the engine keeps it until the handles complete.
   return {[work, flat, outputs, offsets, average, &entries] {
-    work->wait();
+    if (work) work->wait();
     for_each_scale_run(
         entries, [](const Entry& e) { return e.postscale; },
         [&](size_t b, size_t end, double scale) {
@@ -184,6 +202,25 @@ StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int s
     }
     case OpType::kAllgather: {
       auto outputs = run_allgather(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kReducescatter: {
+      auto outputs = run_reducescatter(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kAlltoall: {
+      auto outputs = run_alltoall(batch, ctx);
+      return {[outputs] { return outputs; }};
+    }
+    case OpType::kBarrier:
+    case OpType::kJoin: {
+      // Negotiation did the work: every rank had submitted (or joined). Join answers with the
+      // rank that joined last (Response::request.root); barrier with an empty tensor.
+      std::vector<at::Tensor> outputs;
+      for (const Response& r : batch.responses) {
+        outputs.push_back(r.request.op == OpType::kJoin ? at::tensor({int64_t{r.request.root}})
+                                                        : at::empty({0}));
+      }
       return {[outputs] { return outputs; }};
     }
   }

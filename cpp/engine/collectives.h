@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/fusion.h"
+#include "engine/hierarchical.h"
 
 namespace gradfuse::engine {
 
@@ -17,6 +18,8 @@ struct CollectiveContext {
   int rank = 0;
   int size = 1;
   BufferPool* buffers = nullptr;
+  // Set when allreduce is hierarchical (init(hierarchical_allreduce=True)).
+  HierarchyGroups hierarchy;
 };
 
 // A batch whose collective may still be running. finish() waits for it, unpacks and returns

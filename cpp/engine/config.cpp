@@ -10,6 +10,11 @@ void validate(const EngineConfig& c) {
                     "), got ", c.rank);
   TORCH_CHECK_VALUE(!c.control_group.empty(), "gradfuse: control_group must name a group");
   TORCH_CHECK_VALUE(!c.cpu_group.empty(), "gradfuse: cpu_group must name a group");
+  TORCH_CHECK_VALUE(c.local_group.empty() == c.cross_group.empty(),
+                    "gradfuse: local_group and cross_group must both be given or both be empty");
+  TORCH_CHECK_VALUE(c.cuda_local_group.empty() == c.cuda_cross_group.empty(),
+                    "gradfuse: cuda_local_group and cuda_cross_group must both be given or both be "
+                    "empty");
   TORCH_CHECK_VALUE(c.fusion_threshold_bytes >= 0,
                     "gradfuse: fusion_threshold_bytes must be >= 0, got ",
                     c.fusion_threshold_bytes);

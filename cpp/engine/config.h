@@ -15,6 +15,12 @@ struct EngineConfig {
   std::string control_group;  // Gloo: negotiation
   std::string cpu_group;      // Gloo: CPU tensors
   std::string cuda_group;     // NCCL: CUDA tensors; empty when there is none
+  // Hierarchical allreduce: this rank's node group and cross-node group, for CPU (Gloo) and
+  // CUDA (NCCL) tensors. Empty: allreduce is flat.
+  std::string local_group;
+  std::string cross_group;
+  std::string cuda_local_group;
+  std::string cuda_cross_group;
   int64_t fusion_threshold_bytes = 64 << 20;
   double cycle_time_ms = 1.0;
 };

@@ -15,7 +15,7 @@ namespace gradfuse::engine {
 
 class Controller {
  public:
-  explicit Controller(int size) : size_(size) {}
+  explicit Controller(int size) : size_(size), joined_(size, false) {}
 
   // Records `requests` sent by `rank` this cycle. A name that is now ready on every rank
   // becomes a response (kRun, or kError when the ranks disagree), appended to `out` in the
@@ -27,8 +27,13 @@ class Controller {
 
  private:
   Response decide(const std::string& name, const std::vector<std::optional<Request>>& per_rank);
+  // join (engine/join.h): a name is ready once every rank that has not joined submitted it.
+  bool ready(const std::vector<std::optional<Request>>& per_rank) const;
+  void emit_ready_after_join(std::vector<Response>& out);
 
   int size_;
+  std::vector<bool> joined_;  // ranks that called join() and wait for the others
+  int last_joined_ = -1;
   // name -> the request of each rank (empty where that rank has not submitted it yet).
   std::map<std::string, std::vector<std::optional<Request>>> table_;
 };

@@ -6,9 +6,11 @@
 #include <cstring>
 #include <mutex>
 
+#include "engine/alltoall.h"
 #include "engine/collectives.h"
 #include "engine/cuda_event.h"
 #include "engine/handles.h"
+#include "engine/join.h"
 
 #ifdef GRADFUSE_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -44,6 +46,14 @@ Engine::Engine(EngineConfig config) : config_(std::move(config)), controller_(co
   control_ = c10d::resolve_process_group(config_.control_group);
   cpu_ = c10d::resolve_process_group(config_.cpu_group);
   if (!config_.cuda_group.empty()) cuda_ = c10d::resolve_process_group(config_.cuda_group);
+  if (!config_.local_group.empty()) {
+    cpu_hierarchy_.local = c10d::resolve_process_group(config_.local_group);
+    cpu_hierarchy_.cross = c10d::resolve_process_group(config_.cross_group);
+  }
+  if (!config_.cuda_local_group.empty()) {
+    cuda_hierarchy_.local = c10d::resolve_process_group(config_.cuda_local_group);
+    cuda_hierarchy_.cross = c10d::resolve_process_group(config_.cuda_cross_group);
+  }
   TORCH_CHECK_VALUE(control_->getSize() == config_.size && control_->getRank() == config_.rank,
                     "gradfuse: control group '", config_.control_group, "' has rank ",
                     control_->getRank(), " of ", control_->getSize(), ", expected rank ",
@@ -69,11 +79,15 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   TORCH_CHECK_VALUE(device.is_cpu() || (device.is_cuda() && cuda_), "gradfuse.", op,
                     ": tensor is on ", device, ", but the engine has ",
                     device.is_cuda() ? "no CUDA (NCCL) process group" : "no group for it");
+  // These operations make their own output (its shape depends on the other ranks).
+  const bool own_output = a.op != OpType::kAllreduce && a.op != OpType::kBroadcast;
   if (a.op == OpType::kAllgather) {
     TORCH_CHECK_VALUE(a.tensor.dim() >= 1,
                       "gradfuse.allgather: tensor must have at least one "
                       "dimension (the one gathered along)");
     TORCH_CHECK_VALUE(!a.output.has_value(), "gradfuse.allgather: output must be None");
+  } else if (own_output) {
+    TORCH_CHECK_VALUE(!a.output.has_value(), "gradfuse.", op, ": output must be None");
   } else {
     TORCH_CHECK_VALUE(a.output.has_value() && a.output->defined(), "gradfuse.", op,
                       ": output is required");
@@ -90,6 +104,39 @@ int64_t Engine::enqueue(EnqueueArgs a) {
     TORCH_CHECK_VALUE(a.root >= 0 && a.root < config_.size, "gradfuse.broadcast: root_rank ",
                       a.root, " is not a rank (size ", config_.size, ")");
   }
+  if (a.op == OpType::kReducescatter || a.op == OpType::kAlltoall) {
+    TORCH_CHECK_VALUE(a.tensor.dim() >= 1, "gradfuse.", op,
+                      ": tensor must have at least one dimension (the one split along)");
+  }
+  if (a.op == OpType::kReducescatter) {
+    TORCH_CHECK_VALUE(a.reduce_op == ReduceOp::kSum || a.reduce_op == ReduceOp::kAverage,
+                      "gradfuse.reducescatter: op must be Sum or Average, got ",
+                      reduce_op_name(a.reduce_op));
+  }
+  std::vector<int64_t> splits = a.splits;
+  if (a.op == OpType::kAlltoall) {
+    const int64_t dim0 = a.tensor.size(0);
+    if (splits.empty()) {
+      TORCH_CHECK_VALUE(dim0 % config_.size == 0, "gradfuse.alltoall: tensor's first dimension (",
+                        dim0, ") does not divide by the number of ranks (", config_.size,
+                        "); pass splits");
+      splits.assign(config_.size, dim0 / config_.size);
+    }
+    TORCH_CHECK_VALUE(static_cast<int>(splits.size()) == config_.size,
+                      "gradfuse.alltoall: splits must have one entry per rank (", config_.size,
+                      "), got ", splits.size());
+    int64_t sum = 0;
+    for (int64_t s : splits) {
+      TORCH_CHECK_VALUE(s >= 0, "gradfuse.alltoall: splits must be >= 0, got ", s);
+      sum += s;
+    }
+    TORCH_CHECK_VALUE(sum == dim0,
+                      "gradfuse.alltoall: splits must sum to the tensor's first "
+                      "dimension (",
+                      dim0, "), got ", sum);
+  } else {
+    TORCH_CHECK_VALUE(splits.empty(), "gradfuse.", op, ": splits are for alltoall only");
+  }
   if (a.op == OpType::kAllreduce) {
     const int r = static_cast<int>(a.reduce_op);
     TORCH_CHECK_VALUE(r >= 0 && r <= static_cast<int>(ReduceOp::kProduct),
@@ -99,12 +146,14 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   Entry e;
   e.request.name = a.name;
   e.request.op = a.op;
-  e.request.reduce_op = a.op == OpType::kAllreduce ? a.reduce_op : ReduceOp::kSum;
+  const bool reduces = a.op == OpType::kAllreduce || a.op == OpType::kReducescatter;
+  e.request.reduce_op = reduces ? a.reduce_op : ReduceOp::kSum;
   e.request.dtype = a.tensor.scalar_type();
   e.request.device_type = static_cast<int8_t>(device.type());
   e.request.device_index = device.index();
   e.request.root = a.op == OpType::kBroadcast ? a.root : 0;
   e.request.shape = a.tensor.sizes().vec();
+  e.request.splits = std::move(splits);
   // A non-contiguous input is copied now: the value at enqueue time is what gets reduced.
   e.tensor = a.tensor.is_contiguous() ? a.tensor : a.tensor.contiguous();
   if (a.output.has_value()) e.output = *a.output;
@@ -153,6 +202,18 @@ void Engine::fail_all(const std::string& why) {
     HandleTable::get().fail(e.handle,
                             stopped_reason() + " while '" + e.request.name + "' was pending");
   }
+}
+
+Entry Engine::take_entry(const Response& response) {
+  if (auto e = queue_.try_take(response.name)) return std::move(*e);
+  TORCH_CHECK(joined_in(response, config_.rank), "gradfuse: negotiated tensor '", response.name,
+              "' is not in flight on this rank (internal error)");
+  return joined_placeholder(response);
+}
+
+at::Tensor Engine::second_output(const Response& response) const {
+  if (response.request.op != OpType::kAlltoall) return {};
+  return received_splits(response, config_.rank, config_.size);
 }
 
 void Engine::loop() {
@@ -246,7 +307,8 @@ void Engine::execute(std::vector<Response> responses) {
   std::vector<Response> runnable;
   for (Response& r : responses) {
     if (r.kind == Response::Kind::kError) {
-      HandleTable::get().fail(queue_.take(r.name).handle, r.error);
+      // A rank that joined has no entry for it: the error is the other ranks'.
+      if (auto e = queue_.try_take(r.name)) HandleTable::get().fail(e->handle, r.error);
     } else {
       runnable.push_back(std::move(r));
     }
@@ -263,17 +325,19 @@ void Engine::execute(std::vector<Response> responses) {
     const Batch& batch = batches[in_flight_index];
     std::vector<at::Tensor> outputs = started.finish();
     for (size_t i = 0; i < batch.entries.size(); ++i) {
-      HandleTable::get().complete(batch.entries[i].handle, outputs[i]);
+      HandleTable::get().complete(batch.entries[i].handle, outputs[i], {},
+                                  second_output(batch.responses[i]));
     }
   };
   size_t index = 0;
   try {
     for (; index < batches.size(); ++index) {
       Batch& batch = batches[index];
-      for (const Response& r : batch.responses) batch.entries.push_back(queue_.take(r.name));
+      for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
       const bool on_cuda =
           static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
-      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_};
+      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_,
+                            on_cuda ? cuda_hierarchy_ : cpu_hierarchy_};
       stats_.collectives++;
       stats_.tensors += static_cast<int64_t>(batch.entries.size());
       for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
@@ -327,12 +391,15 @@ void Engine::run_cuda_batch(const Batch& batch, const CollectiveContext& ctx) {
     c10::cuda::CUDACachingAllocator::recordStream(e.tensor.storage().data_ptr(), stream);
     at::Tensor out = outputs[i];
     c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), stream);
-    HandleTable::get().complete(e.handle, out, [done, out] {
-      // synchronize(): the caller's stream waits for the engine's completion event.
-      const auto caller = c10::cuda::getCurrentCUDAStream(out.device().index());
-      done->block(caller);
-      c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), caller);
-    });
+    HandleTable::get().complete(
+        e.handle, out,
+        [done, out] {
+          // synchronize(): the caller's stream waits for the engine's completion event.
+          const auto caller = c10::cuda::getCurrentCUDAStream(out.device().index());
+          done->block(caller);
+          c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), caller);
+        },
+        second_output(batch.responses[i]));
   }
 }
 #endif

@@ -35,6 +35,7 @@ struct EnqueueArgs {
   ReduceOp reduce_op = ReduceOp::kSum;
   double prescale = 1.0;
   double postscale = 1.0;
+  std::vector<int64_t> splits;  // alltoall: rows sent to each rank (empty: even split)
 };
 
 class Engine {
@@ -68,6 +69,11 @@ class Engine {
   std::vector<Response> negotiate(int& stop_rank);
   void execute(std::vector<Response> responses);
   void fail_all(const std::string& why);
+  // The entry this rank runs for a negotiated response: its own, or a joined rank's
+  // placeholder (engine/join.h).
+  Entry take_entry(const Response& response);
+  // alltoall's received splits (HandleTable aux); undefined for other operations.
+  at::Tensor second_output(const Response& response) const;
 #ifdef GRADFUSE_WITH_CUDA
   // run_batch on the engine's stream of the batch's device, ordered after the producers.
   void run_cuda_batch(const Batch& batch, const CollectiveContext& ctx);
@@ -78,6 +84,8 @@ class Engine {
   c10::intrusive_ptr<c10d::ProcessGroup> control_;
   c10::intrusive_ptr<c10d::ProcessGroup> cpu_;
   c10::intrusive_ptr<c10d::ProcessGroup> cuda_;
+  HierarchyGroups cpu_hierarchy_;  // empty unless allreduce is hierarchical
+  HierarchyGroups cuda_hierarchy_;
   TensorQueue queue_;
   Controller controller_;
   BufferPool buffers_;

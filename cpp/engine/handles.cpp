@@ -20,18 +20,22 @@ int64_t HandleTable::create(const std::string& name) {
   return h;
 }
 
-void HandleTable::complete(int64_t handle, at::Tensor result, std::function<void()> on_release) {
+void HandleTable::complete(int64_t handle, at::Tensor result, std::function<void()> on_release,
+                           at::Tensor aux) {
+  if (handle == kNoHandle) return;
   {
     std::lock_guard<std::mutex> lock(mu_);
     State& s = find_locked(handle);
     s.result = std::move(result);
     s.on_release = std::move(on_release);
+    s.aux = std::move(aux);
     s.done = true;
   }
   done_cv_.notify_all();
 }
 
 void HandleTable::fail(int64_t handle, const std::string& error) {
+  if (handle == kNoHandle) return;
   {
     std::lock_guard<std::mutex> lock(mu_);
     State& s = find_locked(handle);
@@ -75,6 +79,14 @@ at::Tensor HandleTable::release(int64_t handle) {
   if (!s.error.empty()) throw std::runtime_error(s.error);
   if (s.on_release) s.on_release();
   return s.result;
+}
+
+at::Tensor HandleTable::aux(int64_t handle) {
+  std::unique_lock<std::mutex> lock(mu_);
+  done_cv_.wait(lock, [&] { return find_locked(handle).done; });
+  const State& s = find_locked(handle);
+  if (!s.error.empty()) throw std::runtime_error(s.error);
+  return s.aux;
 }
 
 }  // namespace gradfuse::engine

@@ -14,6 +14,9 @@
 
 namespace gradfuse::engine {
 
+// The handle of work nobody waits on (a joined rank's placeholder): complete / fail ignore it.
+constexpr int64_t kNoHandle = 0;
+
 class HandleTable {
  public:
   static HandleTable& get();
@@ -21,7 +24,9 @@ class HandleTable {
   int64_t create(const std::string& name);
   // `on_release` runs in the thread that collects the result (CUDA: makes the caller's
   // stream wait for the engine's).
-  void complete(int64_t handle, at::Tensor result, std::function<void()> on_release = {});
+  // `aux`: a second output some operations have (alltoall: the received splits).
+  void complete(int64_t handle, at::Tensor result, std::function<void()> on_release = {},
+                at::Tensor aux = {});
   // Forgets a handle whose enqueue failed.
   void discard(int64_t handle);
   void fail(int64_t handle, const std::string& error);
@@ -32,6 +37,9 @@ class HandleTable {
   void wait(int64_t handle);
   // The output tensor of a finished handle; forgets the handle. Throws like wait().
   at::Tensor release(int64_t handle);
+  // The second output of a finished handle (undefined if it has none); keeps the handle.
+  // Throws like wait().
+  at::Tensor aux(int64_t handle);
 
  private:
   struct State {
@@ -39,6 +47,7 @@ class HandleTable {
     bool done = false;
     std::string error;  // empty: success
     at::Tensor result;
+    at::Tensor aux;
     std::function<void()> on_release;
   };
   State& find_locked(int64_t handle);

@@ -14,6 +14,14 @@ const char* op_name(OpType op) {
       return "allgather";
     case OpType::kBroadcast:
       return "broadcast";
+    case OpType::kReducescatter:
+      return "reducescatter";
+    case OpType::kAlltoall:
+      return "alltoall";
+    case OpType::kBarrier:
+      return "barrier";
+    case OpType::kJoin:
+      return "join";
   }
   return "?";
 }
@@ -85,6 +93,8 @@ void serialize_requests(const std::vector<Request>& requests, std::vector<uint8_
     put<int32_t>(out, r.root);
     put<uint8_t>(out, static_cast<uint8_t>(r.shape.size()));
     for (int64_t d : r.shape) put<int64_t>(out, d);
+    put<uint32_t>(out, static_cast<uint32_t>(r.splits.size()));
+    for (int64_t s : r.splits) put<int64_t>(out, s);
   }
 }
 
@@ -102,6 +112,8 @@ std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int 
     r.root = in.get<int32_t>();
     const auto ndim = in.get<uint8_t>();
     for (int i = 0; i < ndim; ++i) r.shape.push_back(in.get<int64_t>());
+    const auto nsplits = in.get<uint32_t>();
+    for (uint32_t i = 0; i < nsplits; ++i) r.splits.push_back(in.get<int64_t>());
     requests.push_back(std::move(r));
   }
   return requests;

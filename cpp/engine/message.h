@@ -12,7 +12,15 @@
 namespace gradfuse::engine {
 
 // Numeric values are part of the Python <-> C++ contract (python/gradfuse/_engine.py).
-enum class OpType : int8_t { kAllreduce = 0, kAllgather = 1, kBroadcast = 2 };
+enum class OpType : int8_t {
+  kAllreduce = 0,
+  kAllgather = 1,
+  kBroadcast = 2,
+  kReducescatter = 3,
+  kAlltoall = 4,
+  kBarrier = 5,
+  kJoin = 6,
+};
 enum class ReduceOp : int8_t { kSum = 0, kAverage = 1, kMin = 2, kMax = 3, kProduct = 4 };
 
 const char* op_name(OpType op);
@@ -27,6 +35,7 @@ struct Request {
   int16_t device_index = -1;
   int32_t root = 0;  // broadcast only
   std::vector<int64_t> shape;
+  std::vector<int64_t> splits;  // alltoall only: rows this rank sends to each rank
 };
 
 // Appends the byte form of a request list / reads it back. `rank` names the sender in errors.
@@ -40,6 +49,10 @@ struct Response {
   Request request;                  // rank 0's request: the attributes every rank agreed on
   std::vector<int64_t> first_dims;  // allgather: dim 0 of the tensor on each rank
   std::string error;                // kError: the message raised on every rank
+  // alltoall: row k holds rank k's splits (size x size), so rank r receives all_splits[k][r].
+  std::vector<int64_t> all_splits;
+  // Ranks that had joined (gradfuse.join) and contribute a placeholder instead of a tensor.
+  std::vector<int32_t> joined;
 };
 
 }  // namespace gradfuse::engine

@@ -12,10 +12,10 @@ namespace {
 
 int64_t enqueue_op(c10::string_view name, int64_t op, const at::Tensor& tensor,
                    const std::optional<at::Tensor>& output, int64_t root, int64_t reduce_op,
-                   double prescale, double postscale) {
-  TORCH_CHECK_VALUE(op >= 0 && op <= static_cast<int64_t>(OpType::kBroadcast),
-                    "gradfuse._enqueue: op must be 0 (allreduce), 1 (allgather) or 2 "
-                    "(broadcast), got ",
+                   double prescale, double postscale, at::IntArrayRef splits) {
+  TORCH_CHECK_VALUE(op >= 0 && op <= static_cast<int64_t>(OpType::kJoin),
+                    "gradfuse._enqueue: op must be 0 (allreduce), 1 (allgather), 2 (broadcast), "
+                    "3 (reducescatter), 4 (alltoall), 5 (barrier) or 6 (join), got ",
                     op);
   EnqueueArgs args;
   args.name = std::string(name);
@@ -28,6 +28,7 @@ int64_t enqueue_op(c10::string_view name, int64_t op, const at::Tensor& tensor,
                     "gradfuse._enqueue: reduce_op must be in [0, 4], got ", reduce_op);
   args.prescale = prescale;
   args.postscale = postscale;
+  args.splits = splits.vec();
   return current_engine()->enqueue(std::move(args));
 }
 
@@ -42,9 +43,12 @@ TORCH_LIBRARY_FRAGMENT(gradfuse, m) {
   // broadcast) is written asynchronously by the engine's thread.
   m.def(
       "_enqueue(str name, int op, Tensor tensor, Tensor(a!)? output, int root, int reduce_op, "
-      "float prescale, float postscale) -> int",
+      "float prescale, float postscale, int[] splits=[]) -> int",
       &enqueue_op);
   m.def("_engine_result(int handle) -> Tensor", &result_op);
+  // alltoall's received splits; call before _engine_result (which forgets the handle).
+  m.def("_engine_aux(int handle) -> Tensor",
+        [](int64_t handle) { return HandleTable::get().aux(handle); });
 }
 
 }  // namespace gradfuse::engine

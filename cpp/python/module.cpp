@@ -41,7 +41,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "engine_start",
       [](int rank, int size, const std::string& control_group, const std::string& cpu_group,
-         const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms) {
+         const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms,
+         const std::string& local_group, const std::string& cross_group,
+         const std::string& cuda_local_group, const std::string& cuda_cross_group) {
         gradfuse::engine::EngineConfig c;
         c.rank = rank;
         c.size = size;
@@ -50,10 +52,16 @@ PYBIND11_MODULE(_C, m) {
         c.cuda_group = cuda_group;
         c.fusion_threshold_bytes = fusion_threshold_bytes;
         c.cycle_time_ms = cycle_time_ms;
+        c.local_group = local_group;
+        c.cross_group = cross_group;
+        c.cuda_local_group = cuda_local_group;
+        c.cuda_cross_group = cuda_cross_group;
         gradfuse::engine::start_engine(c);
       },
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
       py::arg("cuda_group"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
+      py::arg("local_group") = "", py::arg("cross_group") = "", py::arg("cuda_local_group") = "",
+      py::arg("cuda_cross_group") = "",
       "Start the engine's background thread on the named process groups.");
   // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),

@@ -35,7 +35,9 @@ def _C():
 def init(**options) -> None:
     """Start gradfuse: join (or create) the torch.distributed job, create the engine's own
     process groups and start its background thread. Options (each defaults to a GRADFUSE_*
-    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s.
+    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s,
+    hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
+    node) and test_local_size (tests only: consecutive ranks act as nodes of that size).
 
     Calling init() while initialized does nothing; after shutdown() it starts again."""
     global _state, _created_default_group
@@ -64,7 +66,18 @@ def init(**options) -> None:
         }
         if _cuda_ok():
             groups["cuda"] = dist.new_group(backend="nccl", timeout=timeout)
-        local_rank, local_size, cross_rank, cross_size = _node_layout(groups["control"], rank)
+        try:
+            nodes = _nodes(groups["control"], cfg)
+            node = next(n for n in nodes if rank in n)
+            local_rank, local_size = node.index(rank), len(node)
+            cross_rank, cross_size = nodes.index(node), len(nodes)
+            if cfg.hierarchical_allreduce:
+                groups.update(_hierarchy_groups(nodes, rank, timeout))
+        except Exception:
+            # Every rank saw the same layout, so every rank fails here alike; leave no groups.
+            for group in groups.values():
+                dist.destroy_process_group(group)
+            raise
         _C().engine_start(
             rank=rank,
             size=size,
@@ -73,6 +86,10 @@ def init(**options) -> None:
             cuda_group=groups["cuda"].group_name if "cuda" in groups else "",
             fusion_threshold_bytes=cfg.fusion_threshold_bytes,
             cycle_time_ms=cfg.cycle_time_ms,
+            local_group=_group_name(groups, "local"),
+            cross_group=_group_name(groups, "cross"),
+            cuda_local_group=_group_name(groups, "cuda_local"),
+            cuda_cross_group=_group_name(groups, "cuda_cross"),
         )
         _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
 
@@ -81,15 +98,61 @@ def _cuda_ok() -> bool:
     return torch.cuda.is_available() and dist.is_nccl_available()
 
 
-def _node_layout(group, rank):
-    """local/cross rank and size from the hosts of all ranks (ranks on one host, in rank
-    order, are that node's local ranks; nodes are numbered in order of their first rank)."""
-    hosts = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    nodes = list(dict.fromkeys(hosts))
-    mine = hosts[rank]
-    local_ranks = [r for r, h in enumerate(hosts) if h == mine]
-    return local_ranks.index(rank), len(local_ranks), nodes.index(mine), len(nodes)
+def _nodes(group, cfg):
+    """The ranks of each node (in rank order), nodes in order of their first rank. A node is a
+    host, or with the test-only test_local_size, a run of that many consecutive ranks."""
+    size = dist.get_world_size()
+    # Every rank must build the same groups, so the settings that shape them must agree.
+    mine = (socket.gethostname(), cfg.test_local_size, cfg.hierarchical_allreduce)
+    infos = [None] * size
+    dist.all_gather_object(infos, mine, group=group)
+    for what, i in (("test_local_size", 1), ("hierarchical_allreduce", 2)):
+        values = {info[i] for info in infos}
+        if len(values) > 1:
+            per_rank = ", ".join(f"rank {r}: {info[i]!r}" for r, info in enumerate(infos))
+            raise ValueError(f"gradfuse.init(): {what} differs across ranks ({per_rank})")
+    k = cfg.test_local_size
+    if k:
+        if size % k:
+            raise ValueError(
+                f"GRADFUSE_TEST_LOCAL_SIZE / test_local_size={k} must divide the job size {size}"
+            )
+        return [list(range(start, start + k)) for start in range(0, size, k)]
+    by_host: dict[str, list[int]] = {}
+    for r, info in enumerate(infos):
+        by_host.setdefault(info[0], []).append(r)
+    return list(by_host.values())
+
+
+def _hierarchy_groups(nodes, rank, timeout):
+    """This rank's local (its node) and cross (same local rank on every node) groups, Gloo for
+    CPU tensors and NCCL for CUDA ones. new_group is collective over all ranks: every rank
+    creates every group, in the same order, and keeps the ones it belongs to."""
+    sizes = sorted({len(n) for n in nodes})
+    if len(sizes) > 1:
+        raise ValueError(
+            "gradfuse.init(hierarchical_allreduce=True) needs the same number of ranks on every "
+            f"node; nodes have {', '.join(str(len(n)) for n in nodes)} ranks"
+        )
+    backends = {"": "gloo"}
+    if _cuda_ok():
+        backends["cuda_"] = "nccl"
+    groups = {}
+    for prefix, backend in backends.items():
+        for node in nodes:
+            group = dist.new_group(ranks=node, backend=backend, timeout=timeout)
+            if rank in node:
+                groups[prefix + "local"] = group
+        for local_rank in range(sizes[0]):
+            ranks = [node[local_rank] for node in nodes]
+            group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+            if rank in ranks:
+                groups[prefix + "cross"] = group
+    return groups
+
+
+def _group_name(groups, key):
+    return groups[key].group_name if key in groups else ""
 
 
 def shutdown() -> None:

@@ -87,7 +87,12 @@ def synchronize(handle: int) -> torch.Tensor:
         raise TypeError(f"synchronize: handle must be an int from an *_async call, got {handle!r}")
     with _pending_lock:
         in_place = _pending.pop(handle, None)
+        received_splits = handle in _alltoall_handles
+        _alltoall_handles.discard(handle)
     _C.engine_wait(handle)
+    if received_splits:  # alltoall: (output, the rows received from each rank)
+        splits = torch.ops.gradfuse._engine_aux(handle)
+        return torch.ops.gradfuse._engine_result(handle), splits
     out = torch.ops.gradfuse._engine_result(handle)
     if in_place is None:
         return out
@@ -300,3 +305,82 @@ def broadcast(tensor, root_rank, name=None) -> torch.Tensor:
     """Returns root_rank's tensor on every rank; `tensor` itself is left untouched."""
     _check_tensor(tensor, "broadcast")
     return _Broadcast.apply(tensor, _check_root(root_rank, "broadcast"), _name(name, "broadcast"))
+
+
+# ---- reducescatter, alltoall, barrier, join --------------------------------------------------
+
+_REDUCESCATTER, _ALLTOALL, _BARRIER, _JOIN = 3, 4, 5, 6
+_alltoall_handles: set[int] = set()  # synchronize() returns (output, received_splits) for these
+
+
+def reducescatter_async(tensor, op=Average, name=None) -> int:
+    _check_tensor(tensor, "reducescatter_async")
+    if op not in (Sum, Average):
+        raise ValueError(f"gradfuse.reducescatter: op must be gradfuse.Sum or Average, got {op!r}")
+    return _enqueue(_name(name, "reducescatter"), _REDUCESCATTER, tensor, None, op=op)
+
+
+def reducescatter(tensor, op=Average, name=None) -> torch.Tensor:
+    """Reduces `tensor` (same shape on every rank) over all ranks and returns this rank's rows
+    of the result. Dim 0 is split as evenly as possible; the first (dim0 % size) ranks get one
+    row more (Horovod's split). op: Sum or Average."""
+    return synchronize(reducescatter_async(tensor, op=op, name=name))
+
+
+def _splits_list(splits):
+    if isinstance(splits, torch.Tensor):
+        if splits.dim() != 1 or splits.is_floating_point() or splits.is_complex():
+            raise ValueError(
+                f"gradfuse.alltoall: splits must be a 1-D integer tensor, got {splits.dim()}-D "
+                f"{splits.dtype}"
+            )
+        return [int(s) for s in splits.tolist()]
+    try:
+        values = list(splits)
+    except TypeError:
+        raise TypeError(
+            f"gradfuse.alltoall: splits must be a list or 1-D tensor of ints, got {splits!r}"
+        ) from None
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in values):
+        raise TypeError(f"gradfuse.alltoall: splits must hold ints, got {values!r}")
+    return values
+
+
+def alltoall_async(tensor, splits=None, name=None) -> int:
+    """Starts an alltoall; synchronize(handle) returns (output, received_splits)."""
+    _check_tensor(tensor, "alltoall_async")
+    _engine._require()
+    split_list = [] if splits is None else _splits_list(splits)
+    handle = torch.ops.gradfuse._enqueue(
+        _name(name, "alltoall"), _ALLTOALL, tensor.detach(), None, 0, Sum, 1.0, 1.0, split_list
+    )
+    with _pending_lock:
+        _pending[handle] = None
+        _alltoall_handles.add(handle)
+    return handle
+
+
+def alltoall(tensor, splits=None, name=None):
+    """Sends rows of `tensor` to every rank and returns what every rank sent here, concatenated
+    in rank order along dim 0. `splits[k]` rows (consecutive, in rank order) go to rank k; they
+    must sum to dim 0 and may differ per rank. With splits, returns (output, received_splits);
+    without, dim 0 is split evenly (it must divide by size()) and the output is returned."""
+    output, received = synchronize(alltoall_async(tensor, splits, name))
+    return output if splits is None else (output, received)
+
+
+def barrier() -> None:
+    """Returns once every rank has called barrier() (negotiation only: no data moves)."""
+    _engine._require()
+    synchronize(_enqueue(_name(None, "barrier"), _BARRIER, torch.empty(0), None))
+
+
+def join(device=None) -> int:
+    """Called by a rank that has run out of data: blocks until every rank has called join(),
+    and returns the rank that joined last. Meanwhile the other ranks' allreduces (Sum, Average)
+    go on with this rank contributing zeros (Average still divides by size(), as in Horovod)
+    and their allgathers with it contributing no rows; other collectives fail while a rank has
+    joined. `device` is accepted for Horovod compatibility and ignored."""
+    del device
+    _engine._require()
+    return int(synchronize(_enqueue("gradfuse.join", _JOIN, torch.empty(0), None)).item())

@@ -5,6 +5,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+
+def _flag(raw):
+    """A boolean from True/False or the strings 1/0, true/false, yes/no, on/off."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        value = {"1": True, "true": True, "yes": True, "on": True}.get(raw.strip().lower())
+        if value is None and raw.strip().lower() in ("0", "false", "no", "off"):
+            value = False
+        if value is not None:
+            return value
+    raise ValueError(raw)
+
+
 # name -> (environment variable, parser, default, check, what a valid value is)
 _OPTIONS = {
     "fusion_threshold_bytes": (
@@ -28,6 +42,22 @@ _OPTIONS = {
         lambda v: v > 0,
         "a number > 0 (seconds a collective may wait for a peer)",
     ),
+    "hierarchical_allreduce": (
+        "GRADFUSE_HIERARCHICAL_ALLREDUCE",
+        _flag,
+        False,
+        lambda v: True,
+        "a boolean (True/False, 1/0)",
+    ),
+    # Test only: pretend each node has this many ranks (consecutive ranks form a node), so one
+    # host can exercise the hierarchical paths as several nodes. 0: nodes are real hosts.
+    "test_local_size": (
+        "GRADFUSE_TEST_LOCAL_SIZE",
+        int,
+        0,
+        lambda v: v >= 0,
+        "an integer >= 0 (test only: ranks per simulated node; 0 = real hosts)",
+    ),
 }
 # GRADFUSE_* variables that belong to the build and test scripts or to the CPU kernels
 # (GRADFUSE_CPU_SIMD, read by cpp/ops/cpu/dispatch.cpp), not to the engine.
@@ -46,9 +76,16 @@ class Config:
     fusion_threshold_bytes: int
     cycle_time_ms: float
     timeout_s: float
+    hierarchical_allreduce: bool
+    test_local_size: int
 
 
 def _parse(name, raw, parser, check, what, source):
+    if parser is _flag:
+        try:
+            return _flag(raw)
+        except ValueError:
+            raise ValueError(f"{source} must be {what}, got {raw!r}") from None
     try:
         value = parser(raw) if isinstance(raw, str) else raw
         if isinstance(value, bool) or not isinstance(value, (int, float)):

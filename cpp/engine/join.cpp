@@ -1,0 +1,30 @@
+#include "engine/join.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "engine/handles.h"
+
+namespace gradfuse::engine {
+
+Entry joined_placeholder(const Response& response) {
+  const Request& r = response.request;
+  std::vector<int64_t> shape = r.shape;
+  if (r.op == OpType::kAllgather && !shape.empty()) shape[0] = 0;
+  const auto options = at::TensorOptions().dtype(r.dtype).device(
+      c10::Device(static_cast<c10::DeviceType>(r.device_type), r.device_index));
+  Entry e;
+  e.handle = kNoHandle;
+  e.request = r;
+  e.request.shape = shape;
+  e.tensor = at::zeros(shape, options);
+  if (r.op == OpType::kAllreduce) e.output = at::empty(shape, options);
+  return e;
+}
+
+bool joined_in(const Response& response, int rank) {
+  return std::find(response.joined.begin(), response.joined.end(), rank) != response.joined.end();
+}
+
+}  // namespace gradfuse::engine

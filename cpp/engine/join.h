@@ -1,0 +1,19 @@
+// join(): a rank out of data calls join() and waits; the other ranks' allreduces go on with it
+// contributing zeros (Horovod's semantics: Average still divides by the full size) and their
+// allgathers with it contributing no rows. The controller treats a joined rank as having
+// submitted every name; on that rank the engine runs the collective on a placeholder.
+#pragma once
+
+#include "engine/message.h"
+#include "engine/tensor_queue.h"
+
+namespace gradfuse::engine {
+
+// The entry a joined rank runs for a negotiated response it never submitted: zeros of the
+// agreed shape (allgather: zero rows), handle 0 (nobody waits on it).
+Entry joined_placeholder(const Response& response);
+
+// True when `rank` is one of the response's joined ranks.
+bool joined_in(const Response& response, int rank);
+
+}  // namespace gradfuse::engine
