@@ -14,7 +14,8 @@ bool engine_running();
 bool poll_handle(int64_t handle);
 // Blocks until the handle is done; throws std::runtime_error with its error if it failed.
 void wait_handle(int64_t handle);
-// {cycles, busy_cycles, tensors, collectives, bytes} of the running engine.
+// {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled} of the running
+// engine.
 std::vector<int64_t> engine_stats();
 
 }  // namespace gradfuse::engine

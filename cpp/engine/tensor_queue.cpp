@@ -50,6 +50,15 @@ Entry TensorQueue::take(const std::string& name) {
   return e;
 }
 
+std::optional<Entry> TensorQueue::try_take(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = in_flight_.find(name);
+  if (it == in_flight_.end()) return std::nullopt;
+  Entry e = std::move(it->second);
+  in_flight_.erase(it);
+  return e;
+}
+
 std::vector<Entry> TensorQueue::close(const std::string& reason) {
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_reason_.empty()) {

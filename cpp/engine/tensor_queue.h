@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -41,6 +42,8 @@ class TensorQueue {
   std::vector<Request> take_new_requests();
   // The in-flight entry called `name` (negotiated: it leaves the queue).
   Entry take(const std::string& name);
+  // take(), or nothing when this rank does not hold `name` (a stalled tensor it never sent).
+  std::optional<Entry> try_take(const std::string& name);
   // Every entry still in flight, and closes the queue: a later push() raises a RuntimeError
   // with `reason` (shutdown / fatal error), so nothing waits on a thread that is gone.
   std::vector<Entry> close(const std::string& reason);

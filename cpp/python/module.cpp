@@ -41,7 +41,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "engine_start",
       [](int rank, int size, const std::string& control_group, const std::string& cpu_group,
-         const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms) {
+         const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms,
+         double timeout_s, const std::string& store_host, int store_port,
+         const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s) {
         gradfuse::engine::EngineConfig c;
         c.rank = rank;
         c.size = size;
@@ -50,10 +52,19 @@ PYBIND11_MODULE(_C, m) {
         c.cuda_group = cuda_group;
         c.fusion_threshold_bytes = fusion_threshold_bytes;
         c.cycle_time_ms = cycle_time_ms;
+        c.timeout_s = timeout_s;
+        c.store_host = store_host;
+        c.store_port = store_port;
+        c.heartbeat_prefix = heartbeat_prefix;
+        c.stall_warning_s = stall_warning_s;
+        c.stall_shutdown_s = stall_shutdown_s;
         gradfuse::engine::start_engine(c);
       },
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
       py::arg("cuda_group"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
+      py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
+      py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
+      py::arg("stall_shutdown_s") = 0.0,
       "Start the engine's background thread on the named process groups.");
   // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
@@ -64,12 +75,13 @@ PYBIND11_MODULE(_C, m) {
       [] {
         const auto v = gradfuse::engine::engine_stats();
         py::dict d;
-        const char* keys[] = {"cycles", "busy_cycles", "tensors", "collectives", "bytes"};
+        const char* keys[] = {"cycles", "busy_cycles",  "tensors", "collectives",
+                              "bytes",  "negotiate_ns", "stalled"};
         for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
         return d;
       },
       "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
-      "bytes.");
+      "bytes, negotiation time (ns), stalled tensors given up on.");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),

@@ -14,6 +14,7 @@ from ._engine import (
     rank,
     shutdown,
     size,
+    stats,
 )
 from ._version import __version__
 from .collectives import (
@@ -85,5 +86,6 @@ __all__ = [
     "rank",
     "shutdown",
     "size",
+    "stats",
     "synchronize",
 ]

@@ -35,7 +35,9 @@ def _C():
 def init(**options) -> None:
     """Start gradfuse: join (or create) the torch.distributed job, create the engine's own
     process groups and start its background thread. Options (each defaults to a GRADFUSE_*
-    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s.
+    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s (a peer silent
+    this long fails every pending handle with an error naming it), stall_warning_s,
+    stall_shutdown_s.
 
     Calling init() while initialized does nothing; after shutdown() it starts again."""
     global _state, _created_default_group
@@ -65,6 +67,7 @@ def init(**options) -> None:
         if _cuda_ok():
             groups["cuda"] = dist.new_group(backend="nccl", timeout=timeout)
         local_rank, local_size, cross_rank, cross_size = _node_layout(groups["control"], rank)
+        store_host, store_port = _tcp_store_address()
         _C().engine_start(
             rank=rank,
             size=size,
@@ -73,8 +76,28 @@ def init(**options) -> None:
             cuda_group=groups["cuda"].group_name if "cuda" in groups else "",
             fusion_threshold_bytes=cfg.fusion_threshold_bytes,
             cycle_time_ms=cfg.cycle_time_ms,
+            timeout_s=cfg.timeout_s,
+            store_host=store_host,
+            store_port=store_port,
+            # The control group's name is new at every init(), so a restarted engine never
+            # reads the heartbeats of the previous one.
+            heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
+            stall_warning_s=cfg.stall_warning_s,
+            stall_shutdown_s=cfg.stall_shutdown_s,
         )
         _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
+
+
+def _tcp_store_address():
+    """(host, port) of the job's TCP store, where the engine's liveness monitor beats; ("", 0)
+    when the job has none (e.g. file:// rendezvous): then a dead peer still fails pending work
+    through the transport's own timeout, just without being named."""
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if isinstance(store, dist.TCPStore):
+        return store.host, store.port
+    return "", 0
 
 
 def _cuda_ok() -> bool:
@@ -150,3 +173,15 @@ def cross_rank() -> int:
 
 def cross_size() -> int:
     return _require().cross_size
+
+
+def stats() -> dict:
+    """Counters of this rank's engine since init(): negotiation cycles (and those with work),
+    tensors and bytes reduced, collectives launched, fusion ratio (tensors per collective),
+    seconds spent negotiating, stalled tensors given up on."""
+    _require()
+    raw = _C().engine_stats()
+    out = {k: v for k, v in raw.items() if k != "negotiate_ns"}
+    out["negotiation_s"] = raw["negotiate_ns"] / 1e9
+    out["fusion_ratio"] = raw["tensors"] / raw["collectives"] if raw["collectives"] else 0.0
+    return out

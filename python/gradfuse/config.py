@@ -26,7 +26,21 @@ _OPTIONS = {
         float,
         300.0,
         lambda v: v > 0,
-        "a number > 0 (seconds a collective may wait for a peer)",
+        "a number > 0 (seconds a peer may stay silent before it counts as dead or stuck)",
+    ),
+    "stall_warning_s": (
+        "GRADFUSE_STALL_WARNING_TIME",
+        float,
+        60.0,
+        lambda v: v > 0,
+        "a number > 0 (seconds before a tensor missing on some ranks is reported)",
+    ),
+    "stall_shutdown_s": (
+        "GRADFUSE_STALL_SHUTDOWN_TIME",
+        float,
+        0.0,
+        lambda v: v >= 0,
+        "a number >= 0 (seconds before a stalled tensor fails; 0: never)",
     ),
 }
 # GRADFUSE_* variables that belong to the build and test scripts, not to the engine.
@@ -44,6 +58,8 @@ class Config:
     fusion_threshold_bytes: int
     cycle_time_ms: float
     timeout_s: float
+    stall_warning_s: float
+    stall_shutdown_s: float
 
 
 def _parse(name, raw, parser, check, what, source):

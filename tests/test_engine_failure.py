@@ -1,0 +1,66 @@
+"""Failure, never a hang: a tensor some ranks never submit (stall inspector), and a rank that
+dies mid-run (liveness monitor). One group of 3 ranks runs the checks of
+tests/failure_worker.py in order; the last one kills rank 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from multiproc import run_ranks
+
+ENV = {
+    "GRADFUSE_TIMEOUT": "2",
+    "GRADFUSE_STALL_WARNING_TIME": "0.3",
+    "GRADFUSE_STALL_SHUTDOWN_TIME": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("failure")
+    # The victim exits with code 0, so the launcher lets the survivors finish.
+    return run_ranks(
+        tmp,
+        3,
+        "gradfuse.run",
+        HERE / "failure_worker.py",
+        ["stats", "stall", "dead_rank"],
+        ENV,
+        timeout=120,
+    )
+
+
+def _check(group, check):
+    proc, results = group
+    for rank, res in enumerate(results):
+        assert res is not None, f"rank {rank} wrote no results:\n{proc.stdout}\n{proc.stderr}"
+        assert res.get(check) == "ok", f"rank {rank}, {check}:\n{res.get(check)}\n{proc.stderr}"
+
+
+@pytest.mark.timeout(180)
+def test_stats(group):
+    _check(group, "stats")
+
+
+@pytest.mark.timeout(180)
+def test_stall_fails_the_withheld_tensor(group):
+    _check(group, "stall")
+
+
+@pytest.mark.timeout(180)
+def test_stall_warning_names_tensor_and_missing_rank(group):
+    proc, _ = group
+    out = proc.stdout + proc.stderr
+    for rank in range(3):  # every rank reports it
+        assert f"gradfuse[rank {rank}]: stall warning: tensor 'withheld'" in out, out
+    assert "missing on rank 1" in out
+
+
+@pytest.mark.timeout(180)
+def test_dead_rank_fails_survivors_naming_it(group):
+    _check(group, "dead_rank")
