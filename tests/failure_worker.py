@@ -53,6 +53,22 @@ def check_stats():
     assert after["fusion_ratio"] >= 1.0
 
 
+def check_timeline():
+    # Started at run time (the group's init() also wrote GRADFUSE_TIMELINE from the start).
+    path = os.environ["WORKER_RESULTS"] + ".timeline.json"
+    hvd.start_timeline(path)
+    hvd.allreduce(torch.ones(3), name="traced.a")
+    hvd.grouped_allreduce([torch.ones(2), torch.ones(5)], name="traced.g")
+    hvd.stop_timeline()
+    if hvd.rank() != 0:
+        return  # only rank 0 writes
+    events = hvd.timeline.load(path)
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    for tensor in ("traced.a", "traced.g.0", "traced.g.1"):
+        phases = {e["name"] for e in events if e["ph"] == "X" and tracks[e["tid"]] == tensor}
+        assert phases == {"negotiate", "queue", "pack", "collective", "unpack"}, (tensor, events)
+
+
 def check_dead_rank():
     for step in range(3):
         hvd.allreduce(torch.ones(1), name=f"warmup.{step}")
@@ -80,7 +96,12 @@ def check_dead_rank():
 
 
 RESULTS: dict = {}
-CHECKS = {"stall": check_stall, "stats": check_stats, "dead_rank": check_dead_rank}
+CHECKS = {
+    "timeline": check_timeline,
+    "stall": check_stall,
+    "stats": check_stats,
+    "dead_rank": check_dead_rank,
+}
 
 
 def main():

@@ -5,6 +5,7 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <chrono>
 #include <functional>
 #include <vector>
 
@@ -12,11 +13,19 @@
 
 namespace gradfuse::engine {
 
+// When a batch's collective started (packing done) and ended (unpacking starts), for the
+// timeline.
+struct BatchTimes {
+  std::chrono::steady_clock::time_point packed;
+  std::chrono::steady_clock::time_point reduced;
+};
+
 struct CollectiveContext {
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   int rank = 0;
   int size = 1;
   BufferPool* buffers = nullptr;
+  BatchTimes* times = nullptr;  // optional; outlives the batch's finish()
 };
 
 // A batch whose collective may still be running. finish() waits for it, unpacks and returns

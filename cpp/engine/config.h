@@ -28,6 +28,7 @@ struct EngineConfig {
   // stall_shutdown_s (0: never).
   double stall_warning_s = 60.0;
   double stall_shutdown_s = 0.0;
+  std::string timeline_path;  // non-empty: write a timeline from the start (rank 0 only)
 };
 
 void validate(const EngineConfig& config);

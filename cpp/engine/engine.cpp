@@ -63,6 +63,7 @@ Engine::Engine(EngineConfig config)
         config_.store_host, config_.store_port, config_.heartbeat_prefix, config_.rank,
         config_.size, config_.timeout_s, [this](const std::string& why) { abort(why); });
   }
+  if (!config_.timeline_path.empty()) timeline_.start(config_.timeline_path);
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -85,9 +86,7 @@ std::string Engine::explain(const std::exception& e) {
   if (liveness_) {
     // A peer that died broke the connection just now; its heartbeat goes stale within the
     // timeout, and then the monitor names it.
-    const auto deadline = std::chrono::steady_clock::now() +
-                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                              std::chrono::duration<double>(config_.timeout_s));
+    const auto deadline = std::chrono::steady_clock::now() + liveness_->verdict_delay();
     const std::string verdict = liveness_->wait_for_verdict(deadline);
     if (!verdict.empty()) return verdict + " (transport error: " + what + ")";
   }
@@ -298,7 +297,21 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   return responses;
 }
 
+void Engine::record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
+                    std::chrono::steady_clock::time_point started, const BatchTimes& times) {
+  const auto done = std::chrono::steady_clock::now();
+  for (const Entry& e : batch.entries) {
+    const std::string& name = e.request.name;
+    timeline_.phase(name, "negotiate", e.enqueued, negotiated);
+    timeline_.phase(name, "queue", negotiated, started);
+    timeline_.phase(name, "pack", started, times.packed);
+    timeline_.phase(name, "collective", times.packed, times.reduced);
+    timeline_.phase(name, "unpack", times.reduced, done);
+  }
+}
+
 void Engine::execute(std::vector<Response> responses) {
+  const auto negotiated = std::chrono::steady_clock::now();
   std::vector<Response> runnable;
   for (Response& r : responses) {
     if (r.kind == Response::Kind::kError) {
@@ -310,6 +323,10 @@ void Engine::execute(std::vector<Response> responses) {
     }
   }
   std::vector<Batch> batches = make_batches(std::move(runnable), config_.fusion_threshold_bytes);
+  // Per batch (two may be in flight): when it started, packed and reduced, for the timeline.
+  const bool timed = timeline_.active();
+  std::vector<std::chrono::steady_clock::time_point> started_at(batches.size());
+  std::vector<BatchTimes> times(batches.size());
   // CPU batches are pipelined two deep: batch k+1 is packed while batch k's collective runs,
   // and batch k is unpacked while k+1's runs (each uses its own fusion buffer slot).
   std::optional<StartedBatch> in_flight;
@@ -320,6 +337,7 @@ void Engine::execute(std::vector<Response> responses) {
     in_flight.reset();
     const Batch& batch = batches[in_flight_index];
     std::vector<at::Tensor> outputs = started.finish();
+    if (timed) record(batch, negotiated, started_at[in_flight_index], times[in_flight_index]);
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       HandleTable::get().complete(batch.entries[i].handle, outputs[i]);
     }
@@ -331,7 +349,9 @@ void Engine::execute(std::vector<Response> responses) {
       for (const Response& r : batch.responses) batch.entries.push_back(queue_.take(r.name));
       const bool on_cuda =
           static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
-      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_};
+      CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_,
+                            timed ? &times[index] : nullptr};
+      started_at[index] = std::chrono::steady_clock::now();
       stats_.collectives++;
       stats_.tensors += static_cast<int64_t>(batch.entries.size());
       for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
@@ -339,6 +359,8 @@ void Engine::execute(std::vector<Response> responses) {
       if (on_cuda) {
         finish_in_flight();
         run_cuda_batch(batch, ctx);
+        // Host-side times: when the work was queued on the stream, not when the GPU ran it.
+        if (timed) record(batch, negotiated, started_at[index], times[index]);
         continue;
       }
 #endif
@@ -420,6 +442,10 @@ void stop_engine() {
   }
   if (engine) engine->stop();
 }
+
+void start_timeline(const std::string& path) { current_engine()->start_timeline(path); }
+
+void stop_timeline() { current_engine()->stop_timeline(); }
 
 bool engine_running() {
   std::lock_guard<std::mutex> lock(g_mu);

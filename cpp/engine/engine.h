@@ -25,6 +25,7 @@
 #include "engine/liveness.h"
 #include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
+#include "engine/timeline.h"
 
 namespace gradfuse::engine {
 
@@ -51,6 +52,9 @@ class Engine {
   void stop();
   // Fails every pending handle with `why` and stops the engine (liveness verdict).
   void abort(const std::string& why);
+  // Chrome-trace timeline of this rank's engine, started / stopped at run time.
+  void start_timeline(const std::string& path) { timeline_.start(path); }
+  void stop_timeline() { timeline_.stop(); }
   // Empty while healthy; otherwise why the engine stopped.
   std::string stopped_reason() const;
   const EngineConfig& config() const { return config_; }
@@ -73,6 +77,9 @@ class Engine {
   // rank asked to stop.
   std::vector<Response> negotiate(int& stop_rank);
   void execute(std::vector<Response> responses);
+  // Timeline events of a finished batch: negotiate, queue, pack, collective, unpack.
+  void record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
+              std::chrono::steady_clock::time_point started, const BatchTimes& times);
   void fail_all(const std::string& why);
   // The message for a transport error: names the dead or stuck ranks when the liveness
   // monitor finds them within the timeout.
@@ -91,6 +98,7 @@ class Engine {
   Controller controller_;
   BufferPool buffers_;
   StallInspector stall_;
+  Timeline timeline_;
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   std::atomic<bool> stop_requested_{false};
   std::atomic<bool> aborted_{false};
@@ -106,6 +114,8 @@ class Engine {
 void start_engine(const EngineConfig& config);
 void stop_engine();
 bool engine_running();
+void start_timeline(const std::string& path);
+void stop_timeline();
 // The running engine, or a RuntimeError saying init() was not called / shutdown() was.
 std::shared_ptr<Engine> current_engine();
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled} of the running

@@ -9,7 +9,14 @@ namespace gradfuse::engine {
 
 namespace {
 using Clock = std::chrono::steady_clock;
+
+// Several beats per timeout, so a live peer is never mistaken for a silent one, but not so
+// often that the store (rank 0's TCP server) gets busy.
+Clock::duration beat_interval(double timeout_s) {
+  return std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(std::clamp(timeout_s / 5, 0.02, 1.0)));
 }
+}  // namespace
 
 LivenessMonitor::LivenessMonitor(std::string host, int port, std::string prefix, int rank, int size,
                                  double timeout_s,
@@ -20,6 +27,7 @@ LivenessMonitor::LivenessMonitor(std::string host, int port, std::string prefix,
       rank_(rank),
       size_(size),
       timeout_s_(timeout_s),
+      interval_(beat_interval(timeout_s)),
       on_verdict_(std::move(on_verdict)) {
   thread_ = std::thread([this] { loop(); });
 }
@@ -31,6 +39,11 @@ LivenessMonitor::~LivenessMonitor() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+}
+
+Clock::duration LivenessMonitor::verdict_delay() const {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_)) +
+         2 * interval_;
 }
 
 std::string LivenessMonitor::wait_for_verdict(Clock::time_point deadline) {
@@ -50,11 +63,8 @@ void LivenessMonitor::declare(const std::string& verdict) {
 }
 
 void LivenessMonitor::loop() {
-  // Several beats per timeout, so a live peer is never mistaken for a silent one, but not so
-  // often that the store (rank 0's TCP server) gets busy.
   const auto timeout = std::chrono::duration<double>(timeout_s_);
-  const auto interval = std::chrono::duration_cast<Clock::duration>(
-      std::chrono::duration<double>(std::clamp(timeout_s_ / 5, 0.02, 1.0)));
+  const auto interval = interval_;
   const auto key = [&](int r) { return prefix_ + std::to_string(r); };
   try {
     c10d::TCPStoreOptions opts;

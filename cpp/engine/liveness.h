@@ -28,6 +28,9 @@ class LivenessMonitor {
   // The verdict ("rank 1 did not answer ..."), waiting for it until `deadline`; empty if every
   // peer still beats then.
   std::string wait_for_verdict(std::chrono::steady_clock::time_point deadline);
+  // How long after a peer's death the verdict can come: the timeout plus up to two beat
+  // intervals (the last beat is seen late, the silence is checked late).
+  std::chrono::steady_clock::duration verdict_delay() const;
 
  private:
   void loop();
@@ -39,6 +42,7 @@ class LivenessMonitor {
   const int rank_;
   const int size_;
   const double timeout_s_;
+  const std::chrono::steady_clock::duration interval_;
   std::function<void(const std::string&)> on_verdict_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -43,7 +43,8 @@ PYBIND11_MODULE(_C, m) {
       [](int rank, int size, const std::string& control_group, const std::string& cpu_group,
          const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms,
          double timeout_s, const std::string& store_host, int store_port,
-         const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s) {
+         const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
+         const std::string& timeline_path) {
         gradfuse::engine::EngineConfig c;
         c.rank = rank;
         c.size = size;
@@ -58,18 +59,23 @@ PYBIND11_MODULE(_C, m) {
         c.heartbeat_prefix = heartbeat_prefix;
         c.stall_warning_s = stall_warning_s;
         c.stall_shutdown_s = stall_shutdown_s;
+        c.timeline_path = timeline_path;
         gradfuse::engine::start_engine(c);
       },
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
       py::arg("cuda_group"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
       py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
       py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
-      py::arg("stall_shutdown_s") = 0.0,
+      py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
       "Start the engine's background thread on the named process groups.");
   // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
         "Stop the engine on every rank; pending handles fail.");
   m.def("engine_running", &gradfuse::engine::engine_running);
+  m.def("engine_start_timeline", &gradfuse::engine::start_timeline, py::arg("path"),
+        "Write a Chrome-trace timeline of the running engine to `path` (truncated).");
+  m.def("engine_stop_timeline", &gradfuse::engine::stop_timeline,
+        py::call_guard<py::gil_scoped_release>(), "Close the timeline file.");
   m.def(
       "engine_stats",
       [] {

@@ -2,7 +2,7 @@
 
 ``import gradfuse as hvd`` gives the common Horovod surface."""
 
-from . import data, ops, optim
+from . import data, ops, optim, timeline
 from ._build import build_info
 from ._engine import (
     cross_rank,
@@ -46,6 +46,7 @@ from .functions import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
+from .timeline import start_timeline, stop_timeline
 
 __all__ = [
     "Average",
@@ -86,6 +87,9 @@ __all__ = [
     "rank",
     "shutdown",
     "size",
+    "start_timeline",
     "stats",
+    "stop_timeline",
     "synchronize",
+    "timeline",
 ]

@@ -37,7 +37,7 @@ def init(**options) -> None:
     process groups and start its background thread. Options (each defaults to a GRADFUSE_*
     environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s (a peer silent
     this long fails every pending handle with an error naming it), stall_warning_s,
-    stall_shutdown_s.
+    stall_shutdown_s, timeline (a Chrome-trace file path, written by rank 0).
 
     Calling init() while initialized does nothing; after shutdown() it starts again."""
     global _state, _created_default_group
@@ -84,6 +84,7 @@ def init(**options) -> None:
             heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
             stall_warning_s=cfg.stall_warning_s,
             stall_shutdown_s=cfg.stall_shutdown_s,
+            timeline_path=cfg.timeline if rank == 0 else "",
         )
         _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
 

@@ -42,6 +42,13 @@ _OPTIONS = {
         lambda v: v >= 0,
         "a number >= 0 (seconds before a stalled tensor fails; 0: never)",
     ),
+    "timeline": (
+        "GRADFUSE_TIMELINE",
+        str,
+        "",
+        lambda v: True,
+        "a file path (Chrome-trace JSON written by rank 0)",
+    ),
 }
 # GRADFUSE_* variables that belong to the build and test scripts, not to the engine.
 _NOT_ENGINE = {
@@ -60,9 +67,14 @@ class Config:
     timeout_s: float
     stall_warning_s: float
     stall_shutdown_s: float
+    timeline: str
 
 
 def _parse(name, raw, parser, check, what, source):
+    if parser is str:
+        if not isinstance(raw, (str, os.PathLike)):
+            raise ValueError(f"{source} must be {what}, got {raw!r}")
+        return os.fspath(raw)
     try:
         value = parser(raw) if isinstance(raw, str) else raw
         if isinstance(value, bool) or not isinstance(value, (int, float)):
