@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "engine/config.h"
@@ -11,10 +12,14 @@ namespace gradfuse::engine {
 void start_engine(const EngineConfig& config);
 void stop_engine();
 bool engine_running();
+// Starts (truncating `path`) / stops the running engine's timeline.
+void start_timeline(const std::string& path);
+void stop_timeline();
 bool poll_handle(int64_t handle);
 // Blocks until the handle is done; throws std::runtime_error with its error if it failed.
 void wait_handle(int64_t handle);
-// {cycles, busy_cycles, tensors, collectives, bytes} of the running engine.
+// {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled} of the running
+// engine.
 std::vector<int64_t> engine_stats();
 
 }  // namespace gradfuse::engine

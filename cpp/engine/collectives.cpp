@@ -13,6 +13,10 @@ namespace {
 // 3 and 4 allgather's; the hierarchical allreduce pads in its own.
 constexpr int kHierarchyPadSlot = 5;
 
+void stamp(BatchTimes* times, std::chrono::steady_clock::time_point BatchTimes::*field) {
+  if (times) times->*field = std::chrono::steady_clock::now();
+}
+
 c10d::ReduceOp to_c10d(ReduceOp op) {
   switch (op) {
     case ReduceOp::kSum:
@@ -61,9 +65,11 @@ StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, i
       return {[outputs] { return outputs; }};
     }
     std::vector<at::Tensor> ts{outputs[0]};
+    stamp(ctx.times, &BatchTimes::packed);
     auto work = ctx.group->allreduce(ts, opts);
-    return {[work, outputs] {
+    return {[work, outputs, times = ctx.times] {
       work->wait();
+      stamp(times, &BatchTimes::reduced);
       return outputs;
     }};
   }
@@ -82,6 +88,7 @@ StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, i
         for (size_t i = b; i < end; ++i) ts.push_back(entries[i].tensor);
         pack(ts, flat.narrow(0, offsets[b], flat.numel() - offsets[b]), scale);
       });
+  stamp(ctx.times, &BatchTimes::packed);
   c10::intrusive_ptr<c10d::Work> work;
   if (ctx.hierarchy) {
     // Three dependent collectives: run them here (no overlap with the next batch's pack).
@@ -91,8 +98,9 @@ StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, i
     work = ctx.group->allreduce(ts, opts);
   }
   // `batch` outlives finish(): the engine keeps it until the handles complete.
-  return {[work, flat, outputs, offsets, average, &entries] {
+  return {[work, flat, outputs, offsets, average, &entries, times = ctx.times] {
     if (work) work->wait();
+    stamp(times, &BatchTimes::reduced);
     for_each_scale_run(
         entries, [](const Entry& e) { return e.postscale; },
         [&](size_t b, size_t end, double scale) {
@@ -122,7 +130,9 @@ std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContex
       ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), /*slot=*/2, total);
   if (is_root) pack(inputs, flat, 1.0);
   std::vector<at::Tensor> ts{flat};
+  stamp(ctx.times, &BatchTimes::packed);
   ctx.group->broadcast(ts, opts)->wait();
+  stamp(ctx.times, &BatchTimes::reduced);
   for (size_t i = 0; i < entries.size(); ++i) {
     // The root's in-place outputs already hold the data.
     if (is_root && outputs[i].is_same(inputs[i])) continue;
@@ -167,7 +177,9 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
   std::vector<std::vector<at::Tensor>> gathered(1);
   for (int r = 0; r < n; ++r) gathered[0].push_back(recv.narrow(0, r * segment, segment));
   std::vector<at::Tensor> send_list{send};
+  stamp(ctx.times, &BatchTimes::packed);
   ctx.group->allgather(gathered, send_list)->wait();
+  stamp(ctx.times, &BatchTimes::reduced);
 
   std::vector<at::Tensor> outputs;
   std::vector<int64_t> rank_offset(n, 0);  // where tensor i starts in rank r's segment

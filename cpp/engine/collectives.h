@@ -5,6 +5,7 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <chrono>
 #include <functional>
 #include <vector>
 
@@ -13,6 +14,13 @@
 
 namespace gradfuse::engine {
 
+// When a batch's collective started (packing done) and ended (unpacking starts), for the
+// timeline.
+struct BatchTimes {
+  std::chrono::steady_clock::time_point packed;
+  std::chrono::steady_clock::time_point reduced;
+};
+
 struct CollectiveContext {
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   int rank = 0;
@@ -20,6 +28,7 @@ struct CollectiveContext {
   BufferPool* buffers = nullptr;
   // Set when allreduce is hierarchical (init(hierarchical_allreduce=True)).
   HierarchyGroups hierarchy;
+  BatchTimes* times = nullptr;  // optional; outlives the batch's finish()
 };
 
 // A batch whose collective may still be running. finish() waits for it, unpacks and returns

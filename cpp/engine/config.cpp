@@ -20,6 +20,11 @@ void validate(const EngineConfig& c) {
                     c.fusion_threshold_bytes);
   TORCH_CHECK_VALUE(c.cycle_time_ms > 0, "gradfuse: cycle_time_ms must be > 0, got ",
                     c.cycle_time_ms);
+  TORCH_CHECK_VALUE(c.timeout_s > 0, "gradfuse: timeout_s must be > 0, got ", c.timeout_s);
+  TORCH_CHECK_VALUE(c.stall_warning_s > 0, "gradfuse: stall_warning_s must be > 0, got ",
+                    c.stall_warning_s);
+  TORCH_CHECK_VALUE(c.stall_shutdown_s >= 0, "gradfuse: stall_shutdown_s must be >= 0, got ",
+                    c.stall_shutdown_s);
 }
 
 }  // namespace gradfuse::engine

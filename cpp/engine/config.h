@@ -23,6 +23,18 @@ struct EngineConfig {
   std::string cuda_cross_group;
   int64_t fusion_threshold_bytes = 64 << 20;
   double cycle_time_ms = 1.0;
+  // A peer silent this long is declared dead or stuck and every pending handle fails.
+  double timeout_s = 300.0;
+  // Liveness heartbeats go through the job's TCP store (host:port; empty host: no monitor),
+  // under keys starting with `heartbeat_prefix` (unique per engine instance).
+  std::string store_host;
+  int store_port = 0;
+  std::string heartbeat_prefix;
+  // Stall inspector: warn when a tensor has waited this long for some ranks; fail it after
+  // stall_shutdown_s (0: never).
+  double stall_warning_s = 60.0;
+  double stall_shutdown_s = 0.0;
+  std::string timeline_path;  // non-empty: write a timeline from the start (rank 0 only)
 };
 
 void validate(const EngineConfig& config);

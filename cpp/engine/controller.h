@@ -24,6 +24,12 @@ class Controller {
 
   // Names some rank has submitted that are not yet ready everywhere (for shutdown messages).
   size_t pending() const { return table_.size(); }
+  // Names not yet ready everywhere -> each rank's request (empty where not submitted yet).
+  const std::map<std::string, std::vector<std::optional<Request>>>& pending_table() const {
+    return table_;
+  }
+  // Forgets a pending name (the stall inspector gave up on it).
+  void drop(const std::string& name) { table_.erase(name); }
 
  private:
   Response decide(const std::string& name, const std::vector<std::optional<Request>>& per_rank);

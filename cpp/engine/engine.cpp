@@ -41,7 +41,17 @@ bool supported_dtype(at::ScalarType t) {
 
 }  // namespace
 
-Engine::Engine(EngineConfig config) : config_(std::move(config)), controller_(config_.size) {
+namespace {
+// A transport error already turned into the message every pending handle fails with.
+struct ExplainedError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+}  // namespace
+
+Engine::Engine(EngineConfig config)
+    : config_(std::move(config)),
+      controller_(config_.size),
+      stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s) {
   validate(config_);
   control_ = c10d::resolve_process_group(config_.control_group);
   cpu_ = c10d::resolve_process_group(config_.cpu_group);
@@ -58,10 +68,40 @@ Engine::Engine(EngineConfig config) : config_(std::move(config)), controller_(co
                     "gradfuse: control group '", config_.control_group, "' has rank ",
                     control_->getRank(), " of ", control_->getSize(), ", expected rank ",
                     config_.rank, " of ", config_.size);
+  if (!config_.store_host.empty() && config_.size > 1) {
+    liveness_ = std::make_unique<LivenessMonitor>(
+        config_.store_host, config_.store_port, config_.heartbeat_prefix, config_.rank,
+        config_.size, config_.timeout_s, [this](const std::string& why) { abort(why); });
+  }
+  if (!config_.timeline_path.empty()) timeline_.start(config_.timeline_path);
   thread_ = std::thread([this] { loop(); });
 }
 
 Engine::~Engine() { stop(); }
+
+void Engine::abort(const std::string& why) {
+  // The engine thread may be blocked in a collective with the silent rank until the Gloo
+  // timeout; the handles fail now, so synchronize() raises at once.
+  aborted_ = true;
+  fail_all(why);
+  queue_.wake();
+}
+
+std::string Engine::explain(const std::exception& e) {
+  if (const auto* explained = dynamic_cast<const ExplainedError*>(&e)) return explained->what();
+  const std::string reason = stopped_reason();
+  if (!reason.empty()) return reason;
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  const std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
+  if (liveness_) {
+    // A peer that died broke the connection just now; its heartbeat goes stale within the
+    // timeout, and then the monitor names it.
+    const auto deadline = std::chrono::steady_clock::now() + liveness_->verdict_delay();
+    const std::string verdict = liveness_->wait_for_verdict(deadline);
+    if (!verdict.empty()) return verdict + " (transport error: " + what + ")";
+  }
+  return "gradfuse: the engine stopped after an error: " + what;
+}
 
 int64_t Engine::enqueue(EnqueueArgs a) {
   const char* op = op_name(a.op);
@@ -185,6 +225,7 @@ void Engine::stop() {
   stop_requested_ = true;
   queue_.wake();
   if (thread_.joinable()) thread_.join();
+  liveness_.reset();                            // after the thread: explain() may be waiting on it
   fail_all("gradfuse: shutdown() was called");  // anything that raced with the thread's exit
 }
 
@@ -224,8 +265,13 @@ void Engine::loop() {
       // Sleep until work is enqueued or the cycle time has passed: the other ranks are in the
       // same loop, and negotiation needs all of them.
       queue_.wait_for_work(std::chrono::steady_clock::now() + cycle);
+      if (aborted_) return;  // handles already failed with the liveness verdict
       int stop_rank = -1;
+      const auto negotiate_start = std::chrono::steady_clock::now();
       std::vector<Response> responses = negotiate(stop_rank);
+      stats_.negotiate_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                 std::chrono::steady_clock::now() - negotiate_start)
+                                 .count();
       if (stop_rank >= 0) {
         fail_all("gradfuse: shutdown() was called on rank " + std::to_string(stop_rank));
         return;
@@ -233,16 +279,17 @@ void Engine::loop() {
       execute(std::move(responses));
     }
   } catch (const std::exception& e) {
-    fail_all(std::string("gradfuse: the engine stopped after an error: ") + e.what());
+    fail_all(explain(e));
   }
 }
 
 std::vector<Response> Engine::negotiate(int& stop_rank) {
-  // Each rank sends one fixed-size slot: [length, stop flag, the first bytes of its requests].
+  // Each rank sends one fixed-size slot: [length, stop flag, clock (ms), the first bytes of its
+  // requests]. Rank 0's clock is the one every rank ages stalled tensors by.
   // Steady state (a few dozen names) fits in one slot, so a cycle is a single allgather; only
   // longer messages need a second round for the rest.
   constexpr int64_t kSlot = 4096;
-  constexpr int64_t kHeader = 2 * sizeof(int64_t);
+  constexpr int64_t kHeader = 3 * sizeof(int64_t);
   constexpr int64_t kInline = kSlot - kHeader;
   const int n = config_.size;
   std::vector<uint8_t> mine;
@@ -253,6 +300,9 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   auto* header = reinterpret_cast<int64_t*>(slot.data_ptr<uint8_t>());
   header[0] = my_len;
   header[1] = stop_requested_.load() ? 1 : 0;
+  header[2] = std::chrono::duration_cast<std::chrono::milliseconds>(
+                  std::chrono::steady_clock::now() - started_)
+                  .count();
   std::memcpy(slot.data_ptr<uint8_t>() + kHeader, mine.data(), std::min(my_len, kInline));
   std::vector<std::vector<at::Tensor>> slots(1);
   for (int r = 0; r < n; ++r) slots[0].push_back(at::empty({kSlot}, at::kByte));
@@ -267,9 +317,13 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
     longest = std::max(longest, h[0]);
     if (h[1] && stop_rank < 0) stop_rank = r;
   }
+  const int64_t clock_ms = reinterpret_cast<const int64_t*>(slots[0][0].data_ptr<uint8_t>())[2];
   std::vector<Response> responses;
   stats_.cycles++;
-  if (longest == 0) return responses;
+  if (longest == 0) {
+    stall_.check(controller_, clock_ms, responses);
+    return responses;
+  }
   stats_.busy_cycles++;
 
   // Every rank's full message: the inline part, plus the overflow round when needed.
@@ -300,20 +354,41 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   for (int r = 0; r < n; ++r) {
     controller_.add(r, deserialize_requests(messages[r].data(), messages[r].size(), r), responses);
   }
+  stall_.check(controller_, clock_ms, responses);
   return responses;
 }
 
+void Engine::record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
+                    std::chrono::steady_clock::time_point started, const BatchTimes& times) {
+  const auto done = std::chrono::steady_clock::now();
+  for (const Entry& e : batch.entries) {
+    const std::string& name = e.request.name;
+    timeline_.phase(name, "negotiate", e.enqueued, negotiated);
+    timeline_.phase(name, "queue", negotiated, started);
+    timeline_.phase(name, "pack", started, times.packed);
+    timeline_.phase(name, "collective", times.packed, times.reduced);
+    timeline_.phase(name, "unpack", times.reduced, done);
+  }
+}
+
 void Engine::execute(std::vector<Response> responses) {
+  const auto negotiated = std::chrono::steady_clock::now();
   std::vector<Response> runnable;
   for (Response& r : responses) {
     if (r.kind == Response::Kind::kError) {
-      // A rank that joined has no entry for it: the error is the other ranks'.
-      if (auto e = queue_.try_take(r.name)) HandleTable::get().fail(e->handle, r.error);
+      // A rank without an entry (it joined, or never sent a stalled tensor) has nothing to
+      // fail: the error is the other ranks'.
+      if (auto entry = queue_.try_take(r.name)) HandleTable::get().fail(entry->handle, r.error);
+      if (r.error.rfind("gradfuse: stall:", 0) == 0) stats_.stalled++;
     } else {
       runnable.push_back(std::move(r));
     }
   }
   std::vector<Batch> batches = make_batches(std::move(runnable), config_.fusion_threshold_bytes);
+  // Per batch (two may be in flight): when it started, packed and reduced, for the timeline.
+  const bool timed = timeline_.active();
+  std::vector<std::chrono::steady_clock::time_point> started_at(batches.size());
+  std::vector<BatchTimes> times(batches.size());
   // CPU batches are pipelined two deep: batch k+1 is packed while batch k's collective runs,
   // and batch k is unpacked while k+1's runs (each uses its own fusion buffer slot).
   std::optional<StartedBatch> in_flight;
@@ -324,6 +399,7 @@ void Engine::execute(std::vector<Response> responses) {
     in_flight.reset();
     const Batch& batch = batches[in_flight_index];
     std::vector<at::Tensor> outputs = started.finish();
+    if (timed) record(batch, negotiated, started_at[in_flight_index], times[in_flight_index]);
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       HandleTable::get().complete(batch.entries[i].handle, outputs[i], {},
                                   second_output(batch.responses[i]));
@@ -337,7 +413,9 @@ void Engine::execute(std::vector<Response> responses) {
       const bool on_cuda =
           static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
       CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_,
-                            on_cuda ? cuda_hierarchy_ : cpu_hierarchy_};
+                            on_cuda ? cuda_hierarchy_ : cpu_hierarchy_,
+                            timed ? &times[index] : nullptr};
+      started_at[index] = std::chrono::steady_clock::now();
       stats_.collectives++;
       stats_.tensors += static_cast<int64_t>(batch.entries.size());
       for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
@@ -345,6 +423,8 @@ void Engine::execute(std::vector<Response> responses) {
       if (on_cuda) {
         finish_in_flight();
         run_cuda_batch(batch, ctx);
+        // Host-side times: when the work was queued on the stream, not when the GPU ran it.
+        if (timed) record(batch, negotiated, started_at[index], times[index]);
         continue;
       }
 #endif
@@ -357,11 +437,12 @@ void Engine::execute(std::vector<Response> responses) {
   } catch (const std::exception& e) {
     // A failed collective leaves the ranks out of step: fail the batches that were running,
     // then stop the engine (the remaining entries fail with it).
+    const std::string why = explain(e);
     const size_t last = std::min(index, batches.size() - 1);
     for (size_t b = in_flight ? in_flight_index : last; b <= last; ++b) {
-      for (const Entry& entry : batches[b].entries) HandleTable::get().fail(entry.handle, e.what());
+      for (const Entry& entry : batches[b].entries) HandleTable::get().fail(entry.handle, why);
     }
-    throw;
+    throw ExplainedError(why);
   }
 }
 
@@ -429,6 +510,10 @@ void stop_engine() {
   if (engine) engine->stop();
 }
 
+void start_timeline(const std::string& path) { current_engine()->start_timeline(path); }
+
+void stop_timeline() { current_engine()->stop_timeline(); }
+
 bool engine_running() {
   std::lock_guard<std::mutex> lock(g_mu);
   return g_engine != nullptr;
@@ -442,8 +527,8 @@ std::shared_ptr<Engine> current_engine() {
 
 std::vector<int64_t> engine_stats() {
   const Engine::Stats& s = current_engine()->stats();
-  return {s.cycles.load(), s.busy_cycles.load(), s.tensors.load(), s.collectives.load(),
-          s.bytes.load()};
+  return {s.cycles.load(), s.busy_cycles.load(),  s.tensors.load(), s.collectives.load(),
+          s.bytes.load(),  s.negotiate_ns.load(), s.stalled.load()};
 }
 
 }  // namespace gradfuse::engine

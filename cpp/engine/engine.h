@@ -22,7 +22,10 @@
 #include "engine/config.h"
 #include "engine/controller.h"
 #include "engine/fusion.h"
+#include "engine/liveness.h"
+#include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
+#include "engine/timeline.h"
 
 namespace gradfuse::engine {
 
@@ -48,17 +51,24 @@ class Engine {
   // Asks every rank's engine to stop (at the next negotiation), joins the background thread and
   // fails what is still pending.
   void stop();
+  // Fails every pending handle with `why` and stops the engine (liveness verdict).
+  void abort(const std::string& why);
+  // Chrome-trace timeline of this rank's engine, started / stopped at run time.
+  void start_timeline(const std::string& path) { timeline_.start(path); }
+  void stop_timeline() { timeline_.stop(); }
   // Empty while healthy; otherwise why the engine stopped.
   std::string stopped_reason() const;
   const EngineConfig& config() const { return config_; }
 
   // Counters since start (observability; the benchmark prints them).
   struct Stats {
-    std::atomic<int64_t> cycles{0};       // negotiation rounds
-    std::atomic<int64_t> busy_cycles{0};  // rounds in which some rank had requests
-    std::atomic<int64_t> tensors{0};      // tensors completed
-    std::atomic<int64_t> collectives{0};  // data-plane collectives (fused batches)
-    std::atomic<int64_t> bytes{0};        // bytes through data-plane collectives
+    std::atomic<int64_t> cycles{0};        // negotiation rounds
+    std::atomic<int64_t> busy_cycles{0};   // rounds in which some rank had requests
+    std::atomic<int64_t> tensors{0};       // tensors completed
+    std::atomic<int64_t> collectives{0};   // data-plane collectives (fused batches)
+    std::atomic<int64_t> bytes{0};         // bytes through data-plane collectives
+    std::atomic<int64_t> negotiate_ns{0};  // time spent in negotiation (control plane)
+    std::atomic<int64_t> stalled{0};       // tensors the stall inspector gave up on
   };
   const Stats& stats() const { return stats_; }
 
@@ -68,12 +78,18 @@ class Engine {
   // rank asked to stop.
   std::vector<Response> negotiate(int& stop_rank);
   void execute(std::vector<Response> responses);
+  // Timeline events of a finished batch: negotiate, queue, pack, collective, unpack.
+  void record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
+              std::chrono::steady_clock::time_point started, const BatchTimes& times);
   void fail_all(const std::string& why);
   // The entry this rank runs for a negotiated response: its own, or a joined rank's
   // placeholder (engine/join.h).
   Entry take_entry(const Response& response);
   // alltoall's received splits (HandleTable aux); undefined for other operations.
   at::Tensor second_output(const Response& response) const;
+  // The message for a transport error: names the dead or stuck ranks when the liveness
+  // monitor finds them within the timeout.
+  std::string explain(const std::exception& e);
 #ifdef GRADFUSE_WITH_CUDA
   // run_batch on the engine's stream of the batch's device, ordered after the producers.
   void run_cuda_batch(const Batch& batch, const CollectiveContext& ctx);
@@ -89,20 +105,29 @@ class Engine {
   TensorQueue queue_;
   Controller controller_;
   BufferPool buffers_;
+  StallInspector stall_;
+  Timeline timeline_;
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   std::atomic<bool> stop_requested_{false};
+  std::atomic<bool> aborted_{false};
   Stats stats_;
   mutable std::mutex reason_mu_;
   std::string stopped_reason_;
   std::thread thread_;
+  // Last member: its thread calls abort() and must stop before the rest is destroyed.
+  std::unique_ptr<LivenessMonitor> liveness_;
 };
 
 // The process-wide engine. start() fails if one is running; stop() is a no-op when none is.
 void start_engine(const EngineConfig& config);
 void stop_engine();
 bool engine_running();
+void start_timeline(const std::string& path);
+void stop_timeline();
 // The running engine, or a RuntimeError saying init() was not called / shutdown() was.
 std::shared_ptr<Engine> current_engine();
-// {cycles, busy_cycles, tensors, collectives, bytes} of the running engine.
+// {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled} of the running
+// engine.
 std::vector<int64_t> engine_stats();
 
 }  // namespace gradfuse::engine

@@ -24,6 +24,7 @@ struct Entry {
   at::Tensor output;  // allreduce / broadcast destination (may alias tensor); allgather: none
   double prescale = 1.0;
   double postscale = 1.0;
+  std::chrono::steady_clock::time_point enqueued = std::chrono::steady_clock::now();  // timeline
   // CUDA only: makes the engine's stream wait until the caller's stream produced `tensor`.
   std::function<void()> wait_for_producer;
 };
@@ -42,7 +43,8 @@ class TensorQueue {
   std::vector<Request> take_new_requests();
   // The in-flight entry called `name` (negotiated: it leaves the queue).
   Entry take(const std::string& name);
-  // Like take(), but empty when this rank has no such entry (it joined; see engine/join.h).
+  // take(), or nothing when this rank does not hold `name`: it joined (engine/join.h), or
+  // never sent a tensor the stall inspector gave up on.
   std::optional<Entry> try_take(const std::string& name);
   // Every entry still in flight, and closes the queue: a later push() raises a RuntimeError
   // with `reason` (shutdown / fatal error), so nothing waits on a thread that is gone.

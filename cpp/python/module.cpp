@@ -43,7 +43,10 @@ PYBIND11_MODULE(_C, m) {
       [](int rank, int size, const std::string& control_group, const std::string& cpu_group,
          const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms,
          const std::string& local_group, const std::string& cross_group,
-         const std::string& cuda_local_group, const std::string& cuda_cross_group) {
+         const std::string& cuda_local_group, const std::string& cuda_cross_group,
+         double timeout_s, const std::string& store_host, int store_port,
+         const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
+         const std::string& timeline_path) {
         gradfuse::engine::EngineConfig c;
         c.rank = rank;
         c.size = size;
@@ -56,28 +59,43 @@ PYBIND11_MODULE(_C, m) {
         c.cross_group = cross_group;
         c.cuda_local_group = cuda_local_group;
         c.cuda_cross_group = cuda_cross_group;
+        c.timeout_s = timeout_s;
+        c.store_host = store_host;
+        c.store_port = store_port;
+        c.heartbeat_prefix = heartbeat_prefix;
+        c.stall_warning_s = stall_warning_s;
+        c.stall_shutdown_s = stall_shutdown_s;
+        c.timeline_path = timeline_path;
         gradfuse::engine::start_engine(c);
       },
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
       py::arg("cuda_group"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
       py::arg("local_group") = "", py::arg("cross_group") = "", py::arg("cuda_local_group") = "",
       py::arg("cuda_cross_group") = "",
+      py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
+      py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
+      py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
       "Start the engine's background thread on the named process groups.");
   // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
         "Stop the engine on every rank; pending handles fail.");
   m.def("engine_running", &gradfuse::engine::engine_running);
+  m.def("engine_start_timeline", &gradfuse::engine::start_timeline, py::arg("path"),
+        "Write a Chrome-trace timeline of the running engine to `path` (truncated).");
+  m.def("engine_stop_timeline", &gradfuse::engine::stop_timeline,
+        py::call_guard<py::gil_scoped_release>(), "Close the timeline file.");
   m.def(
       "engine_stats",
       [] {
         const auto v = gradfuse::engine::engine_stats();
         py::dict d;
-        const char* keys[] = {"cycles", "busy_cycles", "tensors", "collectives", "bytes"};
+        const char* keys[] = {"cycles", "busy_cycles",  "tensors", "collectives",
+                              "bytes",  "negotiate_ns", "stalled"};
         for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
         return d;
       },
       "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
-      "bytes.");
+      "bytes, negotiation time (ns), stalled tensors given up on.");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),

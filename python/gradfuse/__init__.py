@@ -2,7 +2,7 @@
 
 ``import gradfuse as hvd`` gives the common Horovod surface."""
 
-from . import data, ops, optim
+from . import data, ops, optim, timeline
 from ._build import build_info
 from ._engine import (
     cross_rank,
@@ -14,6 +14,7 @@ from ._engine import (
     rank,
     shutdown,
     size,
+    stats,
 )
 from ._version import __version__
 from .collectives import (
@@ -51,6 +52,7 @@ from .functions import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
+from .timeline import start_timeline, stop_timeline
 
 __all__ = [
     "Average",
@@ -97,5 +99,9 @@ __all__ = [
     "reducescatter_async",
     "shutdown",
     "size",
+    "start_timeline",
+    "stats",
+    "stop_timeline",
     "synchronize",
+    "timeline",
 ]

@@ -35,7 +35,9 @@ def _C():
 def init(**options) -> None:
     """Start gradfuse: join (or create) the torch.distributed job, create the engine's own
     process groups and start its background thread. Options (each defaults to a GRADFUSE_*
-    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s,
+    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s (a peer silent
+    this long fails every pending handle with an error naming it), stall_warning_s,
+    stall_shutdown_s, timeline (a Chrome-trace file path, written by rank 0),
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
     node) and test_local_size (tests only: consecutive ranks act as nodes of that size).
 
@@ -78,6 +80,7 @@ def init(**options) -> None:
             for group in groups.values():
                 dist.destroy_process_group(group)
             raise
+        store_host, store_port = _tcp_store_address()
         _C().engine_start(
             rank=rank,
             size=size,
@@ -90,8 +93,29 @@ def init(**options) -> None:
             cross_group=_group_name(groups, "cross"),
             cuda_local_group=_group_name(groups, "cuda_local"),
             cuda_cross_group=_group_name(groups, "cuda_cross"),
+            timeout_s=cfg.timeout_s,
+            store_host=store_host,
+            store_port=store_port,
+            # The control group's name is new at every init(), so a restarted engine never
+            # reads the heartbeats of the previous one.
+            heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
+            stall_warning_s=cfg.stall_warning_s,
+            stall_shutdown_s=cfg.stall_shutdown_s,
+            timeline_path=cfg.timeline if rank == 0 else "",
         )
         _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
+
+
+def _tcp_store_address():
+    """(host, port) of the job's TCP store, where the engine's liveness monitor beats; ("", 0)
+    when the job has none (e.g. file:// rendezvous): then a dead peer still fails pending work
+    through the transport's own timeout, just without being named."""
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if isinstance(store, dist.TCPStore):
+        return store.host, store.port
+    return "", 0
 
 
 def _cuda_ok() -> bool:
@@ -213,3 +237,15 @@ def cross_rank() -> int:
 
 def cross_size() -> int:
     return _require().cross_size
+
+
+def stats() -> dict:
+    """Counters of this rank's engine since init(): negotiation cycles (and those with work),
+    tensors and bytes reduced, collectives launched, fusion ratio (tensors per collective),
+    seconds spent negotiating, stalled tensors given up on."""
+    _require()
+    raw = _C().engine_stats()
+    out = {k: v for k, v in raw.items() if k != "negotiate_ns"}
+    out["negotiation_s"] = raw["negotiate_ns"] / 1e9
+    out["fusion_ratio"] = raw["tensors"] / raw["collectives"] if raw["collectives"] else 0.0
+    return out

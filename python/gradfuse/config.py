@@ -40,7 +40,28 @@ _OPTIONS = {
         float,
         300.0,
         lambda v: v > 0,
-        "a number > 0 (seconds a collective may wait for a peer)",
+        "a number > 0 (seconds a peer may stay silent before it counts as dead or stuck)",
+    ),
+    "stall_warning_s": (
+        "GRADFUSE_STALL_WARNING_TIME",
+        float,
+        60.0,
+        lambda v: v > 0,
+        "a number > 0 (seconds before a tensor missing on some ranks is reported)",
+    ),
+    "stall_shutdown_s": (
+        "GRADFUSE_STALL_SHUTDOWN_TIME",
+        float,
+        0.0,
+        lambda v: v >= 0,
+        "a number >= 0 (seconds before a stalled tensor fails; 0: never)",
+    ),
+    "timeline": (
+        "GRADFUSE_TIMELINE",
+        str,
+        "",
+        lambda v: True,
+        "a file path (Chrome-trace JSON written by rank 0)",
     ),
     "hierarchical_allreduce": (
         "GRADFUSE_HIERARCHICAL_ALLREDUCE",
@@ -78,6 +99,9 @@ class Config:
     timeout_s: float
     hierarchical_allreduce: bool
     test_local_size: int
+    stall_warning_s: float
+    stall_shutdown_s: float
+    timeline: str
 
 
 def _parse(name, raw, parser, check, what, source):
@@ -86,6 +110,10 @@ def _parse(name, raw, parser, check, what, source):
             return _flag(raw)
         except ValueError:
             raise ValueError(f"{source} must be {what}, got {raw!r}") from None
+    if parser is str:
+        if not isinstance(raw, (str, os.PathLike)):
+            raise ValueError(f"{source} must be {what}, got {raw!r}")
+        return os.fspath(raw)
     try:
         value = parser(raw) if isinstance(raw, str) else raw
         if isinstance(value, bool) or not isinstance(value, (int, float)):

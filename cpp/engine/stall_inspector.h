@@ -1,0 +1,38 @@
+// Stall inspector: names the ranks that hold up a tensor. The controller sees every rank's
+// requests, so a name pending for a long time is one that some ranks submitted and others did
+// not (a rank stuck elsewhere, or code that skips a collective on some ranks). After
+// `warning_s` every rank logs which ranks are missing which tensors; after `shutdown_s` (when
+// > 0) the tensor fails on the ranks that submitted it instead of waiting forever.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/controller.h"
+
+namespace gradfuse::engine {
+
+class StallInspector {
+ public:
+  StallInspector(int rank, double warning_s, double shutdown_s)
+      : rank_(rank),
+        warning_ms_(static_cast<int64_t>(warning_s * 1000)),
+        shutdown_ms_(static_cast<int64_t>(shutdown_s * 1000)) {}
+
+  // Once per cycle, after the controller has seen every rank's requests. `now_ms` is rank 0's
+  // clock, carried in the negotiation, so every rank ages names identically and gives up on
+  // the same ones in the same cycle (the ranks must agree on what runs). Names given up on
+  // leave the controller and become error responses appended to `out`.
+  void check(Controller& controller, int64_t now_ms, std::vector<Response>& out);
+
+ private:
+  int rank_;
+  int64_t warning_ms_;
+  int64_t shutdown_ms_;
+  std::unordered_map<std::string, int64_t> first_seen_ms_;
+  std::unordered_map<std::string, int64_t> warned_ms_;  // last warning per name
+};
+
+}  // namespace gradfuse::engine

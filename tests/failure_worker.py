@@ -1,0 +1,127 @@
+"""One rank of the failure tests (tests/test_engine_failure.py): a stalled tensor and a rank
+that dies mid-run. Writes {check: "ok" | traceback} like tests/multiproc.py; the rank that dies
+writes its results first."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import gradfuse as hvd
+import torch
+import torch.distributed
+
+VICTIM = 2  # not rank 0: that one hosts the job's store
+
+
+def expect_runtime_error(handle, *needles):
+    try:
+        hvd.synchronize(handle)
+    except RuntimeError as e:
+        for needle in needles:
+            assert needle in str(e), (needle, str(e))
+        return str(e)
+    raise AssertionError("no RuntimeError")
+
+
+def check_stall():
+    # Rank 1 never submits "withheld": the others get a stall error after
+    # GRADFUSE_STALL_SHUTDOWN_TIME instead of waiting forever, and the job goes on.
+    if hvd.rank() != 1:
+        h = hvd.allreduce_async(torch.ones(2), name="withheld")
+        expect_runtime_error(
+            h, "stall", "'withheld'", "missing on rank 1", "submitted by ranks 0, 2"
+        )
+    # Rank 1 must not run ahead into the next collective: it would stall there in turn. The
+    # default group is the user's, not the engine's.
+    torch.distributed.barrier()
+    out = hvd.allreduce(torch.ones(2), name="after.stall", op=hvd.Sum)
+    assert torch.equal(out, torch.full((2,), float(hvd.size())))
+    assert hvd.stats()["stalled"] == 1  # every rank gave up on it, in the same cycle
+
+
+def check_stats():
+    before = hvd.stats()
+    hvd.grouped_allreduce([torch.ones(4), torch.ones(4)], name="stats", op=hvd.Sum)
+    after = hvd.stats()
+    assert after["tensors"] - before["tensors"] == 2, (before, after)
+    assert after["bytes"] - before["bytes"] == 2 * 4 * 4, (before, after)
+    assert after["cycles"] > before["cycles"] and after["negotiation_s"] > 0
+    assert after["fusion_ratio"] >= 1.0
+
+
+def check_timeline():
+    # Started at run time (the group's init() also wrote GRADFUSE_TIMELINE from the start).
+    path = os.environ["WORKER_RESULTS"] + ".timeline.json"
+    hvd.start_timeline(path)
+    hvd.allreduce(torch.ones(3), name="traced.a")
+    hvd.grouped_allreduce([torch.ones(2), torch.ones(5)], name="traced.g")
+    hvd.stop_timeline()
+    if hvd.rank() != 0:
+        return  # only rank 0 writes
+    events = hvd.timeline.load(path)
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    for tensor in ("traced.a", "traced.g.0", "traced.g.1"):
+        phases = {e["name"] for e in events if e["ph"] == "X" and tracks[e["tid"]] == tensor}
+        assert phases == {"negotiate", "queue", "pack", "collective", "unpack"}, (tensor, events)
+
+
+def check_dead_rank():
+    for step in range(3):
+        hvd.allreduce(torch.ones(1), name=f"warmup.{step}")
+    if hvd.rank() == VICTIM:
+        write_results(hvd.rank(), {**RESULTS, "dead_rank": "ok"})  # then vanish, mid-run
+        os._exit(0)
+    start = time.monotonic()
+    error = None
+    for step in range(1000):
+        h = hvd.allreduce_async(torch.ones(1), name=f"step.{step}")
+        try:
+            hvd.synchronize(h)
+        except RuntimeError as e:
+            error = str(e)
+            break
+    assert error is not None
+    assert f"rank {VICTIM} did not answer" in error, error
+    # Later calls fail at once with the same reason, and shutdown does not hang.
+    try:
+        hvd.allreduce(torch.ones(1), name="after.death")
+        raise AssertionError("no error after the death")
+    except RuntimeError as e:
+        assert f"rank {VICTIM}" in str(e), str(e)
+    print(f"rank {hvd.rank()}: failed {time.monotonic() - start:.2f} s after the death", flush=True)
+
+
+RESULTS: dict = {}
+CHECKS = {
+    "timeline": check_timeline,
+    "stall": check_stall,
+    "stats": check_stats,
+    "dead_rank": check_dead_rank,
+}
+
+
+def main():
+    hvd.init()
+    rank = hvd.rank()
+    names = sys.argv[1:]
+    for name in names:
+        try:
+            CHECKS[name]()
+            RESULTS[name] = "ok"
+        except Exception:  # noqa: BLE001  (reported, not raised)
+            RESULTS[name] = traceback.format_exc()
+    write_results(rank, RESULTS)
+    hvd.shutdown()
+
+
+def write_results(rank, results):
+    with open(f"{os.environ['WORKER_RESULTS']}.rank{rank}.json", "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
