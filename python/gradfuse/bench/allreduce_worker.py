@@ -1,0 +1,94 @@
+"""One rank of ``gradfuse-bench allreduce``: for each message size, the same bytes as 16
+tensors reduced four ways — one torch all_reduce of a flat buffer (the floor), one torch
+all_reduce per tensor, gradfuse's engine (fused), and gradfuse with hierarchical allreduce
+(nodes of size/2 ranks). torch is measured first, before the engine runs, so the engine's idle
+negotiation does not slow it. Rank 0 writes the result as JSON.
+
+Started by ``python -m gradfuse.run -np N -m gradfuse.bench.allreduce_worker ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import gradfuse as hvd
+
+TENSORS = 16  # each message is this many equal tensors (fewer when it is tiny)
+
+
+def _seconds(fn, iters: int) -> float:
+    """The slowest rank's median time of fn()."""
+    fn()  # warm-up
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _iters(nbytes: int) -> int:
+    return max(3, min(30, (64 << 20) // max(nbytes, 1)))
+
+
+def _engine_call(tensors, tag):
+    def call():
+        handles = [
+            hvd.allreduce_async_(t, name=f"{tag}.{i}", op=hvd.Sum) for i, t in enumerate(tensors)
+        ]
+        for h in handles:
+            hvd.synchronize(h)
+
+    return call
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", required=True, help="comma-separated message sizes in bytes")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    dist.init_process_group("gloo")  # the user's group; gradfuse.init() adopts it later
+    size = dist.get_world_size()
+    messages = {}
+    for nbytes in sizes:
+        count = max(1, min(TENSORS, nbytes // 1024))
+        numel = max(1, nbytes // 4 // count)
+        messages[nbytes] = [torch.randn(numel) for _ in range(count)]
+    rows = {n: {"bytes": n, "tensors": len(ts)} for n, ts in messages.items()}
+
+    for nbytes, tensors in messages.items():
+        flat = torch.cat(tensors)
+        rows[nbytes]["torch_flat"] = _seconds(lambda f=flat: dist.all_reduce(f), _iters(nbytes))
+        rows[nbytes]["torch_per_tensor"] = _seconds(
+            lambda ts=tensors: [dist.all_reduce(t) for t in ts], _iters(nbytes)
+        )
+
+    hvd.init()
+    for nbytes, tensors in messages.items():
+        rows[nbytes]["gradfuse"] = _seconds(_engine_call(tensors, f"flat{nbytes}"), _iters(nbytes))
+    hvd.shutdown()
+    if size >= 4 and size % 2 == 0:
+        hvd.init(hierarchical_allreduce=True, test_local_size=size // 2)
+        for nbytes, tensors in messages.items():
+            rows[nbytes]["gradfuse_hierarchical"] = _seconds(
+                _engine_call(tensors, f"hier{nbytes}"), _iters(nbytes)
+            )
+        hvd.shutdown()
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"ranks": size, "rows": list(rows.values())}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
