@@ -8,7 +8,6 @@ of every method land in the saved results as ``extra_info``.
 from __future__ import annotations
 
 import pytest
-
 from gradfuse.bench import allreduce
 
 SIZES = [1024 * 4**i for i in range(9)]  # 1 KiB ... 64 MiB (256 MiB: gradfuse-bench)
