@@ -13,53 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def resnet50_shapes():
-    """Parameter shapes of torchvision's resnet50 (conv, bn weight/bias, fc), in model order."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    in_ch = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            out_ch = width * 4
-            shapes += [
-                (width, in_ch, 1, 1),
-                (width,),
-                (width,),
-                (width, width, 3, 3),
-                (width,),
-                (width,),
-                (out_ch, width, 1, 1),
-                (out_ch,),
-                (out_ch,),
-            ]
-            if b == 0:  # projection shortcut
-                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
-            in_ch = out_ch
-    shapes += [(1000, 2048), (1000,)]
-    return shapes
-
-
-def timed(fn, iters, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    # Every rank's view of a step: take the slowest rank's median.
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def worker(rank, size, port, iters, result_queue):
@@ -68,6 +26,8 @@ def worker(rank, size, port, iters, result_queue):
     )
     torch.set_num_threads(1)  # 4 ranks share 2 cores
     import gradfuse as hvd
+    from gradfuse.bench.shapes import resnet50_shapes
+    from gradfuse.bench.timing import slowest_rank_median_seconds as timed
 
     grads = [torch.randn(s) for s in resnet50_shapes()]
     total = sum(g.numel() for g in grads)

@@ -31,7 +31,7 @@ from engine_worker import (  # noqa: F401
     expect_error,
     reference,
 )
-from multiproc import run_checks
+from multiproc import checks_of, worker_main
 
 # Lengths that do not divide by local_size (2) or by the job size, and one bigger than a slot.
 AWKWARD = [1, 2, 3, 5, 7, 13, 31, 1009]
@@ -308,17 +308,7 @@ def check_join():
     assert hvd.join() == 1 % n
 
 
-CHECKS = {name[len("check_") :]: fn for name, fn in globals().items() if name.startswith("check_")}
-
-
-def main():
-    names = sys.argv[1:]
-    hvd.init()
-    try:
-        run_checks(CHECKS, names, hvd.rank())
-    finally:
-        hvd.shutdown()
-
+CHECKS = checks_of(globals())
 
 if __name__ == "__main__":
-    main()
+    worker_main(CHECKS, sys.argv[1:])

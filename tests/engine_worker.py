@@ -14,7 +14,7 @@ import traceback
 
 import gradfuse as hvd
 import torch
-from multiproc import run_checks
+from multiproc import checks_of, run_checks
 
 INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -320,7 +320,7 @@ def check_shutdown_pending_and_reinit():
     )
 
 
-CHECKS = {name[len("check_") :]: fn for name, fn in globals().items() if name.startswith("check_")}
+CHECKS = checks_of(globals())
 
 
 def main():

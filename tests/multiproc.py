@@ -83,3 +83,19 @@ def run_checks(checks: dict, names: list[str], rank: int, results: dict | None =
         print(f"rank {rank}: {name}: {results[name]}", flush=True)
     with open(f"{os.environ['WORKER_RESULTS']}.rank{rank}.json", "w") as f:
         json.dump(results, f)
+
+
+def checks_of(namespace: dict) -> dict:
+    """A worker module's checks: its functions named check_<name>, keyed by <name>."""
+    return {k[len("check_") :]: fn for k, fn in namespace.items() if k.startswith("check_")}
+
+
+def worker_main(checks: dict, names: list[str]) -> None:
+    """A worker's whole run: gradfuse.init(), the named checks, results, shutdown()."""
+    import gradfuse as hvd
+
+    hvd.init()
+    try:
+        run_checks(checks, names, hvd.rank())
+    finally:
+        hvd.shutdown()

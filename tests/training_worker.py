@@ -15,7 +15,7 @@ import warnings
 import gradfuse as hvd
 import torch
 from gradfuse.data import DistributedBatchSampler
-from multiproc import run_checks
+from multiproc import checks_of, worker_main
 from sklearn.datasets import load_digits
 
 GLOBAL_BATCH = 32
@@ -334,16 +334,7 @@ def check_object_collectives():
     assert gathered[2]["payload"] == [0, 1, 2, 3, 4, 5] if hvd.size() > 2 else True
 
 
-CHECKS = {name[len("check_") :]: fn for name, fn in globals().items() if name.startswith("check_")}
-
-
-def main(names):
-    hvd.init()
-    try:
-        run_checks(CHECKS, names, hvd.rank())
-    finally:
-        hvd.shutdown()
-
+CHECKS = checks_of(globals())
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    worker_main(CHECKS, sys.argv[1:])

@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
 import gradfuse as hvd
 
+from .timing import slowest_rank_median_seconds
+
 TENSORS = 16  # each message is this many equal tensors (fewer when it is tiny)
-
-
-def _seconds(fn, iters: int) -> float:
-    """The slowest rank's median time of fn()."""
-    fn()  # warm-up
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def _iters(nbytes: int) -> int:
@@ -68,19 +54,23 @@ def main(argv=None):
 
     for nbytes, tensors in messages.items():
         flat = torch.cat(tensors)
-        rows[nbytes]["torch_flat"] = _seconds(lambda f=flat: dist.all_reduce(f), _iters(nbytes))
-        rows[nbytes]["torch_per_tensor"] = _seconds(
+        rows[nbytes]["torch_flat"] = slowest_rank_median_seconds(
+            lambda f=flat: dist.all_reduce(f), _iters(nbytes)
+        )
+        rows[nbytes]["torch_per_tensor"] = slowest_rank_median_seconds(
             lambda ts=tensors: [dist.all_reduce(t) for t in ts], _iters(nbytes)
         )
 
     hvd.init()
     for nbytes, tensors in messages.items():
-        rows[nbytes]["gradfuse"] = _seconds(_engine_call(tensors, f"flat{nbytes}"), _iters(nbytes))
+        rows[nbytes]["gradfuse"] = slowest_rank_median_seconds(
+            _engine_call(tensors, f"flat{nbytes}"), _iters(nbytes)
+        )
     hvd.shutdown()
     if size >= 4 and size % 2 == 0:
         hvd.init(hierarchical_allreduce=True, test_local_size=size // 2)
         for nbytes, tensors in messages.items():
-            rows[nbytes]["gradfuse_hierarchical"] = _seconds(
+            rows[nbytes]["gradfuse_hierarchical"] = slowest_rank_median_seconds(
                 _engine_call(tensors, f"hier{nbytes}"), _iters(nbytes)
             )
         hvd.shutdown()

@@ -40,6 +40,15 @@ def _python_lars(params, grads, bufs, lr, momentum, wd, trust_coef, eps):
         p.sub_(v, alpha=lr)
 
 
+def torch_topk_with_feedback(grad, residual, k):
+    """The same work as gradfuse's top-k in torch ops: accumulate, select, send, clear."""
+    residual.add_(grad)
+    idx = torch.topk(residual.abs(), k, sorted=False).indices
+    values = residual[idx]
+    residual[idx] = 0
+    return values, idx
+
+
 def _time_lars(grads, shapes, dev, reps):
     """(python LARS, torch SGD foreach, gradfuse) seconds; LARS moves 20 bytes per parameter
     (read w, g, v; write w, v)."""
@@ -93,14 +102,7 @@ def _time_topk(grads, density, dev, reps):
     residual = torch.zeros_like(grad)
     k = max(1, math.ceil(density * grad.numel()))
 
-    def torch_topk_with_feedback():
-        residual.add_(grad)
-        idx = torch.topk(residual.abs(), k, sorted=False).indices
-        values = residual[idx]
-        residual[idx] = 0
-        return values, idx
-
-    t_ref = median_seconds(torch_topk_with_feedback, dev, reps)
+    t_ref = median_seconds(lambda: torch_topk_with_feedback(grad, residual, k), dev, reps)
     t_alone = median_seconds(lambda: torch.topk(grad.abs(), k, sorted=False), dev, reps)
     t_exact = median_seconds(lambda: ops.topk_compress(grad, residual, density), dev, reps)
     t_sampled = median_seconds(

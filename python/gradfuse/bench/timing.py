@@ -31,6 +31,24 @@ def median_seconds(
     return statistics.median(times)
 
 
+def slowest_rank_median_seconds(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
+    """Multi-rank timing: each rank's median over `iters` barrier-aligned calls of fn(), then the
+    maximum over ranks (a collective ends for the job when its slowest rank finishes)."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read plus written."""
     src = torch.randn(nbytes // 4, device=device)
