@@ -1,6 +1,7 @@
 // gradfuse._C: importing it registers torch.ops.gradfuse.* (the TORCH_LIBRARY blocks in
-// cpp/ops are linked into this module). The pybind11 surface is thin: build facts and
-// switches for the CPU kernels; no logic lives here.
+// cpp/ops and cpp/engine are linked into this module). The pybind11 surface is thin: build
+// facts, the CPU kernels' vector-path switch and the engine's control calls (start, stop,
+// wait, stats, timeline) with plain types; tensors travel through torch.ops. No logic here.
 #include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 
