@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -47,14 +48,22 @@ def run_ranks(
         cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(worker), *args]
     else:
         raise ValueError(f"unknown launcher {launcher!r}")
-    proc = subprocess.run(
+    # Its own session, so a hung group is killed whole (launcher and ranks), not orphaned.
+    with subprocess.Popen(
         cmd,
         env=worker_env(tmp, n, extra_env),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
-    )
+        start_new_session=True,
+    ) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            stderr += f"\n[harness] {n} ranks killed after {timeout} s: the group hung"
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     results = []
     for r in range(n):
         path = tmp / f"result.rank{r}.json"
