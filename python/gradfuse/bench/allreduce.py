@@ -6,11 +6,7 @@ algorithm bandwidth * 2 (n - 1) / n (what each rank's link carries in a ring all
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+from .jobs import run_worker
 
 METHODS = [
     ("torch_flat", "torch flat"),
@@ -25,28 +21,9 @@ def default_sizes() -> list[int]:
 
 
 def run(ranks: int, sizes: list[int]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "allreduce.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "gradfuse.run",
-            "-np",
-            str(ranks),
-            "-m",
-            "gradfuse.bench.allreduce_worker",
-            "--sizes",
-            ",".join(map(str, sizes)),
-            "--out",
-            str(out),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"gradfuse-bench allreduce: {ranks} ranks failed "
-                f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-            )
-        result = json.loads(out.read_text())
+    result = run_worker(
+        ranks, "gradfuse.bench.allreduce_worker", ["--sizes", ",".join(map(str, sizes))]
+    )
     n = result["ranks"]
     for row in result["rows"]:
         for key, _ in METHODS:

@@ -7,26 +7,15 @@ Each rank count is one ``gradfuse.run`` job running both frameworks in the same 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+from .jobs import run_worker
 
 
 def run(ranks: list[int], model: str, batch_size: int, steps: int, rounds: int) -> list[dict]:
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in ranks:
-            out = Path(tmp) / f"train{n}.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "gradfuse.run",
-                "-np",
-                str(n),
-                "-m",
-                "gradfuse.bench.train_worker",
+    results = [
+        run_worker(
+            n,
+            "gradfuse.bench.train_worker",
+            [
                 "--model",
                 model,
                 "--batch-size",
@@ -35,16 +24,10 @@ def run(ranks: list[int], model: str, batch_size: int, steps: int, rounds: int) 
                 str(steps),
                 "--rounds",
                 str(rounds),
-                "--out",
-                str(out),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"gradfuse-bench train: {n} ranks failed "
-                    f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-                )
-            results.append(json.loads(out.read_text()))
+            ],
+        )
+        for n in ranks
+    ]
     base = {
         fw: next((r[f"{fw}_per_rank"] for r in results if r["ranks"] == 1), None)
         for fw in ("gradfuse", "ddp")
