@@ -278,6 +278,89 @@ def check_mismatch_errors():
     )
 
 
+def _hits_misses(fn):
+    """fn()'s change to this rank's response cache counters: (hits, misses)."""
+    before = hvd.stats()
+    fn()
+    after = hvd.stats()
+    return after["cache_hits"] - before["cache_hits"], after["cache_misses"] - before[
+        "cache_misses"
+    ]
+
+
+def check_response_cache():
+    n, r = hvd.size(), hvd.rank()
+    specs = [(f"cache.{i}", DTYPES[i % len(DTYPES)], SHAPES[i % len(SHAPES)]) for i in range(24)]
+
+    def step(seed, shape_of=lambda shape: shape):
+        order = list(range(len(specs)))
+        random.Random(seed + r).shuffle(order)  # each rank submits in its own order
+        handles = {}
+        for i in order:
+            name, dtype, shape = specs[i]
+            handles[i] = hvd.allreduce_async(
+                data(r, seed + i, shape_of(shape), dtype), name=name, op=hvd.Sum
+            )
+        for i, h in handles.items():
+            name, dtype, shape = specs[i]
+            expected = reference(
+                hvd.Sum, [data(k, seed + i, shape_of(shape), dtype) for k in range(n)]
+            )
+            close(hvd.synchronize(h), expected, dtype)
+
+    # First step: every request travels in full; the next ones as cache bits (new data, same
+    # attributes), with every result still right.
+    assert _hits_misses(lambda: step(100)) == (0, len(specs))
+    assert _hits_misses(lambda: step(200)) == (len(specs), 0)
+    assert _hits_misses(lambda: step(300)) == (len(specs), 0)
+    # Every rank changes the shapes: a cached name with new attributes is sent in full and
+    # runs with them, then is cached again.
+    assert _hits_misses(lambda: step(400, lambda s: (2,) + s)) == (0, len(specs))
+    assert _hits_misses(lambda: step(500, lambda s: (2,) + s)) == (len(specs), 0)
+    # Only the last rank changes: it sends in full, the others send the bit; the mismatch is
+    # still found and raised on every rank, naming the rank.
+    odd = r == n - 1
+    hvd.allreduce(torch.ones(3), name="cache.bad", op=hvd.Sum)
+    expect_error(
+        RuntimeError,
+        lambda: hvd.allreduce(torch.ones(4 if odd else 3), name="cache.bad"),
+        "cache.bad",
+        "shape",
+        f"on rank {n - 1}",
+    )
+    assert torch.equal(
+        hvd.allreduce(torch.ones(3), name="cache.bad", op=hvd.Sum), torch.full((3,), float(n))
+    )
+
+
+def check_response_cache_eviction_and_disabled():
+    n = hvd.size()
+    hvd.shutdown()
+    hvd.init(cache_capacity=2)
+    try:
+
+        def run(name):
+            out = hvd.allreduce(torch.ones(2), name=name, op=hvd.Sum)
+            assert torch.equal(out, torch.full((2,), float(n))), name
+
+        def hit(name):
+            h, m = _hits_misses(lambda: run(name))
+            return {(1, 0): "hit", (0, 1): "miss"}[(h, m)]
+
+        # Capacity 2, least recently run evicted: c evicts b (a ran more recently), b evicts c.
+        got = [hit(x) for x in "abacabc"]
+        assert got == ["miss", "miss", "hit", "miss", "hit", "miss", "miss"], got
+    finally:
+        hvd.shutdown()
+    hvd.init(cache_capacity=0)
+    try:
+        for _ in range(3):
+            assert _hits_misses(lambda: hvd.allreduce(torch.ones(2), name="nocache")) == (0, 1)
+    finally:
+        hvd.shutdown()
+        hvd.init()
+
+
 def check_local_errors():
     r = hvd.rank()
     h = hvd.allreduce_async(torch.ones(2), name="dup", op=hvd.Sum)

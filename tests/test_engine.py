@@ -67,6 +67,7 @@ def test_run_launcher_propagates_failure(tmp_path):
         ("GRADFUSE_BOGUS", "1", "GRADFUSE_BOGUS"),
         ("GRADFUSE_FUSION_THRESHOLD", "lots", "GRADFUSE_FUSION_THRESHOLD"),
         ("GRADFUSE_CYCLE_TIME", "-1", "GRADFUSE_CYCLE_TIME"),
+        ("GRADFUSE_CACHE_CAPACITY", "-1", "GRADFUSE_CACHE_CAPACITY"),
     ],
 )
 def test_bad_configuration_is_a_value_error(monkeypatch, var, value, needle):

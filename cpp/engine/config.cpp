@@ -18,6 +18,8 @@ void validate(const EngineConfig& c) {
   TORCH_CHECK_VALUE(c.fusion_threshold_bytes >= 0,
                     "gradfuse: fusion_threshold_bytes must be >= 0, got ",
                     c.fusion_threshold_bytes);
+  TORCH_CHECK_VALUE(c.cache_capacity >= 0 && c.cache_capacity <= (int64_t{1} << 24),
+                    "gradfuse: cache_capacity must be in [0, 16777216], got ", c.cache_capacity);
   TORCH_CHECK_VALUE(c.cycle_time_ms > 0, "gradfuse: cycle_time_ms must be > 0, got ",
                     c.cycle_time_ms);
   TORCH_CHECK_VALUE(c.timeout_s > 0, "gradfuse: timeout_s must be > 0, got ", c.timeout_s);

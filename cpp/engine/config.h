@@ -22,6 +22,8 @@ struct EngineConfig {
   std::string cuda_local_group;
   std::string cuda_cross_group;
   int64_t fusion_threshold_bytes = 64 << 20;
+  // Response cache entries (engine/response_cache.h); 0 disables the cache.
+  int64_t cache_capacity = 1024;
   double cycle_time_ms = 1.0;
   // A peer silent this long is declared dead or stuck and every pending handle fails.
   double timeout_s = 300.0;

@@ -51,6 +51,7 @@ struct ExplainedError : std::runtime_error {
 Engine::Engine(EngineConfig config)
     : config_(std::move(config)),
       controller_(config_.size),
+      cache_(config_.cache_capacity),
       stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s) {
   validate(config_);
   control_ = c10d::resolve_process_group(config_.control_group);
@@ -292,8 +293,20 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   constexpr int64_t kHeader = 3 * sizeof(int64_t);
   constexpr int64_t kInline = kSlot - kHeader;
   const int n = config_.size;
+  // Requests the other ranks have seen run with these exact attributes go as cache bits.
+  std::vector<uint32_t> bits;
+  std::vector<Request> full;
+  for (Request& r : queue_.take_new_requests()) {
+    if (auto bit = cache_.lookup(r)) {
+      bits.push_back(*bit);
+    } else {
+      full.push_back(std::move(r));
+    }
+  }
+  stats_.cache_hits += static_cast<int64_t>(bits.size());
+  stats_.cache_misses += static_cast<int64_t>(full.size());
   std::vector<uint8_t> mine;
-  serialize_requests(queue_.take_new_requests(), mine);
+  serialize_message(bits, full, mine);
   const auto my_len = static_cast<int64_t>(mine.size());
 
   at::Tensor slot = at::zeros({kSlot}, at::kByte);
@@ -350,11 +363,19 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   }
   // Every rank feeds the same messages in rank order, so every rank's controller decides the
   // same responses in the same order (the decision rank 0 would broadcast, without the extra
-  // round trip).
+  // round trip). All bits are resolved before the cache changes below.
+  std::vector<std::vector<Request>> requests(n);
   for (int r = 0; r < n; ++r) {
-    controller_.add(r, deserialize_requests(messages[r].data(), messages[r].size(), r), responses);
+    requests[r] = deserialize_message(messages[r].data(), messages[r].size(), r, cache_);
   }
+  for (int r = 0; r < n; ++r) controller_.add(r, requests[r], responses);
   stall_.check(controller_, clock_ms, responses);
+  for (const Response& resp : responses) {
+    // join changes meaning with who joined; an error may be a disagreement: neither is cached.
+    if (resp.kind == Response::Kind::kRun && resp.request.op != OpType::kJoin) {
+      cache_.put(resp.request);
+    }
+  }
   return responses;
 }
 
@@ -527,8 +548,9 @@ std::shared_ptr<Engine> current_engine() {
 
 std::vector<int64_t> engine_stats() {
   const Engine::Stats& s = current_engine()->stats();
-  return {s.cycles.load(), s.busy_cycles.load(),  s.tensors.load(), s.collectives.load(),
-          s.bytes.load(),  s.negotiate_ns.load(), s.stalled.load()};
+  return {s.cycles.load(),       s.busy_cycles.load(), s.tensors.load(),
+          s.collectives.load(),  s.bytes.load(),       s.negotiate_ns.load(),
+          s.stalled.load(),      s.cache_hits.load(),  s.cache_misses.load()};
 }
 
 }  // namespace gradfuse::engine

@@ -23,6 +23,7 @@
 #include "engine/controller.h"
 #include "engine/fusion.h"
 #include "engine/liveness.h"
+#include "engine/response_cache.h"
 #include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
 #include "engine/timeline.h"
@@ -69,6 +70,8 @@ class Engine {
     std::atomic<int64_t> bytes{0};         // bytes through data-plane collectives
     std::atomic<int64_t> negotiate_ns{0};  // time spent in negotiation (control plane)
     std::atomic<int64_t> stalled{0};       // tensors the stall inspector gave up on
+    std::atomic<int64_t> cache_hits{0};    // requests this rank sent as a response-cache bit
+    std::atomic<int64_t> cache_misses{0};  // requests this rank sent in full
   };
   const Stats& stats() const { return stats_; }
 
@@ -104,6 +107,7 @@ class Engine {
   HierarchyGroups cuda_hierarchy_;
   TensorQueue queue_;
   Controller controller_;
+  ResponseCache cache_;
   BufferPool buffers_;
   StallInspector stall_;
   Timeline timeline_;
@@ -126,8 +130,8 @@ void start_timeline(const std::string& path);
 void stop_timeline();
 // The running engine, or a RuntimeError saying init() was not called / shutdown() was.
 std::shared_ptr<Engine> current_engine();
-// {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled} of the running
-// engine.
+// {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
+// cache_misses} of the running engine.
 std::vector<int64_t> engine_stats();
 
 }  // namespace gradfuse::engine

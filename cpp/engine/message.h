@@ -36,6 +36,8 @@ struct Request {
   int32_t root = 0;  // broadcast only
   std::vector<int64_t> shape;
   std::vector<int64_t> splits;  // alltoall only: rows this rank sends to each rank
+
+  bool operator==(const Request&) const = default;
 };
 
 // Appends the byte form of a request list / reads it back. `rank` names the sender in errors.

@@ -47,7 +47,7 @@ PYBIND11_MODULE(_C, m) {
          const std::string& cuda_local_group, const std::string& cuda_cross_group,
          double timeout_s, const std::string& store_host, int store_port,
          const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
-         const std::string& timeline_path) {
+         const std::string& timeline_path, int64_t cache_capacity) {
         gradfuse::engine::EngineConfig c;
         c.rank = rank;
         c.size = size;
@@ -67,6 +67,7 @@ PYBIND11_MODULE(_C, m) {
         c.stall_warning_s = stall_warning_s;
         c.stall_shutdown_s = stall_shutdown_s;
         c.timeline_path = timeline_path;
+        c.cache_capacity = cache_capacity;
         gradfuse::engine::start_engine(c);
       },
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
@@ -76,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
       py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
       py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
+      py::arg("cache_capacity") = 1024,
       "Start the engine's background thread on the named process groups.");
   // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
@@ -90,13 +92,15 @@ PYBIND11_MODULE(_C, m) {
       [] {
         const auto v = gradfuse::engine::engine_stats();
         py::dict d;
-        const char* keys[] = {"cycles", "busy_cycles",  "tensors", "collectives",
-                              "bytes",  "negotiate_ns", "stalled"};
+        const char* keys[] = {"cycles",       "busy_cycles", "tensors",
+                              "collectives",  "bytes",       "negotiate_ns",
+                              "stalled",      "cache_hits",  "cache_misses"};
         for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
         return d;
       },
       "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
-      "bytes, negotiation time (ns), stalled tensors given up on.");
+      "bytes, negotiation time (ns), stalled tensors given up on, requests sent as response "
+      "cache bits and in full.");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),

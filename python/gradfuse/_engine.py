@@ -35,7 +35,8 @@ def _C():
 def init(**options) -> None:
     """Start gradfuse: join (or create) the torch.distributed job, create the engine's own
     process groups and start its background thread. Options (each defaults to a GRADFUSE_*
-    environment variable): fusion_threshold_bytes, cycle_time_ms, timeout_s (a peer silent
+    environment variable): fusion_threshold_bytes, cache_capacity (response cache entries:
+    steady-state steps announce a cached tensor as one bit; 0 disables), cycle_time_ms, timeout_s (a peer silent
     this long fails every pending handle with an error naming it), stall_warning_s,
     stall_shutdown_s, timeline (a Chrome-trace file path, written by rank 0),
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
@@ -102,6 +103,7 @@ def init(**options) -> None:
             stall_warning_s=cfg.stall_warning_s,
             stall_shutdown_s=cfg.stall_shutdown_s,
             timeline_path=cfg.timeline if rank == 0 else "",
+            cache_capacity=cfg.cache_capacity,
         )
         _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
 
@@ -242,10 +244,13 @@ def cross_size() -> int:
 def stats() -> dict:
     """Counters of this rank's engine since init(): negotiation cycles (and those with work),
     tensors and bytes reduced, collectives launched, fusion ratio (tensors per collective),
-    seconds spent negotiating, stalled tensors given up on."""
+    seconds spent negotiating, stalled tensors given up on, and the response cache's hits
+    (requests this rank announced as a cache bit), misses (announced in full) and hit rate."""
     _require()
     raw = _C().engine_stats()
     out = {k: v for k, v in raw.items() if k != "negotiate_ns"}
     out["negotiation_s"] = raw["negotiate_ns"] / 1e9
     out["fusion_ratio"] = raw["tensors"] / raw["collectives"] if raw["collectives"] else 0.0
+    requests = raw["cache_hits"] + raw["cache_misses"]
+    out["cache_hit_rate"] = raw["cache_hits"] / requests if requests else 0.0
     return out

@@ -28,6 +28,13 @@ _OPTIONS = {
         lambda v: v >= 0,
         "an integer >= 0 (bytes)",
     ),
+    "cache_capacity": (
+        "GRADFUSE_CACHE_CAPACITY",
+        int,
+        1024,
+        lambda v: 0 <= v <= 1 << 24,
+        "an integer in [0, 16777216] (response cache entries; 0 disables the cache)",
+    ),
     "cycle_time_ms": (
         "GRADFUSE_CYCLE_TIME",
         float,
@@ -95,6 +102,7 @@ _NOT_ENGINE = {
 @dataclass
 class Config:
     fusion_threshold_bytes: int
+    cache_capacity: int
     cycle_time_ms: float
     timeout_s: float
     hierarchical_allreduce: bool
