@@ -362,15 +362,22 @@ def check_response_cache_eviction_and_disabled():
 
 
 def check_local_errors():
-    r = hvd.rank()
-    h = hvd.allreduce_async(torch.ones(2), name="dup", op=hvd.Sum)
+    n, r = hvd.size(), hvd.rank()
+    # A name leaves "in flight" once negotiated, so rank r's "dup.r" must stay unmatched until
+    # its second submission is refused: the other ranks submit it only after the barrier.
+    mine = hvd.allreduce_async(torch.ones(2), name=f"dup.{r}", op=hvd.Sum)
     expect_error(
         ValueError,
-        lambda: hvd.allreduce_async(torch.ones(2), name="dup"),
-        "dup",
+        lambda: hvd.allreduce_async(torch.ones(2), name=f"dup.{r}"),
+        f"dup.{r}",
         "already in flight",
     )
-    hvd.synchronize(h)
+    torch.distributed.barrier()
+    others = [
+        hvd.allreduce_async(torch.ones(2), name=f"dup.{k}", op=hvd.Sum) for k in range(n) if k != r
+    ]
+    for h in [mine, *others]:
+        assert torch.equal(hvd.synchronize(h), torch.full((2,), float(n)))
     expect_error(ValueError, lambda: hvd.allreduce(torch.ones(2), op=17), "op")
     expect_error(ValueError, lambda: hvd.broadcast(torch.ones(2), 99), "root_rank")
     expect_error(TypeError, lambda: hvd.broadcast(torch.ones(2), "0"), "root_rank")

@@ -72,8 +72,19 @@ def run_ranks(
 
 
 def assert_check_ok(proc, results, check: str) -> None:
+    # A failed group names the check that failed first (run_checks stops there).
+    first_failure = next(
+        (
+            f"rank {rank}, {name}:\n{outcome}"
+            for rank, res in enumerate(results)
+            for name, outcome in (res or {}).items()
+            if outcome != "ok" and not outcome.startswith("not run")
+        ),
+        "",
+    )
     assert proc.returncode == 0, (
-        f"ranks failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        f"ranks failed (rc {proc.returncode}); first failed check: {first_failure}\n"
+        f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
     for rank, res in enumerate(results):
         assert res is not None, f"rank {rank} wrote no results:\n{proc.stderr[-4000:]}"
@@ -81,17 +92,28 @@ def assert_check_ok(proc, results, check: str) -> None:
 
 
 def run_checks(checks: dict, names: list[str], rank: int, results: dict | None = None) -> None:
-    """Worker side: runs checks[name]() for each name and writes this rank's results."""
+    """Worker side: runs checks[name]() for each name and writes this rank's results.
+
+    The first failure ends this rank at once (exit code 1, so the launcher stops the others):
+    a check that fails on one rank leaves the ranks out of step, and going on would turn the
+    failure into a hang (the other ranks wait in a collective this rank has abandoned)."""
     results = dict(results or {})
+    failed = None
     for name in names:
+        if failed is not None:
+            results[name] = f"not run: '{failed}' failed before it on rank {rank}"
+            continue
         try:
             checks[name]()
             results[name] = "ok"
         except Exception:  # noqa: BLE001  (any failure is reported, not raised)
             results[name] = traceback.format_exc()
+            failed = name
         print(f"rank {rank}: {name}: {results[name]}", flush=True)
     with open(f"{os.environ['WORKER_RESULTS']}.rank{rank}.json", "w") as f:
         json.dump(results, f)
+    if failed is not None:
+        os._exit(1)
 
 
 def checks_of(namespace: dict) -> dict:
