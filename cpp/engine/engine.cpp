@@ -261,15 +261,25 @@ at::Tensor Engine::second_output(const Response& response) const {
 void Engine::loop() {
   const auto cycle = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
       std::chrono::duration<double, std::milli>(config_.cycle_time_ms));
+  // Idle back-off: while no rank submits anything and this rank has nothing in flight, the
+  // wait between negotiations doubles up to kMaxIdleBackoff cycle times, so an idle job (the
+  // forward pass) does not spend CPU on an allgather every cycle. It costs no latency when
+  // work resumes, because every rank wakes on its own enqueue; a rank with work in flight
+  // never backs off, so a straggler's late tensor is negotiated within one cycle.
+  constexpr int kMaxIdleBackoff = 16;
+  int backoff = 1;
   try {
     while (true) {
-      // Sleep until work is enqueued or the cycle time has passed: the other ranks are in the
-      // same loop, and negotiation needs all of them.
-      queue_.wait_for_work(std::chrono::steady_clock::now() + cycle);
+      // Sleep until work is enqueued or the (backed-off) cycle time has passed: the other
+      // ranks are in the same loop, and negotiation needs all of them.
+      queue_.wait_for_work(std::chrono::steady_clock::now() + cycle * backoff);
       if (aborted_) return;  // handles already failed with the liveness verdict
       int stop_rank = -1;
       const auto negotiate_start = std::chrono::steady_clock::now();
+      const int64_t busy_before = stats_.busy_cycles;
       std::vector<Response> responses = negotiate(stop_rank);
+      const bool idle = stats_.busy_cycles == busy_before && responses.empty();
+      backoff = idle && !queue_.has_in_flight() ? std::min(2 * backoff, kMaxIdleBackoff) : 1;
       stats_.negotiate_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                                  std::chrono::steady_clock::now() - negotiate_start)
                                  .count();

@@ -59,6 +59,11 @@ std::optional<Entry> TensorQueue::try_take(const std::string& name) {
   return e;
 }
 
+bool TensorQueue::has_in_flight() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !in_flight_.empty() || !new_requests_.empty();
+}
+
 std::vector<Entry> TensorQueue::close(const std::string& reason) {
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_reason_.empty()) {

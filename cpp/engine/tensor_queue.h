@@ -46,6 +46,8 @@ class TensorQueue {
   // take(), or nothing when this rank does not hold `name`: it joined (engine/join.h), or
   // never sent a tensor the stall inspector gave up on.
   std::optional<Entry> try_take(const std::string& name);
+  // Whether any entry was pushed and not yet taken (submitted, waiting for negotiation).
+  bool has_in_flight();
   // Every entry still in flight, and closes the queue: a later push() raises a RuntimeError
   // with `reason` (shutdown / fatal error), so nothing waits on a thread that is gone.
   std::vector<Entry> close(const std::string& reason);
