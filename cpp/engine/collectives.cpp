@@ -45,7 +45,7 @@ void for_each_scale_run(const std::vector<Entry>& entries, Scale scale, Fn fn) {
   }
 }
 
-StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, int slot) {
+PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx, int slot) {
   const auto& entries = batch.entries;
   const double average = batch.key.reduce_op == ReduceOp::kAverage ? 1.0 / ctx.size : 1.0;
   std::vector<at::Tensor> outputs;
@@ -55,60 +55,67 @@ StartedBatch start_allreduce(const Batch& batch, const CollectiveContext& ctx, i
   c10d::AllreduceOptions opts;
   opts.reduceOp = to_c10d(batch.key.reduce_op);
 
-  // One tensor with nothing to scale or convert: reduce it in its output, no fusion buffer.
-  if (entries.size() == 1 && entries[0].prescale == 1.0 && entries[0].postscale * average == 1.0 &&
-      wire_dtype(first.scalar_type()) == first.scalar_type()) {
+  // What the collective reduces: one tensor with nothing to scale or convert is reduced in its
+  // output; anything else goes through a fusion buffer.
+  const bool fused = entries.size() > 1 || entries[0].prescale != 1.0 ||
+                     entries[0].postscale * average != 1.0 ||
+                     wire_dtype(first.scalar_type()) != first.scalar_type();
+  at::Tensor buffer;
+  std::vector<int64_t> offsets;
+  if (!fused) {
     if (!outputs[0].is_same(first)) outputs[0].copy_(first);
-    if (ctx.hierarchy) {
-      hierarchical_allreduce(outputs[0].view(-1), opts.reduceOp, ctx.hierarchy, ctx.buffers,
-                             kHierarchyPadSlot);
-      return {[outputs] { return outputs; }};
+    buffer = outputs[0].view(-1);
+  } else {
+    int64_t total = 0;
+    for (const Entry& e : entries) {
+      offsets.push_back(total);
+      total += e.tensor.numel();
     }
-    std::vector<at::Tensor> ts{outputs[0]};
-    stamp(ctx.times, &BatchTimes::packed);
-    auto work = ctx.group->allreduce(ts, opts);
-    return {[work, outputs, times = ctx.times] {
-      work->wait();
-      stamp(times, &BatchTimes::reduced);
-      return outputs;
-    }};
+    buffer = ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), slot, total);
+    for_each_scale_run(
+        entries, [](const Entry& e) { return e.prescale; },
+        [&](size_t b, size_t end, double scale) {
+          std::vector<at::Tensor> ts;
+          for (size_t i = b; i < end; ++i) ts.push_back(entries[i].tensor);
+          pack(ts, buffer.narrow(0, offsets[b], buffer.numel() - offsets[b]), scale);
+        });
   }
 
-  int64_t total = 0;
-  std::vector<int64_t> offsets;
-  for (const Entry& e : entries) {
-    offsets.push_back(total);
-    total += e.tensor.numel();
-  }
-  at::Tensor flat = ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), slot, total);
-  for_each_scale_run(
-      entries, [](const Entry& e) { return e.prescale; },
-      [&](size_t b, size_t end, double scale) {
-        std::vector<at::Tensor> ts;
-        for (size_t i = b; i < end; ++i) ts.push_back(entries[i].tensor);
-        pack(ts, flat.narrow(0, offsets[b], flat.numel() - offsets[b]), scale);
-      });
-  stamp(ctx.times, &BatchTimes::packed);
-  c10::intrusive_ptr<c10d::Work> work;
-  if (ctx.hierarchy) {
-    // Three dependent collectives: run them here (no overlap with the next batch's pack).
-    hierarchical_allreduce(flat, opts.reduceOp, ctx.hierarchy, ctx.buffers, kHierarchyPadSlot);
-  } else {
-    std::vector<at::Tensor> ts{flat};
-    work = ctx.group->allreduce(ts, opts);
-  }
-  // `batch` outlives finish(): the engine keeps it until the handles complete.
-  return {[work, flat, outputs, offsets, average, &entries, times = ctx.times] {
-    if (work) work->wait();
+  struct State {
+    c10::intrusive_ptr<c10d::Work> work;
+    bool waited = false;
+  };
+  auto state = std::make_shared<State>();
+  auto launch = [state, buffer, opts, group = ctx.group, hierarchy = ctx.hierarchy,
+                 buffers = ctx.buffers, times = ctx.times] {
+    stamp(times, &BatchTimes::packed);
+    if (hierarchy) {
+      // Three dependent collectives: they run here, to completion.
+      hierarchical_allreduce(buffer, opts.reduceOp, hierarchy, buffers, kHierarchyPadSlot);
+      return;
+    }
+    std::vector<at::Tensor> ts{buffer};
+    state->work = group->allreduce(ts, opts);
+  };
+  auto wait = [state, times = ctx.times] {
+    if (state->waited) return;
+    if (state->work) state->work->wait();
+    state->waited = true;
     stamp(times, &BatchTimes::reduced);
+  };
+  // `batch` outlives finish(): the engine keeps it until the handles complete.
+  auto finish = [wait, fused, buffer, outputs, offsets, average, &entries] {
+    wait();
+    if (!fused) return outputs;
     for_each_scale_run(
         entries, [](const Entry& e) { return e.postscale; },
         [&](size_t b, size_t end, double scale) {
           std::vector<at::Tensor> outs(outputs.begin() + b, outputs.begin() + end);
-          unpack(flat.narrow(0, offsets[b], flat.numel() - offsets[b]), outs, scale * average);
+          unpack(buffer.narrow(0, offsets[b], buffer.numel() - offsets[b]), outs, scale * average);
         });
     return outputs;
-  }};
+  };
+  return {launch, wait, finish};
 }
 
 std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContext& ctx) {
@@ -204,26 +211,25 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
 
 }  // namespace
 
-StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int slot) {
+namespace {
+// A batch that already ran: nothing to launch or wait for.
+PreparedBatch completed(std::vector<at::Tensor> outputs) {
+  return {[] {}, [] {}, [outputs] { return outputs; }};
+}
+}  // namespace
+
+PreparedBatch prepare_batch(const Batch& batch, const CollectiveContext& ctx, int slot) {
   switch (batch.key.op) {
     case OpType::kAllreduce:
-      return start_allreduce(batch, ctx, slot);
-    case OpType::kBroadcast: {
-      auto outputs = run_broadcast(batch, ctx);
-      return {[outputs] { return outputs; }};
-    }
-    case OpType::kAllgather: {
-      auto outputs = run_allgather(batch, ctx);
-      return {[outputs] { return outputs; }};
-    }
-    case OpType::kReducescatter: {
-      auto outputs = run_reducescatter(batch, ctx);
-      return {[outputs] { return outputs; }};
-    }
-    case OpType::kAlltoall: {
-      auto outputs = run_alltoall(batch, ctx);
-      return {[outputs] { return outputs; }};
-    }
+      return prepare_allreduce(batch, ctx, slot);
+    case OpType::kBroadcast:
+      return completed(run_broadcast(batch, ctx));
+    case OpType::kAllgather:
+      return completed(run_allgather(batch, ctx));
+    case OpType::kReducescatter:
+      return completed(run_reducescatter(batch, ctx));
+    case OpType::kAlltoall:
+      return completed(run_alltoall(batch, ctx));
     case OpType::kBarrier:
     case OpType::kJoin: {
       // Negotiation did the work: every rank had submitted (or joined). Join answers with the
@@ -233,14 +239,16 @@ StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int s
         outputs.push_back(r.request.op == OpType::kJoin ? at::tensor({int64_t{r.request.root}})
                                                         : at::empty({0}));
       }
-      return {[outputs] { return outputs; }};
+      return completed(std::move(outputs));
     }
   }
   TORCH_CHECK(false, "gradfuse: bad operation");
 }
 
 std::vector<at::Tensor> run_batch(const Batch& batch, const CollectiveContext& ctx) {
-  return start_batch(batch, ctx, /*slot=*/0).finish();
+  PreparedBatch prepared = prepare_batch(batch, ctx, /*slot=*/0);
+  prepared.launch();
+  return prepared.finish();
 }
 
 }  // namespace gradfuse::engine

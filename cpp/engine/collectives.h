@@ -31,19 +31,23 @@ struct CollectiveContext {
   BatchTimes* times = nullptr;  // optional; outlives the batch's finish()
 };
 
-// A batch whose collective may still be running. finish() waits for it, unpacks and returns
-// the output tensor of each entry, in batch order.
-struct StartedBatch {
+// A batch in three steps, so the engine can overlap one batch's copies with another's
+// collective while running one collective at a time (on a machine whose cores the ranks
+// share, two collectives at once slow each other down more than the overlap gains):
+// launch() starts the collective, wait() blocks until it is done (a second call does nothing),
+// finish() waits, unpacks and returns the output tensor of each entry, in batch order.
+struct PreparedBatch {
+  std::function<void()> launch;
+  std::function<void()> wait;
   std::function<std::vector<at::Tensor>()> finish;
 };
 
-// Packs the batch and starts its collective. Allreduce returns before the collective ends, so
-// the engine can pack the next batch meanwhile (its fusion buffer is `slot` 0 or 1; the next
-// batch must use the other). Allgather and broadcast run to completion here. Throws on
-// transport errors.
-StartedBatch start_batch(const Batch& batch, const CollectiveContext& ctx, int slot);
+// Packs an allreduce batch into fusion buffer `slot` (0 or 1; the next batch must use the
+// other) without starting its collective. Every other operation runs to completion here, with
+// launch() and wait() doing nothing. Throws on transport errors.
+PreparedBatch prepare_batch(const Batch& batch, const CollectiveContext& ctx, int slot);
 
-// start_batch(...).finish(): the whole batch, synchronously.
+// The whole batch, synchronously.
 std::vector<at::Tensor> run_batch(const Batch& batch, const CollectiveContext& ctx);
 
 }  // namespace gradfuse::engine

@@ -416,20 +416,21 @@ void Engine::execute(std::vector<Response> responses) {
     }
   }
   std::vector<Batch> batches = make_batches(std::move(runnable), config_.fusion_threshold_bytes);
-  // Per batch (two may be in flight): when it started, packed and reduced, for the timeline.
+  // Per batch (two may be in progress): when it started, packed and reduced, for the timeline.
   const bool timed = timeline_.active();
   std::vector<std::chrono::steady_clock::time_point> started_at(batches.size());
   std::vector<BatchTimes> times(batches.size());
-  // CPU batches are pipelined two deep: batch k+1 is packed while batch k's collective runs,
-  // and batch k is unpacked while k+1's runs (each uses its own fusion buffer slot).
-  std::optional<StartedBatch> in_flight;
+  // CPU batches are pipelined, one collective at a time: batch k+1 is packed while batch k's
+  // collective runs, and batch k is unpacked while k+1's runs (each uses its own fusion
+  // buffer slot).
+  std::optional<PreparedBatch> in_flight;
   size_t in_flight_index = 0;
   auto finish_in_flight = [&] {
     if (!in_flight) return;
-    StartedBatch started = std::move(*in_flight);
+    PreparedBatch prepared = std::move(*in_flight);
     in_flight.reset();
     const Batch& batch = batches[in_flight_index];
-    std::vector<at::Tensor> outputs = started.finish();
+    std::vector<at::Tensor> outputs = prepared.finish();
     if (timed) record(batch, negotiated, started_at[in_flight_index], times[in_flight_index]);
     for (size_t i = 0; i < batch.entries.size(); ++i) {
       HandleTable::get().complete(batch.entries[i].handle, outputs[i], {},
@@ -459,9 +460,11 @@ void Engine::execute(std::vector<Response> responses) {
         continue;
       }
 #endif
-      StartedBatch started = start_batch(batch, ctx, static_cast<int>(index % 2));
+      PreparedBatch prepared = prepare_batch(batch, ctx, static_cast<int>(index % 2));
+      if (in_flight) in_flight->wait();
+      prepared.launch();
       finish_in_flight();
-      in_flight = std::move(started);
+      in_flight = std::move(prepared);
       in_flight_index = index;
     }
     finish_in_flight();
