@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 import traceback
 
 import gradfuse as hvd
@@ -359,6 +360,22 @@ def check_response_cache_eviction_and_disabled():
     finally:
         hvd.shutdown()
         hvd.init()
+
+
+def check_submitted_together():
+    n, r = hvd.size(), hvd.rank()
+    with hvd.submitted_together():
+        before = hvd.stats()["cache_misses"]
+        handles = [
+            hvd.allreduce_async(torch.full((3,), float(r + i)), name=f"together.{i}", op=hvd.Sum)
+            for i in range(5)
+        ]
+        time.sleep(0.05)  # dozens of cycles: none may take the held requests
+        assert hvd.stats()["cache_misses"] == before
+    for i, h in enumerate(handles):
+        expected = float(sum(k + i for k in range(n)))
+        assert torch.equal(hvd.synchronize(h), torch.full((3,), expected))
+    assert hvd.stats()["cache_misses"] == before + 5
 
 
 def check_local_errors():

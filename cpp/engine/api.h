@@ -18,8 +18,11 @@ void stop_timeline();
 bool poll_handle(int64_t handle);
 // Blocks until the handle is done; throws std::runtime_error with its error if it failed.
 void wait_handle(int64_t handle);
-// {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled} of the running
-// engine.
+// {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
+// cache_misses} of the running engine.
 std::vector<int64_t> engine_stats();
+// Requests enqueued between hold and release are negotiated together (TensorQueue::hold).
+void hold_submissions();
+void release_submissions();
 
 }  // namespace gradfuse::engine

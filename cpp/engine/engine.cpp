@@ -548,6 +548,10 @@ void start_timeline(const std::string& path) { current_engine()->start_timeline(
 
 void stop_timeline() { current_engine()->stop_timeline(); }
 
+void hold_submissions() { current_engine()->hold(); }
+
+void release_submissions() { current_engine()->release(); }
+
 bool engine_running() {
   std::lock_guard<std::mutex> lock(g_mu);
   return g_engine != nullptr;

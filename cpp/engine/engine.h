@@ -57,6 +57,9 @@ class Engine {
   // Chrome-trace timeline of this rank's engine, started / stopped at run time.
   void start_timeline(const std::string& path) { timeline_.start(path); }
   void stop_timeline() { timeline_.stop(); }
+  // Requests enqueued between hold() and release() are negotiated together (TensorQueue).
+  void hold() { queue_.hold(); }
+  void release() { queue_.release(); }
   // Empty while healthy; otherwise why the engine stopped.
   std::string stopped_reason() const;
   const EngineConfig& config() const { return config_; }
@@ -126,6 +129,9 @@ class Engine {
 void start_engine(const EngineConfig& config);
 void stop_engine();
 bool engine_running();
+// Engine::hold() / release() of the running engine.
+void hold_submissions();
+void release_submissions();
 void start_timeline(const std::string& path);
 void stop_timeline();
 // The running engine, or a RuntimeError saying init() was not called / shutdown() was.

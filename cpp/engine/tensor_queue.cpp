@@ -33,9 +33,25 @@ void TensorQueue::wait_for_work(std::chrono::steady_clock::time_point deadline) 
   woken_ = false;
 }
 
+void TensorQueue::hold() {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++holds_;
+}
+
+void TensorQueue::release() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    TORCH_CHECK(holds_ > 0, "gradfuse: release() without hold()");
+    --holds_;
+    woken_ = true;
+  }
+  cv_.notify_one();
+}
+
 std::vector<Request> TensorQueue::take_new_requests() {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<Request> out;
+  if (holds_ > 0) return out;
   out.swap(new_requests_);
   return out;
 }

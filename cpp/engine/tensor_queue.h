@@ -39,8 +39,13 @@ class TensorQueue {
   void wait_for_work(std::chrono::steady_clock::time_point deadline);
   void wake();
 
-  // Requests pushed since the last call, in push order.
+  // Requests pushed since the last call, in push order; none while held.
   std::vector<Request> take_new_requests();
+  // Between hold() and release(), pushed requests wait, so a group of tensors submitted one by
+  // one reaches the other ranks in one message (one negotiation, one fused collective) rather
+  // than split across cycles by the background thread waking at the first push. Holds nest.
+  void hold();
+  void release();
   // The in-flight entry called `name` (negotiated: it leaves the queue).
   Entry take(const std::string& name);
   // take(), or nothing when this rank does not hold `name`: it joined (engine/join.h), or
@@ -56,6 +61,7 @@ class TensorQueue {
   std::mutex mu_;
   std::condition_variable cv_;
   bool woken_ = false;
+  int holds_ = 0;
   std::string closed_reason_;  // non-empty once closed
   std::vector<Request> new_requests_;
   std::unordered_map<std::string, Entry> in_flight_;

@@ -83,6 +83,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
         "Stop the engine on every rank; pending handles fail.");
   m.def("engine_running", &gradfuse::engine::engine_running);
+  m.def("engine_hold", &gradfuse::engine::hold_submissions,
+        "Hold what is enqueued from now on until engine_release(), so it is negotiated as one "
+        "group (gradfuse.collectives.submitted_together).");
+  m.def("engine_release", &gradfuse::engine::release_submissions,
+        "End an engine_hold(): the held requests go out in the next negotiation.");
   m.def("engine_start_timeline", &gradfuse::engine::start_timeline, py::arg("path"),
         "Write a Chrome-trace timeline of the running engine to `path` (truncated).");
   m.def("engine_stop_timeline", &gradfuse::engine::stop_timeline,

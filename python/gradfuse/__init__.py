@@ -42,6 +42,7 @@ from .collectives import (
     poll,
     reducescatter,
     reducescatter_async,
+    submitted_together,
     synchronize,
 )
 from .compression import Compression
@@ -102,6 +103,7 @@ __all__ = [
     "start_timeline",
     "stats",
     "stop_timeline",
+    "submitted_together",
     "synchronize",
     "timeline",
 ]

@@ -4,6 +4,7 @@ torch.ops.gradfuse._enqueue; the returned integer handle is waited on with _C.en
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 
@@ -21,6 +22,22 @@ _ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
 _pending: dict[int, torch.Tensor | None] = {}
 _pending_lock = threading.Lock()
 _auto_names = itertools.count()
+
+
+@contextlib.contextmanager
+def submitted_together():
+    """Collectives submitted inside this block reach the other ranks together, after it ends:
+    one negotiation and, where they fit the fusion threshold, one fused collective. Without
+    it, the engine's thread may pick up the first submission before the rest arrive. Blocks
+    nest; the handles can be synchronized after the block."""
+    from . import _C
+
+    _engine._require()
+    _C.engine_hold()
+    try:
+        yield
+    finally:
+        _C.engine_release()
 
 
 def _name(name, kind):
@@ -197,16 +214,17 @@ def grouped_allreduce_async(
 ) -> list[int]:
     op = _resolve_op(average, op, "grouped_allreduce")
     base = _name(name, "grouped_allreduce")
-    return [
-        allreduce_async(
-            t,
-            name=f"{base}.{i}",
-            op=op,
-            prescale_factor=prescale_factor,
-            postscale_factor=postscale_factor,
-        )
-        for i, t in enumerate(tensors)
-    ]
+    with submitted_together():
+        return [
+            allreduce_async(
+                t,
+                name=f"{base}.{i}",
+                op=op,
+                prescale_factor=prescale_factor,
+                postscale_factor=postscale_factor,
+            )
+            for i, t in enumerate(tensors)
+        ]
 
 
 def grouped_allreduce(
