@@ -189,6 +189,39 @@ def check_topk_compression_accuracy():
     assert a_sparse >= a_dense - 0.02, f"top-k {a_sparse:.3f} vs dense {a_dense:.3f}"
 
 
+def check_buckets_fuse_each_step():
+    x, y = digits()
+    batch = list(range(hvd.rank() * 16, hvd.rank() * 16 + 16))
+
+    def collectives_per_step(bucket_cap_mb):
+        model = make_model()
+        opt = hvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            named_parameters=model.named_parameters(),
+            bucket_cap_mb=bucket_cap_mb,
+        )
+        counts = []
+        for _ in range(3):
+            before = hvd.stats()["collectives"]
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+            opt.zero_grad()
+            counts.append(hvd.stats()["collectives"] - before)
+        return model, counts
+
+    bucketed, counts = collectives_per_step(25)
+    # The model (6 tensors, 24 KiB) is one bucket, submitted as one group on every rank: it
+    # becomes ready everywhere in one negotiation and runs as one fused collective.
+    assert counts == [1, 1, 1], counts
+    unbucketed, _ = collectives_per_step(0)
+    assert max_rel_diff(bucketed, unbucketed) < 1e-6
+    try:
+        hvd.DistributedOptimizer(torch.optim.SGD(bucketed.parameters(), lr=0.1), bucket_cap_mb=-1)
+        raise AssertionError("no ValueError for bucket_cap_mb=-1")
+    except ValueError as exc:
+        assert "bucket_cap_mb" in str(exc), exc
+
+
 def check_unused_parameters_do_not_hang():
     model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
     opt = hvd.DistributedOptimizer(

@@ -37,7 +37,13 @@ class _DistributedOptimizer:
     """Methods mixed into a subclass of the wrapped optimizer's class (see DistributedOptimizer)."""
 
     def _gf_setup(
-        self, named_parameters, compression, backward_passes_per_step, op, gradient_predivide_factor
+        self,
+        named_parameters,
+        compression,
+        backward_passes_per_step,
+        op,
+        gradient_predivide_factor,
+        bucket_cap_mb,
     ):
         if backward_passes_per_step < 1:
             raise ValueError(
@@ -53,6 +59,8 @@ class _DistributedOptimizer:
             raise TypeError(
                 f"compression must be one of gradfuse.Compression.*, got {compression!r}"
             )
+        if not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb < 0:
+            raise ValueError(f"bucket_cap_mb must be a number >= 0, got {bucket_cap_mb!r}")
         params = [p for group in self.param_groups for p in group["params"]]
         self._gf_names = self._gf_resolve_names(named_parameters, params)
         self._gf_params = [p for p in params if p.requires_grad]
@@ -62,6 +70,13 @@ class _DistributedOptimizer:
         self._gf_predivide = float(gradient_predivide_factor)
         self._gf_delay = {p: backward_passes_per_step for p in self._gf_params}
         self._gf_pending = {}  # param -> (kind, handles, context), reduction in flight
+        # Buckets (dense and 16-bit reductions): param -> (bucket index, bucket size); a bucket
+        # is submitted when its last gradient arrives.
+        self._gf_bucket_of = self._gf_make_buckets(
+            self._gf_params, int(bucket_cap_mb * 2**20), compression
+        )
+        self._gf_waiting = {}  # bucket index -> params whose gradient is ready
+        self._gf_waiting_params = set()  # the same params, for the double-gradient check
         self._gf_synchronized = False
         self._gf_should_synchronize = True
         self._gf_warned_step_after_sync = False
@@ -70,6 +85,28 @@ class _DistributedOptimizer:
         self._gf_hook_handles = [
             p.register_post_accumulate_grad_hook(self._gf_hook) for p in self._gf_params
         ]
+
+    @staticmethod
+    def _gf_make_buckets(params, cap_bytes, compression):
+        """Consecutive parameters in reverse order (roughly the order backward produces their
+        gradients) grouped into buckets of up to `cap_bytes`, the first capped at 1 MiB so
+        communication starts early (DDP's layout). Each bucket is submitted as one group, so
+        the engine negotiates and fuses it in one go instead of one cycle per gradient. Top-k
+        compression and cap 0 keep one reduction per gradient, submitted at once."""
+        if cap_bytes == 0 or isinstance(compression, TopKCompressor):
+            return {}
+        buckets, current, current_bytes = [], [], 0
+        for p in reversed(params):
+            cap = min(cap_bytes, 1 << 20) if not buckets else cap_bytes
+            nbytes = p.numel() * p.element_size()
+            if current and current_bytes + nbytes > cap:
+                buckets.append(tuple(current))
+                current, current_bytes = [], 0
+            current.append(p)
+            current_bytes += nbytes
+        if current:
+            buckets.append(tuple(current))
+        return {p: (i, len(bucket)) for i, bucket in enumerate(buckets) for p in bucket}
 
     @staticmethod
     def _gf_resolve_names(named_parameters, params):
@@ -105,15 +142,32 @@ class _DistributedOptimizer:
         return self._gf_op, 1.0, 1.0
 
     def _gf_hook(self, p):
-        if p in self._gf_pending:
+        if p in self._gf_pending or p in self._gf_waiting_params:
             raise RuntimeError(
                 f"the gradient of {self._gf_names[p]} was computed more than "
                 f"backward_passes_per_step={self._gf_passes} times before step(); raise "
                 f"backward_passes_per_step or call step() more often"
             )
         self._gf_delay[p] -= 1
-        if self._gf_delay[p] == 0:
+        if self._gf_delay[p] > 0:
+            return
+        if p not in self._gf_bucket_of:
             self._gf_pending[p] = self._gf_reduce_async(p)
+            return
+        index, bucket_size = self._gf_bucket_of[p]
+        ready = self._gf_waiting.setdefault(index, [])
+        ready.append(p)
+        self._gf_waiting_params.add(p)
+        if len(ready) == bucket_size:
+            del self._gf_waiting[index]
+            self._gf_waiting_params.difference_update(ready)
+            self._gf_submit(ready)
+
+    def _gf_submit(self, params):
+        """Starts the reductions of `params` as one group (one negotiation, fused)."""
+        with collectives.submitted_together():
+            for p in params:
+                self._gf_pending[p] = self._gf_reduce_async(p)
 
     def _gf_reduce_async(self, p):
         name = self._gf_names[p]
@@ -180,11 +234,14 @@ class _DistributedOptimizer:
         rank, with zero gradients, so ranks using different parts of the model never hang)."""
         if self._gf_synchronized:
             return
-        for p in self._gf_params:
-            if p not in self._gf_pending:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                self._gf_pending[p] = self._gf_reduce_async(p)
+        # Buckets this rank did not complete (some gradients unused here, or fewer backward
+        # passes than backward_passes_per_step) and gradients never computed go now.
+        self._gf_waiting, self._gf_waiting_params = {}, set()
+        missing = [p for p in self._gf_params if p not in self._gf_pending]
+        for p in missing:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._gf_submit(missing)
         pending, self._gf_pending = self._gf_pending, {}
         errors = []
         for p, (kind, handles, context) in pending.items():
@@ -222,7 +279,7 @@ class _DistributedOptimizer:
         return self._gf_base.step(self, closure)
 
     def zero_grad(self, set_to_none: bool = True):
-        if self._gf_pending:
+        if self._gf_pending or self._gf_waiting:
             raise RuntimeError(
                 "optimizer.zero_grad() was called while gradient reductions are in flight "
                 "(after backward() and before step() or synchronize()); the reductions would "
@@ -261,6 +318,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     backward_passes_per_step: int = 1,
     op=collectives.Average,
     gradient_predivide_factor: float = 1.0,
+    bucket_cap_mb: float = 25,
 ):
     """Wrap ``optimizer`` so ``step()`` applies gradients reduced over all ranks.
 
@@ -272,6 +330,9 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     passes before one reduction. ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``.
     ``gradient_predivide_factor``: with Average, divide by it before the sum and by
     ``size / factor`` after (keeps fp16 sums in range).
+    ``bucket_cap_mb``: gradients are submitted in buckets of up to this many MiB (the first
+    1 MiB), each when its last gradient is ready, so the engine negotiates and fuses a bucket
+    at once; 0 submits each gradient as soon as it is ready (Horovod's behaviour).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -287,7 +348,12 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)
     wrapped._gf_setup(
-        named_parameters, compression, backward_passes_per_step, op, gradient_predivide_factor
+        named_parameters,
+        compression,
+        backward_passes_per_step,
+        op,
+        gradient_predivide_factor,
+        bucket_cap_mb,
     )
     return wrapped
 
