@@ -378,6 +378,54 @@ def check_submitted_together():
     assert hvd.stats()["cache_misses"] == before + 5
 
 
+def check_in_place_span():
+    """In-place tensors lying back to back in one buffer, submitted in memory order, are reduced
+    on that buffer with no fusion buffer; any other order falls back to packing. Both give the
+    same values."""
+    n, r = hvd.size(), hvd.rank()
+    sizes = [8, 3, 5, 8, 1, 7, 8, 2]  # awkward sizes; the 2-rank group's 256 B threshold splits
+    cases = [
+        (torch.float32, hvd.Sum, 1.0, 1.0),
+        (torch.float32, hvd.Average, 0.5, 3.0),
+        (torch.float64, hvd.Average, 1.0, 1.0),
+        (torch.float16, hvd.Sum, 0.25, 1.0),
+        (torch.bfloat16, hvd.Average, 1.0, 2.0),
+        (torch.int32, hvd.Sum, 1.0, 1.0),
+        (torch.int64, hvd.Average, 1.0, 1.0),  # integers scaled: packed, not in place
+    ]
+    for case, (dtype, op, pre, post) in enumerate(cases):
+        for order in ("memory", "reversed"):
+            seed = 900 + 10 * case + (order == "reversed")
+            flat = data(r, seed, (sum(sizes),), dtype)
+            views = list(torch.split(flat, sizes))
+            indices = list(range(len(views)))
+            if order == "reversed":
+                indices.reverse()
+            before = hvd.stats()
+            with hvd.submitted_together():
+                handles = [
+                    hvd.allreduce_async_(
+                        views[i],
+                        name=f"span.{case}.{order}.{i}",
+                        op=op,
+                        prescale_factor=pre,
+                        postscale_factor=post,
+                    )
+                    for i in indices
+                ]
+            for h in handles:
+                hvd.synchronize(h)
+            after = hvd.stats()
+            inputs = [data(k, seed, (sum(sizes),), dtype).double() * pre for k in range(n)]
+            close(flat, reference(op, inputs) * post, dtype)
+            in_place = after["in_place"] - before["in_place"]
+            batches = after["collectives"] - before["collectives"]
+            if order == "memory" and dtype != torch.int64:
+                assert in_place == batches >= 1, (dtype, in_place, batches)
+            if order == "reversed" and dtype == torch.float32:
+                assert in_place == 0, (dtype, in_place)  # one batch of 8 (168 B), packed
+
+
 def check_local_errors():
     n, r = hvd.size(), hvd.rank()
     # A name leaves "in flight" once negotiated, so rank r's "dup.r" must stay unmatched until

@@ -19,7 +19,7 @@ bool poll_handle(int64_t handle);
 // Blocks until the handle is done; throws std::runtime_error with its error if it failed.
 void wait_handle(int64_t handle);
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
-// cache_misses} of the running engine.
+// cache_misses, in_place} of the running engine.
 std::vector<int64_t> engine_stats();
 // Requests enqueued between hold and release are negotiated together (TensorQueue::hold).
 void hold_submissions();

@@ -45,6 +45,32 @@ void for_each_scale_run(const std::vector<Entry>& entries, Scale scale, Fn fn) {
   }
 }
 
+// The batch's tensors as one flat span of their shared storage, when they are reduced in place
+// (output == input), lie back to back in batch order (so the span's layout is exactly the
+// fusion buffer's) in the wire dtype, and share one prescale and one postscale (applied in
+// place; integers only unscaled). DistributedOptimizer(gradient_as_bucket_view=True) lays
+// gradients out this way; the collective then needs no fusion buffer and no copies.
+std::optional<at::Tensor> in_place_span(const std::vector<Entry>& entries, double average) {
+  const at::Tensor& first = entries[0].tensor;
+  if (wire_dtype(first.scalar_type()) != first.scalar_type()) return std::nullopt;
+  const bool scaled = entries[0].prescale != 1.0 || entries[0].postscale * average != 1.0;
+  if (scaled && !at::isFloatingType(first.scalar_type())) return std::nullopt;
+  const auto* next = static_cast<const char*>(first.data_ptr());
+  int64_t total = 0;
+  for (const Entry& e : entries) {
+    const at::Tensor& t = e.tensor;
+    if (!e.output.defined() || e.output.data_ptr() != t.data_ptr() || !t.is_contiguous() ||
+        t.scalar_type() != first.scalar_type() || !t.is_alias_of(first) ||
+        static_cast<const char*>(t.data_ptr()) != next || e.prescale != entries[0].prescale ||
+        e.postscale != entries[0].postscale) {
+      return std::nullopt;
+    }
+    next += t.nbytes();
+    total += t.numel();
+  }
+  return first.as_strided({total}, {1}, first.storage_offset());
+}
+
 PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx, int slot) {
   const auto& entries = batch.entries;
   const double average = batch.key.reduce_op == ReduceOp::kAverage ? 1.0 / ctx.size : 1.0;
@@ -55,16 +81,22 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
   c10d::AllreduceOptions opts;
   opts.reduceOp = to_c10d(batch.key.reduce_op);
 
-  // What the collective reduces: one tensor with nothing to scale or convert is reduced in its
-  // output; anything else goes through a fusion buffer.
-  const bool fused = entries.size() > 1 || entries[0].prescale != 1.0 ||
-                     entries[0].postscale * average != 1.0 ||
-                     wire_dtype(first.scalar_type()) != first.scalar_type();
+  // Where the collective runs: in the one tensor's output, in place on tensors that already
+  // lie back to back (in_place_span), or in a fusion buffer the tensors are packed into.
+  const bool lone = entries.size() == 1 && entries[0].prescale == 1.0 &&
+                    entries[0].postscale * average == 1.0 &&
+                    wire_dtype(first.scalar_type()) == first.scalar_type();
+  std::optional<at::Tensor> span = lone ? std::nullopt : in_place_span(entries, average);
   at::Tensor buffer;
-  std::vector<int64_t> offsets;
-  if (!fused) {
+  std::vector<int64_t> offsets;  // fusion buffer only: where each entry starts
+  double span_postscale = 1.0;   // span only: applied in place once the collective is done
+  if (lone) {
     if (!outputs[0].is_same(first)) outputs[0].copy_(first);
     buffer = outputs[0].view(-1);
+  } else if (span) {
+    buffer = *span;
+    if (entries[0].prescale != 1.0) buffer.mul_(entries[0].prescale);
+    span_postscale = entries[0].postscale * average;
   } else {
     int64_t total = 0;
     for (const Entry& e : entries) {
@@ -80,6 +112,7 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
           pack(ts, buffer.narrow(0, offsets[b], buffer.numel() - offsets[b]), scale);
         });
   }
+  const bool packed = !lone && !span;
 
   struct State {
     c10::intrusive_ptr<c10d::Work> work;
@@ -104,9 +137,10 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
     stamp(times, &BatchTimes::reduced);
   };
   // `batch` outlives finish(): the engine keeps it until the handles complete.
-  auto finish = [wait, fused, buffer, outputs, offsets, average, &entries] {
+  auto finish = [wait, packed, span_postscale, buffer, outputs, offsets, average, &entries] {
     wait();
-    if (!fused) return outputs;
+    if (span_postscale != 1.0) buffer.mul_(span_postscale);
+    if (!packed) return outputs;
     for_each_scale_run(
         entries, [](const Entry& e) { return e.postscale; },
         [&](size_t b, size_t end, double scale) {
@@ -115,7 +149,7 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
         });
     return outputs;
   };
-  return {launch, wait, finish};
+  return {launch, wait, finish, /*in_place=*/!packed};
 }
 
 std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContext& ctx) {
@@ -214,7 +248,7 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
 namespace {
 // A batch that already ran: nothing to launch or wait for.
 PreparedBatch completed(std::vector<at::Tensor> outputs) {
-  return {[] {}, [] {}, [outputs] { return outputs; }};
+  return {[] {}, [] {}, [outputs] { return outputs; }, /*in_place=*/false};
 }
 }  // namespace
 

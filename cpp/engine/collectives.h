@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include "engine/fusion.h"
@@ -40,6 +41,9 @@ struct PreparedBatch {
   std::function<void()> launch;
   std::function<void()> wait;
   std::function<std::vector<at::Tensor>()> finish;
+  // An allreduce reduced in its tensors' own memory, with no fusion buffer: one lone tensor, or
+  // in-place tensors lying back to back (in_place_span). False for everything else.
+  bool in_place = false;
 };
 
 // Packs an allreduce batch into fusion buffer `slot` (0 or 1; the next batch must use the

@@ -461,6 +461,7 @@ void Engine::execute(std::vector<Response> responses) {
       }
 #endif
       PreparedBatch prepared = prepare_batch(batch, ctx, static_cast<int>(index % 2));
+      if (prepared.in_place) stats_.in_place++;
       if (in_flight) in_flight->wait();
       prepared.launch();
       finish_in_flight();
@@ -567,7 +568,8 @@ std::vector<int64_t> engine_stats() {
   const Engine::Stats& s = current_engine()->stats();
   return {s.cycles.load(),       s.busy_cycles.load(), s.tensors.load(),
           s.collectives.load(),  s.bytes.load(),       s.negotiate_ns.load(),
-          s.stalled.load(),      s.cache_hits.load(),  s.cache_misses.load()};
+          s.stalled.load(),      s.cache_hits.load(),  s.cache_misses.load(),
+          s.in_place.load()};
 }
 
 }  // namespace gradfuse::engine

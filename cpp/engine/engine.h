@@ -75,6 +75,7 @@ class Engine {
     std::atomic<int64_t> stalled{0};       // tensors the stall inspector gave up on
     std::atomic<int64_t> cache_hits{0};    // requests this rank sent as a response-cache bit
     std::atomic<int64_t> cache_misses{0};  // requests this rank sent in full
+    std::atomic<int64_t> in_place{0};      // allreduce batches reduced with no fusion buffer
   };
   const Stats& stats() const { return stats_; }
 
@@ -137,7 +138,7 @@ void stop_timeline();
 // The running engine, or a RuntimeError saying init() was not called / shutdown() was.
 std::shared_ptr<Engine> current_engine();
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
-// cache_misses} of the running engine.
+// cache_misses, in_place} of the running engine.
 std::vector<int64_t> engine_stats();
 
 }  // namespace gradfuse::engine

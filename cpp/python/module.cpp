@@ -99,13 +99,14 @@ PYBIND11_MODULE(_C, m) {
         py::dict d;
         const char* keys[] = {"cycles",       "busy_cycles", "tensors",
                               "collectives",  "bytes",       "negotiate_ns",
-                              "stalled",      "cache_hits",  "cache_misses"};
+                              "stalled",      "cache_hits",  "cache_misses",
+                              "in_place"};
         for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
         return d;
       },
       "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
       "bytes, negotiation time (ns), stalled tensors given up on, requests sent as response "
-      "cache bits and in full.");
+      "cache bits and in full, allreduce batches reduced in place (no fusion buffer).");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),

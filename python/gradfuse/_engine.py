@@ -245,7 +245,8 @@ def stats() -> dict:
     """Counters of this rank's engine since init(): negotiation cycles (and those with work),
     tensors and bytes reduced, collectives launched, fusion ratio (tensors per collective),
     seconds spent negotiating, stalled tensors given up on, and the response cache's hits
-    (requests this rank announced as a cache bit), misses (announced in full) and hit rate."""
+    (requests this rank announced as a cache bit), misses (announced in full) and hit rate, and
+    in_place: allreduce batches reduced in their tensors' own memory, with no fusion buffer."""
     _require()
     raw = _C().engine_stats()
     out = {k: v for k, v in raw.items() if k != "negotiate_ns"}
