@@ -14,6 +14,8 @@ void TensorQueue::push(Entry entry) {
                       "name again, or use another name");
     new_requests_.push_back(entry.request);
     in_flight_.emplace(name, std::move(entry));
+    // While held, the background thread would find nothing to take: release() wakes it.
+    if (holds_ > 0) return;
     woken_ = true;
   }
   cv_.notify_one();
