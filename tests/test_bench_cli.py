@@ -62,7 +62,10 @@ def test_train(tmp_path):
         "4",
     )
     assert [r["ranks"] for r in result] == [1, 2]
-    assert all(r["gradfuse_per_rank"] > 0 and r["ddp_per_rank"] > 0 for r in result)
+    assert all(
+        r["gradfuse_per_rank"] > 0 and r["gradfuse_views_per_rank"] > 0 and r["ddp_per_rank"] > 0
+        for r in result
+    )
     assert "gradfuse/DDP" in out
 
 

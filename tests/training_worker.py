@@ -222,17 +222,76 @@ def check_buckets_fuse_each_step():
         assert "bucket_cap_mb" in str(exc), exc
 
 
+def check_gradient_as_bucket_view():
+    x, y = digits()
+    batch = list(range(hvd.rank() * 16, hvd.rank() * 16 + 16))
+
+    def run(**options):
+        model = make_model()
+        opt = hvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            named_parameters=model.named_parameters(),
+            **options,
+        )
+        in_place = []
+        for step in range(4):
+            before = hvd.stats()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+            after = hvd.stats()
+            in_place.append(
+                (
+                    after["in_place"] - before["in_place"],
+                    after["collectives"] - before["collectives"],
+                )
+            )
+            if step == 1:
+                model.zero_grad()  # sets .grad to None: the next backward makes new tensors
+            else:
+                opt.zero_grad()
+        return model, in_place
+
+    viewed, in_place = run(gradient_as_bucket_view=True)
+    # One bucket, reduced in place every step, including after model.zero_grad() replaced the
+    # gradients (the hook copies them back into the views).
+    assert in_place == [(1, 1)] * 4, in_place
+    grads = [p.grad for p in viewed.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # zeroed, not None
+    storages = {g.untyped_storage().data_ptr() for g in grads}
+    assert len(storages) == 1, "the gradients are not views of one buffer"
+    plain, _ = run(bucket_cap_mb=0)
+    assert max_rel_diff(viewed, plain) < 1e-6
+    try:
+        hvd.DistributedOptimizer(
+            torch.optim.SGD(viewed.parameters(), lr=0.1),
+            compression=hvd.Compression.fp16,
+            gradient_as_bucket_view=True,
+        )
+        raise AssertionError("no ValueError for gradient_as_bucket_view with fp16")
+    except ValueError as exc:
+        assert "gradient_as_bucket_view" in str(exc), exc
+
+
 def check_unused_parameters_do_not_hang():
-    model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
-    opt = hvd.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters()
-    )
-    # Rank r only uses layer r % 2: the other layer's gradient never arrives on this rank.
-    layer = model[hvd.rank() % 2]
-    layer(torch.ones(2, 4)).sum().backward()
-    opt.step()
-    for p in model.parameters():
-        assert p.grad is not None
+    for options in ({}, {"gradient_as_bucket_view": True}):
+        model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        opt = hvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            named_parameters=model.named_parameters(),
+            **options,
+        )
+        # Rank r only uses layer r % 2: the other layer's gradient never arrives on this rank.
+        layer = model[hvd.rank() % 2]
+        layer(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        # Each layer's gradient is the average over ranks of the ones that used it.
+        users = (
+            [r for r in range(hvd.size()) if r % 2 == 0],
+            [r for r in range(hvd.size()) if r % 2 == 1],
+        )
+        for i, lin in enumerate(model):
+            share = len(users[i]) / hvd.size()
+            assert torch.allclose(lin.bias.grad, torch.full((4,), 2.0 * share)), (options, i)
 
 
 def check_errors_and_warnings():

@@ -44,6 +44,7 @@ class _DistributedOptimizer:
         op,
         gradient_predivide_factor,
         bucket_cap_mb,
+        gradient_as_bucket_view,
     ):
         if backward_passes_per_step < 1:
             raise ValueError(
@@ -61,6 +62,12 @@ class _DistributedOptimizer:
             )
         if not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb < 0:
             raise ValueError(f"bucket_cap_mb must be a number >= 0, got {bucket_cap_mb!r}")
+        if gradient_as_bucket_view and (bucket_cap_mb == 0 or compression is not Compression.none):
+            raise ValueError(
+                "gradient_as_bucket_view=True needs bucket_cap_mb > 0 and "
+                f"compression=Compression.none, got bucket_cap_mb={bucket_cap_mb!r} and "
+                f"compression={compression!r}"
+            )
         params = [p for group in self.param_groups for p in group["params"]]
         self._gf_names = self._gf_resolve_names(named_parameters, params)
         self._gf_params = [p for p in params if p.requires_grad]
@@ -70,11 +77,18 @@ class _DistributedOptimizer:
         self._gf_predivide = float(gradient_predivide_factor)
         self._gf_delay = {p: backward_passes_per_step for p in self._gf_params}
         self._gf_pending = {}  # param -> (kind, handles, context), reduction in flight
-        # Buckets (dense and 16-bit reductions): param -> (bucket index, bucket size); a bucket
-        # is submitted when its last gradient arrives.
-        self._gf_bucket_of = self._gf_make_buckets(
+        # Buckets (dense and 16-bit reductions), each submitted in its own order when its last
+        # gradient arrives; param -> (bucket index, bucket size).
+        self._gf_buckets = self._gf_make_buckets(
             self._gf_params, int(bucket_cap_mb * 2**20), compression
         )
+        self._gf_bucket_of = {
+            p: (i, len(bucket)) for i, bucket in enumerate(self._gf_buckets) for p in bucket
+        }
+        # Submission order: bucket by bucket, then the parameters in no bucket.
+        self._gf_order = [p for bucket in self._gf_buckets for p in bucket]
+        self._gf_order += [p for p in self._gf_params if p not in self._gf_bucket_of]
+        self._gf_views = self._gf_make_views() if gradient_as_bucket_view else {}
         self._gf_waiting = {}  # bucket index -> params whose gradient is ready
         self._gf_waiting_params = set()  # the same params, for the double-gradient check
         self._gf_synchronized = False
@@ -94,7 +108,7 @@ class _DistributedOptimizer:
         the engine negotiates and fuses it in one go instead of one cycle per gradient. Top-k
         compression and cap 0 keep one reduction per gradient, submitted at once."""
         if cap_bytes == 0 or isinstance(compression, TopKCompressor):
-            return {}
+            return []
         buckets, current, current_bytes = [], [], 0
         for p in reversed(params):
             cap = min(cap_bytes, 1 << 20) if not buckets else cap_bytes
@@ -106,7 +120,29 @@ class _DistributedOptimizer:
             current_bytes += nbytes
         if current:
             buckets.append(tuple(current))
-        return {p: (i, len(bucket)) for i, bucket in enumerate(buckets) for p in bucket}
+        return buckets
+
+    def _gf_make_views(self):
+        """gradient_as_bucket_view: one flat buffer per (device, dtype) holds the gradients in
+        submission order, and each parameter's .grad is a view of it. Backward accumulates into
+        the views, and a bucket's gradients then lie back to back in the order they are
+        submitted, so the engine reduces them in place with no fusion copies (as DDP's
+        gradient_as_bucket_view). Returns param -> its view."""
+        groups = {}
+        for p in self._gf_order:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        views = {}
+        for (device, dtype), params in groups.items():
+            flat = torch.zeros(sum(p.numel() for p in params), device=device, dtype=dtype)
+            offset = 0
+            for p in params:
+                view = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+                views[p] = view
+        return views
 
     @staticmethod
     def _gf_resolve_names(named_parameters, params):
@@ -151,6 +187,11 @@ class _DistributedOptimizer:
         self._gf_delay[p] -= 1
         if self._gf_delay[p] > 0:
             return
+        view = self._gf_views.get(p)
+        if view is not None and p.grad.data_ptr() != view.data_ptr():
+            # .grad was replaced (e.g. model.zero_grad() set it to None): back into the view.
+            view.copy_(p.grad)
+            p.grad = view
         if p not in self._gf_bucket_of:
             self._gf_pending[p] = self._gf_reduce_async(p)
             return
@@ -161,7 +202,7 @@ class _DistributedOptimizer:
         if len(ready) == bucket_size:
             del self._gf_waiting[index]
             self._gf_waiting_params.difference_update(ready)
-            self._gf_submit(ready)
+            self._gf_submit(self._gf_buckets[index])  # in bucket order, not arrival order
 
     def _gf_submit(self, params):
         """Starts the reductions of `params` as one group (one negotiation, fused)."""
@@ -237,9 +278,16 @@ class _DistributedOptimizer:
         # Buckets this rank did not complete (some gradients unused here, or fewer backward
         # passes than backward_passes_per_step) and gradients never computed go now.
         self._gf_waiting, self._gf_waiting_params = {}, set()
-        missing = [p for p in self._gf_params if p not in self._gf_pending]
+        missing = [p for p in self._gf_order if p not in self._gf_pending]
         for p in missing:
-            if p.grad is None:
+            view = self._gf_views.get(p)
+            if view is not None and (p.grad is None or p.grad.data_ptr() != view.data_ptr()):
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
+                p.grad = view
+            elif p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._gf_submit(missing)
         pending, self._gf_pending = self._gf_pending, {}
@@ -285,6 +333,12 @@ class _DistributedOptimizer:
                 "(after backward() and before step() or synchronize()); the reductions would "
                 "race with the zeroing. Call step() or synchronize() first."
             )
+        if self._gf_views:
+            # The gradients stay views of the flat buffers (zeroed), whatever set_to_none says.
+            for p, view in self._gf_views.items():
+                view.zero_()
+                p.grad = view
+            return None
         return self._gf_base.zero_grad(self, set_to_none)
 
     def state_dict(self):
@@ -319,6 +373,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     op=collectives.Average,
     gradient_predivide_factor: float = 1.0,
     bucket_cap_mb: float = 25,
+    gradient_as_bucket_view: bool = False,
 ):
     """Wrap ``optimizer`` so ``step()`` applies gradients reduced over all ranks.
 
@@ -333,6 +388,9 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     ``bucket_cap_mb``: gradients are submitted in buckets of up to this many MiB (the first
     1 MiB), each when its last gradient is ready, so the engine negotiates and fuses a bucket
     at once; 0 submits each gradient as soon as it is ready (Horovod's behaviour).
+    ``gradient_as_bucket_view``: each ``.grad`` becomes a view of one flat buffer, so buckets
+    are reduced in place with no fusion copies; ``zero_grad()`` then zeroes gradients instead
+    of setting them to None (DDP's option of the same name).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -354,6 +412,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
         op,
         gradient_predivide_factor,
         bucket_cap_mb,
+        gradient_as_bucket_view,
     )
     return wrapped
 

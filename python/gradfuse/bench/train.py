@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from .jobs import run_worker
 
+# What each job measures: DistributedOptimizer as is, with gradient_as_bucket_view=True, and DDP.
+FRAMEWORKS = ("gradfuse", "gradfuse_views", "ddp")
+
 
 def run(ranks: list[int], model: str, batch_size: int, steps: int, rounds: int) -> list[dict]:
     results = [
@@ -30,10 +33,10 @@ def run(ranks: list[int], model: str, batch_size: int, steps: int, rounds: int) 
     ]
     base = {
         fw: next((r[f"{fw}_per_rank"] for r in results if r["ranks"] == 1), None)
-        for fw in ("gradfuse", "ddp")
+        for fw in FRAMEWORKS
     }
     for r in results:
-        for fw in ("gradfuse", "ddp"):
+        for fw in FRAMEWORKS:
             r[f"{fw}_total"] = r[f"{fw}_per_rank"] * r["ranks"]
             r[f"{fw}_efficiency"] = (r[f"{fw}_per_rank"] / base[fw]) if base[fw] else None
     return results
@@ -47,7 +50,8 @@ def format_table(results: list[dict]) -> str:
     )
     header = (
         f"{'ranks':>5} | {'gradfuse/rank':>13} {'total':>8} {'eff.':>6} | "
-        f"{'DDP/rank':>9} {'total':>8} {'eff.':>6} | {'gradfuse/DDP':>12}"
+        f"{'DDP/rank':>9} {'total':>8} {'eff.':>6} | {'gradfuse/DDP':>12} | "
+        f"{'views/rank':>10} {'views/DDP':>9}"
     )
     lines = [title, header]
 
@@ -58,9 +62,14 @@ def format_table(results: list[dict]) -> str:
         lines.append(
             f"{r['ranks']:>5} | {r['gradfuse_per_rank']:>13.1f} {r['gradfuse_total']:>8.1f} "
             f"{eff(r['gradfuse_efficiency'])} | {r['ddp_per_rank']:>9.1f} {r['ddp_total']:>8.1f} "
-            f"{eff(r['ddp_efficiency'])} | {r['gradfuse_total'] / r['ddp_total']:>11.2f}x"
+            f"{eff(r['ddp_efficiency'])} | {r['gradfuse_total'] / r['ddp_total']:>11.2f}x | "
+            f"{r['gradfuse_views_per_rank']:>10.1f} "
+            f"{r['gradfuse_views_total'] / r['ddp_total']:>8.2f}x"
         )
-    lines.append("samples/s; efficiency = per-rank rate at N ranks / rate at 1 rank")
+    lines.append(
+        "samples/s; efficiency = per-rank rate at N ranks / rate at 1 rank; views = "
+        "DistributedOptimizer(gradient_as_bucket_view=True)"
+    )
     return "\n".join(lines)
 
 
@@ -73,6 +82,12 @@ def plot(results: list[dict], path: str) -> None:
     ranks = [r["ranks"] for r in results]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ranks, [r["gradfuse_total"] for r in results], "o-", label="gradfuse")
+    ax.plot(
+        ranks,
+        [r["gradfuse_views_total"] for r in results],
+        "^-",
+        label="gradfuse, gradient_as_bucket_view",
+    )
     ax.plot(ranks, [r["ddp_total"] for r in results], "s--", label="torch DDP")
     ax.set_xlabel("ranks")
     ax.set_ylabel("samples/s (total)")

@@ -59,10 +59,18 @@ def main(argv=None):
         torch.optim.SGD(ours_model.parameters(), lr=0.01, momentum=0.9),
         named_parameters=ours_model.named_parameters(),
     )
+    # The same with gradients as views of one flat buffer: reduced in place, no fusion copies.
+    views_model = MODELS[args.model]()
+    views_opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(views_model.parameters(), lr=0.01, momentum=0.9),
+        named_parameters=views_model.named_parameters(),
+        gradient_as_bucket_view=True,
+    )
     ddp_model = torch.nn.parallel.DistributedDataParallel(MODELS[args.model]())
     ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01, momentum=0.9)
     steps = {
         "gradfuse": _step_fn(ours_model, ours_opt, batch, labels),
+        "gradfuse_views": _step_fn(views_model, views_opt, batch, labels),
         "ddp": _step_fn(ddp_model, ddp_opt, batch, labels),
     }
     for step in steps.values():  # warm-up: allocator, first negotiation, DDP's buckets
