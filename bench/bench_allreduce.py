@@ -1,5 +1,6 @@
 """Allreduce of ResNet-50's gradients (161 tensors, 25.6M fp32 values) across CPU ranks over
-Gloo: (a) gradfuse's fused engine, (b) one torch.distributed.all_reduce per tensor, (c) one
+Gloo: (a) gradfuse's fused engine, (a') the same on gradients that are views of one flat buffer
+(reduced in place, no fusion copies), (b) one torch.distributed.all_reduce per tensor, (c) one
 all_reduce of a flat buffer of the same size (the floor), (d) DDP-style 25 MiB buckets; plus the
 latency of one 1 KiB allreduce through the engine vs a direct all_reduce. Row (e) is (a) with
 hierarchical allreduce, the ranks acting as nodes of 2 (GRADFUSE_TEST_LOCAL_SIZE's override): on
