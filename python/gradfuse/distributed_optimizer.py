@@ -1,6 +1,7 @@
-"""DistributedOptimizer: wraps any torch optimizer so gradients are reduced across ranks, with
-the reduction of each gradient started by a hook the moment backward produces it (so
-communication overlaps the rest of backward) and awaited in ``step()``.
+"""DistributedOptimizer: wraps any torch optimizer so gradients are reduced across ranks. Hooks
+note each gradient as backward produces it; the reduction of a bucket of gradients starts the
+moment its last one arrives (so communication overlaps the rest of backward), and ``step()``
+waits for them.
 
 Usage (Horovod's pattern)::
 
