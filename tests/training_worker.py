@@ -272,6 +272,26 @@ def check_gradient_as_bucket_view():
         assert "gradient_as_bucket_view" in str(exc), exc
 
 
+def check_second_gradient_before_step_raises():
+    # Without buckets the first gradient is already being reduced; with them it waits in a
+    # bucket that layer 1 (unused) never completes. Either way a second one is an error.
+    for options in ({"bucket_cap_mb": 0}, {}):
+        model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        opt = hvd.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            named_parameters=model.named_parameters(),
+            **options,
+        )
+        model[0](torch.ones(2, 4)).sum().backward()
+        try:
+            model[0](torch.ones(2, 4)).sum().backward()
+            raise AssertionError(f"{options}: no error for a second gradient before step()")
+        except RuntimeError as exc:
+            assert "more than backward_passes_per_step=1 times" in str(exc), exc
+        opt.synchronize()  # every rank reduces what it has; the job goes on
+        assert torch.equal(model[1].bias.grad, torch.zeros(4))
+
+
 def check_unused_parameters_do_not_hang():
     for options in ({}, {"gradient_as_bucket_view": True}):
         model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])

@@ -90,8 +90,7 @@ class _DistributedOptimizer:
         self._gf_order = [p for bucket in self._gf_buckets for p in bucket]
         self._gf_order += [p for p in self._gf_params if p not in self._gf_bucket_of]
         self._gf_views = self._gf_make_views() if gradient_as_bucket_view else {}
-        self._gf_waiting = {}  # bucket index -> params whose gradient is ready
-        self._gf_waiting_params = set()  # the same params, for the double-gradient check
+        self._gf_waiting = {}  # bucket index -> set of its params whose gradient is ready
         self._gf_synchronized = False
         self._gf_should_synchronize = True
         self._gf_warned_step_after_sync = False
@@ -179,7 +178,9 @@ class _DistributedOptimizer:
         return self._gf_op, 1.0, 1.0
 
     def _gf_hook(self, p):
-        if p in self._gf_pending or p in self._gf_waiting_params:
+        bucket = self._gf_bucket_of.get(p)
+        waiting = self._gf_waiting.get(bucket[0], ()) if bucket else ()
+        if p in self._gf_pending or p in waiting:
             raise RuntimeError(
                 f"the gradient of {self._gf_names[p]} was computed more than "
                 f"backward_passes_per_step={self._gf_passes} times before step(); raise "
@@ -193,16 +194,14 @@ class _DistributedOptimizer:
             # .grad was replaced (e.g. model.zero_grad() set it to None): back into the view.
             view.copy_(p.grad)
             p.grad = view
-        if p not in self._gf_bucket_of:
+        if bucket is None:
             self._gf_pending[p] = self._gf_reduce_async(p)
             return
-        index, bucket_size = self._gf_bucket_of[p]
-        ready = self._gf_waiting.setdefault(index, [])
-        ready.append(p)
-        self._gf_waiting_params.add(p)
+        index, bucket_size = bucket
+        ready = self._gf_waiting.setdefault(index, set())
+        ready.add(p)
         if len(ready) == bucket_size:
             del self._gf_waiting[index]
-            self._gf_waiting_params.difference_update(ready)
             self._gf_submit(self._gf_buckets[index])  # in bucket order, not arrival order
 
     def _gf_submit(self, params):
@@ -278,7 +277,7 @@ class _DistributedOptimizer:
             return
         # Buckets this rank did not complete (some gradients unused here, or fewer backward
         # passes than backward_passes_per_step) and gradients never computed go now.
-        self._gf_waiting, self._gf_waiting_params = {}, set()
+        self._gf_waiting = {}
         missing = [p for p in self._gf_order if p not in self._gf_pending]
         for p in missing:
             view = self._gf_views.get(p)
