@@ -309,7 +309,7 @@ def check_response_cache():
             )
             close(hvd.synchronize(h), expected, dtype)
 
-    # First step: every request travels in full; the next ones as cache bits (new data, same
+    # First step: every request travels in full; the next ones as cache indices (new data, same
     # attributes), with every result still right.
     assert _hits_misses(lambda: step(100)) == (0, len(specs))
     assert _hits_misses(lambda: step(200)) == (len(specs), 0)
@@ -424,6 +424,26 @@ def check_in_place_span():
                 assert in_place == batches >= 1, (dtype, in_place, batches)
             if order == "reversed" and dtype == torch.float32:
                 assert in_place == 0, (dtype, in_place)  # one batch of 8 (168 B), packed
+    # Names cached in one order and then submitted in memory order: the submission order (not
+    # the order the cache first saw them) decides the batch order, so this runs in place.
+    for step, order in enumerate(("reversed", "memory", "memory")):
+        flat = data(r, 980 + step, (sum(sizes),), torch.float32)
+        views = list(torch.split(flat, sizes))
+        indices = list(range(len(views)))[:: -1 if order == "reversed" else 1]
+        before = hvd.stats()
+        with hvd.submitted_together():
+            handles = [
+                hvd.allreduce_async_(views[i], name=f"span.recached.{i}", op=hvd.Sum)
+                for i in indices
+            ]
+        for h in handles:
+            hvd.synchronize(h)
+        after = hvd.stats()
+        inputs = [data(k, 980 + step, (sum(sizes),), torch.float32).double() for k in range(n)]
+        close(flat, reference(hvd.Sum, inputs), torch.float32)
+        if step > 0:
+            assert after["cache_hits"] - before["cache_hits"] == len(views)
+            assert after["in_place"] - before["in_place"] == 1, (step, after, before)
 
 
 def check_local_errors():

@@ -303,20 +303,16 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   constexpr int64_t kHeader = 3 * sizeof(int64_t);
   constexpr int64_t kInline = kSlot - kHeader;
   const int n = config_.size;
-  // Requests the other ranks have seen run with these exact attributes go as cache bits.
-  std::vector<uint32_t> bits;
-  std::vector<Request> full;
-  for (Request& r : queue_.take_new_requests()) {
-    if (auto bit = cache_.lookup(r)) {
-      bits.push_back(*bit);
-    } else {
-      full.push_back(std::move(r));
-    }
-  }
-  stats_.cache_hits += static_cast<int64_t>(bits.size());
-  stats_.cache_misses += static_cast<int64_t>(full.size());
+  // Requests the other ranks have seen run with these exact attributes go as cache indices.
   std::vector<uint8_t> mine;
-  serialize_message(bits, full, mine);
+  serialize_requests(
+      queue_.take_new_requests(),
+      [this](const Request& r) {
+        std::optional<uint32_t> index = cache_.lookup(r);
+        (index ? stats_.cache_hits : stats_.cache_misses)++;
+        return index;
+      },
+      mine);
   const auto my_len = static_cast<int64_t>(mine.size());
 
   at::Tensor slot = at::zeros({kSlot}, at::kByte);
@@ -373,10 +369,13 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   }
   // Every rank feeds the same messages in rank order, so every rank's controller decides the
   // same responses in the same order (the decision rank 0 would broadcast, without the extra
-  // round trip). All bits are resolved before the cache changes below.
+  // round trip). All cache indices are resolved before the cache changes below.
   std::vector<std::vector<Request>> requests(n);
   for (int r = 0; r < n; ++r) {
-    requests[r] = deserialize_message(messages[r].data(), messages[r].size(), r, cache_);
+    requests[r] = deserialize_requests(messages[r].data(), messages[r].size(), r,
+                                       [&](uint32_t index) -> const Request& {
+                                         return cache_.at(index, r);
+                                       });
   }
   for (int r = 0; r < n; ++r) controller_.add(r, requests[r], responses);
   stall_.check(controller_, clock_ms, responses);

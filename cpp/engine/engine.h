@@ -73,7 +73,7 @@ class Engine {
     std::atomic<int64_t> bytes{0};         // bytes through data-plane collectives
     std::atomic<int64_t> negotiate_ns{0};  // time spent in negotiation (control plane)
     std::atomic<int64_t> stalled{0};       // tensors the stall inspector gave up on
-    std::atomic<int64_t> cache_hits{0};    // requests this rank sent as a response-cache bit
+    std::atomic<int64_t> cache_hits{0};    // requests this rank sent as a response-cache index
     std::atomic<int64_t> cache_misses{0};  // requests this rank sent in full
     std::atomic<int64_t> in_place{0};      // allreduce batches reduced with no fusion buffer
   };

@@ -81,8 +81,21 @@ class Reader {
 
 }  // namespace
 
-void serialize_requests(const std::vector<Request>& requests, std::vector<uint8_t>& out) {
+namespace {
+constexpr uint32_t kCachedFlag = 0x80000000u;  // top bit of a record's first word
+}  // namespace
+
+void serialize_requests(const std::vector<Request>& requests,
+                        const std::function<std::optional<uint32_t>(const Request&)>& cached_index,
+                        std::vector<uint8_t>& out) {
   for (const Request& r : requests) {
+    if (const auto index = cached_index(r)) {
+      TORCH_CHECK(*index < kCachedFlag, "gradfuse: response cache index ", *index, " too large");
+      put<uint32_t>(out, kCachedFlag | *index);
+      continue;
+    }
+    TORCH_CHECK_VALUE(r.name.size() < kCachedFlag, "gradfuse: tensor name of ", r.name.size(),
+                      " bytes is too long");
     put<uint32_t>(out, static_cast<uint32_t>(r.name.size()));
     out.insert(out.end(), r.name.begin(), r.name.end());
     put<int8_t>(out, static_cast<int8_t>(r.op));
@@ -98,12 +111,18 @@ void serialize_requests(const std::vector<Request>& requests, std::vector<uint8_
   }
 }
 
-std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank) {
+std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank,
+                                          const std::function<const Request&(uint32_t)>& cached) {
   std::vector<Request> requests;
   Reader in(data, size, rank);
   while (!in.done()) {
+    const auto first = in.get<uint32_t>();
+    if (first & kCachedFlag) {
+      requests.push_back(cached(first & ~kCachedFlag));
+      continue;
+    }
     Request r;
-    r.name = in.get_string(in.get<uint32_t>());
+    r.name = in.get_string(first);
     r.op = static_cast<OpType>(in.get<int8_t>());
     r.reduce_op = static_cast<ReduceOp>(in.get<int8_t>());
     r.dtype = static_cast<c10::ScalarType>(in.get<int8_t>());

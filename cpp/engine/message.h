@@ -6,6 +6,8 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,9 +42,17 @@ struct Request {
   bool operator==(const Request&) const = default;
 };
 
-// Appends the byte form of a request list / reads it back. `rank` names the sender in errors.
-void serialize_requests(const std::vector<Request>& requests, std::vector<uint8_t>& out);
-std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank);
+// A rank's negotiation message: its new requests, in submission order (which becomes the order
+// of the batches, and in-place fusion needs it kept). Each request travels in full, or as a
+// 4-byte reference to an entry every rank holds in its response cache
+// (engine/response_cache.h): the top bit set, then the entry's index. A full request starts
+// with its name's length, whose top bit is always clear. `cached_index(r)` gives r's
+// reference, if any; `cached(index)` resolves one. `rank` names the sender in errors.
+void serialize_requests(const std::vector<Request>& requests,
+                        const std::function<std::optional<uint32_t>(const Request&)>& cached_index,
+                        std::vector<uint8_t>& out);
+std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank,
+                                          const std::function<const Request&(uint32_t)>& cached);
 
 struct Response {
   enum class Kind { kRun, kError };

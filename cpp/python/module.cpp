@@ -106,7 +106,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
       "bytes, negotiation time (ns), stalled tensors given up on, requests sent as response "
-      "cache bits and in full, allreduce batches reduced in place (no fusion buffer).");
+      "cache indices and in full, allreduce batches reduced in place (no fusion buffer).");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),

@@ -36,7 +36,7 @@ def init(**options) -> None:
     """Start gradfuse: join (or create) the torch.distributed job, create the engine's own
     process groups and start its background thread. Options (each defaults to a GRADFUSE_*
     environment variable): fusion_threshold_bytes, cache_capacity (response cache entries:
-    steady-state steps announce a cached tensor as one bit; 0 disables), cycle_time_ms, timeout_s (a peer silent
+    steady-state steps announce a cached tensor as a 4-byte index; 0 disables), cycle_time_ms, timeout_s (a peer silent
     this long fails every pending handle with an error naming it), stall_warning_s,
     stall_shutdown_s, timeline (a Chrome-trace file path, written by rank 0),
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
@@ -245,7 +245,7 @@ def stats() -> dict:
     """Counters of this rank's engine since init(): negotiation cycles (and those with work),
     tensors and bytes reduced, collectives launched, fusion ratio (tensors per collective),
     seconds spent negotiating, stalled tensors given up on, and the response cache's hits
-    (requests this rank announced as a cache bit), misses (announced in full) and hit rate, and
+    (requests this rank announced as a cache index), misses (announced in full) and hit rate, and
     in_place: allreduce batches reduced in their tensors' own memory, with no fusion buffer."""
     _require()
     raw = _C().engine_stats()
