@@ -106,7 +106,10 @@ def worker(rank, size, port, iters, result_queue):
     res["a"] = timed(engine, iters)
     after = hvd._C.engine_stats()
     res["stats"] = {k: after[k] - before[k] for k in after}
+    before = hvd._C.engine_stats()
     res["a_views"] = timed(engine_views, iters)
+    after = hvd._C.engine_stats()
+    res["stats_views"] = {k: after[k] - before[k] for k in after}
     res["lat_engine"] = timed(engine_small, 200, warmup=10)
     hvd.shutdown()
     if size % 2 == 0:
@@ -154,6 +157,8 @@ def main():
         f"collectives for {st['tensors']} tensors ({st['tensors'] / st['collectives']:.1f} "
         f"tensors per collective)"
     )
+    sv = r["stats_views"]
+    print(f"engine during (a'): {sv['in_place']} of {sv['collectives']} collectives in place")
     print(
         f"1 KiB allreduce latency: gradfuse {r['lat_engine'] * 1e6:.0f} us, direct "
         f"dist.all_reduce {r['lat_direct'] * 1e6:.0f} us"
