@@ -75,24 +75,43 @@ def check_dead_rank():
     if hvd.rank() == VICTIM:
         write_results(hvd.rank(), {**RESULTS, "dead_rank": "ok"})  # then vanish, mid-run
         os._exit(0)
-    start = time.monotonic()
-    error = None
-    for step in range(1000):
-        h = hvd.allreduce_async(torch.ones(1), name=f"step.{step}")
-        try:
-            hvd.synchronize(h)
-        except RuntimeError as e:
-            error = str(e)
-            break
-    assert error is not None
-    assert f"rank {VICTIM} did not answer" in error, error
-    # Later calls fail at once with the same reason, and shutdown does not hang.
     try:
-        hvd.allreduce(torch.ones(1), name="after.death")
-        raise AssertionError("no error after the death")
-    except RuntimeError as e:
-        assert f"rank {VICTIM}" in str(e), str(e)
-    print(f"rank {hvd.rank()}: failed {time.monotonic() - start:.2f} s after the death", flush=True)
+        start = time.monotonic()
+        error = None
+        for step in range(1000):
+            h = hvd.allreduce_async(torch.ones(1), name=f"step.{step}")
+            try:
+                hvd.synchronize(h)
+            except RuntimeError as e:
+                error = str(e)
+                break
+        assert error is not None
+        assert f"rank {VICTIM} did not answer" in error, error
+        # Later calls fail at once with the same reason, and shutdown does not hang.
+        try:
+            hvd.allreduce(torch.ones(1), name="after.death")
+            raise AssertionError("no error after the death")
+        except RuntimeError as e:
+            assert f"rank {VICTIM}" in str(e), str(e)
+        elapsed = time.monotonic() - start
+        print(f"rank {hvd.rank()}: failed {elapsed:.2f} s after the death", flush=True)
+    finally:
+        _keep_store_until_survivors_are_done()
+
+
+def _keep_store_until_survivors_are_done():
+    """The job's store lives in rank 0's process. Each survivor's monitor reaches its verdict on
+    its own beat, up to one beat apart; rank 0 must not exit (taking the store with it) before
+    the others have theirs, or they would rightly report the store gone instead of the dead
+    rank. Rank 0 waits for every survivor, at most 60 s."""
+    store = torch.distributed.distributed_c10d._get_default_store()
+    store.add("test/dead_rank/done", 1)
+    if hvd.rank() == 0:
+        deadline = time.monotonic() + 60
+        while store.add("test/dead_rank/done", 0) < hvd.size() - 1:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
 
 
 RESULTS: dict = {}
