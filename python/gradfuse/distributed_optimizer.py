@@ -189,11 +189,7 @@ class _DistributedOptimizer:
         self._gf_delay[p] -= 1
         if self._gf_delay[p] > 0:
             return
-        view = self._gf_views.get(p)
-        if view is not None and p.grad.data_ptr() != view.data_ptr():
-            # .grad was replaced (e.g. model.zero_grad() set it to None): back into the view.
-            view.copy_(p.grad)
-            p.grad = view
+        self._gf_restore_view(p)
         if bucket is None:
             self._gf_pending[p] = self._gf_reduce_async(p)
             return
@@ -203,6 +199,19 @@ class _DistributedOptimizer:
         if len(ready) == bucket_size:
             del self._gf_waiting[index]
             self._gf_submit(self._gf_buckets[index])  # in bucket order, not arrival order
+
+    def _gf_restore_view(self, p):
+        """gradient_as_bucket_view: points p.grad back at its view when the user replaced it
+        (e.g. model.zero_grad() set it to None and backward made a new tensor), copying the
+        replacement in, or zeros for None. Nothing to do without views or when it is intact."""
+        view = self._gf_views.get(p)
+        if view is None or (p.grad is not None and p.grad.data_ptr() == view.data_ptr()):
+            return
+        if p.grad is None:
+            view.zero_()
+        else:
+            view.copy_(p.grad)
+        p.grad = view
 
     def _gf_submit(self, params):
         """Starts the reductions of `params` as one group (one negotiation, fused)."""
@@ -280,14 +289,8 @@ class _DistributedOptimizer:
         self._gf_waiting = {}
         missing = [p for p in self._gf_order if p not in self._gf_pending]
         for p in missing:
-            view = self._gf_views.get(p)
-            if view is not None and (p.grad is None or p.grad.data_ptr() != view.data_ptr()):
-                if p.grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(p.grad)
-                p.grad = view
-            elif p.grad is None:
+            self._gf_restore_view(p)
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._gf_submit(missing)
         pending, self._gf_pending = self._gf_pending, {}
