@@ -362,9 +362,17 @@ def check_grad_scaler_skips_on_every_rank():
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
     x, y = digits()
     before = copy.deepcopy(model.state_dict())
+
+    def overflow(grad):
+        grad = grad.clone()
+        grad.view(-1)[0] = float("inf")
+        return grad
+
+    # One rank's gradient overflows during backward: a tensor hook runs before the gradient is
+    # accumulated and submitted (writing it after backward would race with its reduction).
+    if hvd.rank() == hvd.size() - 1:
+        next(model.parameters()).register_hook(overflow)
     scaler.scale(torch.nn.functional.cross_entropy(model(x[:8]), y[:8])).backward()
-    if hvd.rank() == hvd.size() - 1:  # one rank's gradient overflows
-        next(model.parameters()).grad.view(-1)[0] = float("inf")
     opt.synchronize()
     with opt.skip_synchronize():
         scaler.step(opt)
