@@ -17,8 +17,8 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s.str();
 }
 
-std::string device_str(const Request& r) {
-  return c10::Device(static_cast<c10::DeviceType>(r.device_type), r.device_index).str();
+std::string device_type_str(const Request& r) {
+  return c10::DeviceTypeName(static_cast<c10::DeviceType>(r.device_type), /*lower_case=*/true);
 }
 
 // One attribute that must agree across ranks: its name and how to print a rank's value.
@@ -38,7 +38,8 @@ const Attribute kAttributes[] = {
        return "[*, " + shape_str(rest).substr(1);
      }},
     {"dtype", [](const Request& r, bool) { return std::string(c10::toString(r.dtype)); }},
-    {"device", [](const Request& r, bool) { return device_str(r); }},
+    // The type only: each rank runs on its own device (cuda:0 on rank 0, cuda:1 on rank 1).
+    {"device type", [](const Request& r, bool) { return device_type_str(r); }},
     {"reduce op",
      [](const Request& r, bool) {
        const bool reduces = r.op == OpType::kAllreduce || r.op == OpType::kReducescatter;

@@ -25,12 +25,29 @@ class CudaEvent {
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
 
+  // Under a guard of the event's device: the stream must be on it, and the current device may
+  // be another one (a caller that never called torch.cuda.set_device).
   void record(const c10::cuda::CUDAStream& stream) {
+    TORCH_CHECK(stream.device_index() == device_, "gradfuse: event of cuda:", int(device_),
+                " recorded on a stream of cuda:", int(stream.device_index()), " (internal error)");
+    c10::cuda::CUDAGuard guard(device_);
     C10_CUDA_CHECK(cudaEventRecord(event_, stream.stream()));
   }
-  // Work queued on `stream` after this call waits for the recorded point.
+  // Work queued on `stream` (of any device) after this call waits for the recorded point.
   void block(const c10::cuda::CUDAStream& stream) const {
+    c10::cuda::CUDAGuard guard(stream.device_index());
     C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), event_, 0));
+  }
+  // True once the work recorded before it finished on the device. Never blocks.
+  bool query() const {
+    c10::cuda::CUDAGuard guard(device_);
+    const cudaError_t status = cudaEventQuery(event_);
+    if (status == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: clear it so later checks do not see it
+      return false;
+    }
+    C10_CUDA_CHECK(status);
+    return true;
   }
 
  private:

@@ -50,13 +50,15 @@ struct ExplainedError : std::runtime_error {
 
 Engine::Engine(EngineConfig config)
     : config_(std::move(config)),
-      controller_(config_.size),
-      cache_(config_.cache_capacity),
+      negotiator_(config_.size, config_.cache_capacity),
       stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s) {
   validate(config_);
   control_ = c10d::resolve_process_group(config_.control_group);
   cpu_ = c10d::resolve_process_group(config_.cpu_group);
-  if (!config_.cuda_group.empty()) cuda_ = c10d::resolve_process_group(config_.cuda_group);
+  if (!config_.cuda_group.empty()) {
+    cuda_ = c10d::resolve_process_group(config_.cuda_group);
+    cuda_health_ = std::make_shared<const TransportHealth>(cuda_, c10::DeviceType::CUDA, config_.rank);
+  }
   if (!config_.local_group.empty()) {
     cpu_hierarchy_.local = c10d::resolve_process_group(config_.local_group);
     cpu_hierarchy_.cross = c10d::resolve_process_group(config_.cross_group);
@@ -117,9 +119,24 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   TORCH_CHECK_VALUE(a.tensor.dim() <= 64, "gradfuse.", op, ": tensor has ", a.tensor.dim(),
                     " dimensions; at most 64 are supported");
   const auto device = a.tensor.device();
-  TORCH_CHECK_VALUE(device.is_cpu() || (device.is_cuda() && cuda_), "gradfuse.", op,
-                    ": tensor is on ", device, ", but the engine has ",
-                    device.is_cuda() ? "no CUDA (NCCL) process group" : "no group for it");
+#ifdef GRADFUSE_WITH_CUDA
+  constexpr bool kBuiltWithCuda = true;
+#else
+  constexpr bool kBuiltWithCuda = false;
+#endif
+  const std::string device_error =
+      unsupported_device_error(op, device, kBuiltWithCuda, cuda_ != nullptr);
+  TORCH_CHECK_VALUE(device_error.empty(), device_error);
+  // barrier and join move no data: their (empty) tensor only says where a joined rank's
+  // placeholders go (join(device=...)), and is not negotiated.
+  const bool carries_data = a.op != OpType::kBarrier && a.op != OpType::kJoin;
+  if (device.is_cuda()) {
+    if (carries_data) {
+      cuda_device_.bind(op, device);
+    } else {
+      cuda_device_.bind_if_unbound(device);
+    }
+  }
   // These operations make their own output (its shape depends on the other ranks).
   const bool own_output = a.op != OpType::kAllreduce && a.op != OpType::kBroadcast;
   if (a.op == OpType::kAllgather) {
@@ -190,8 +207,8 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   const bool reduces = a.op == OpType::kAllreduce || a.op == OpType::kReducescatter;
   e.request.reduce_op = reduces ? a.reduce_op : ReduceOp::kSum;
   e.request.dtype = a.tensor.scalar_type();
-  e.request.device_type = static_cast<int8_t>(device.type());
-  e.request.device_index = device.index();
+  e.request.device_type =
+      static_cast<int8_t>(carries_data ? device.type() : c10::DeviceType::CPU);
   e.request.root = a.op == OpType::kBroadcast ? a.root : 0;
   e.request.shape = a.tensor.sizes().vec();
   e.request.splits = std::move(splits);
@@ -201,7 +218,7 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   e.prescale = a.prescale;
   e.postscale = a.postscale;
 #ifdef GRADFUSE_WITH_CUDA
-  if (device.is_cuda()) {
+  if (device.is_cuda() && carries_data) {
     // Backward may still be writing the tensor on the caller's stream: the engine's stream
     // waits for this event before reading it.
     auto ready = std::make_shared<CudaEvent>(device.index());
@@ -244,13 +261,22 @@ void Engine::fail_all(const std::string& why) {
     HandleTable::get().fail(e.handle,
                             stopped_reason() + " while '" + e.request.name + "' was pending");
   }
+  // CUDA work already queued on the device waits on a transport that is gone.
+  HandleTable::get().fail_device_pending(stopped_reason() +
+                                         " while a CUDA collective was running");
 }
 
 Entry Engine::take_entry(const Response& response) {
   if (auto e = queue_.try_take(response.name)) return std::move(*e);
   TORCH_CHECK(joined_in(response, config_.rank), "gradfuse: negotiated tensor '", response.name,
               "' is not in flight on this rank (internal error)");
-  return joined_placeholder(response);
+#ifdef GRADFUSE_WITH_CUDA
+  const c10::DeviceIndex current = cuda_ ? c10::cuda::current_device() : 0;
+#else
+  const c10::DeviceIndex current = 0;
+#endif
+  const auto type = static_cast<c10::DeviceType>(response.request.device_type);
+  return joined_placeholder(response, cuda_device_.placeholder_device(type, current));
 }
 
 at::Tensor Engine::second_output(const Response& response) const {
@@ -304,15 +330,10 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   constexpr int64_t kInline = kSlot - kHeader;
   const int n = config_.size;
   // Requests the other ranks have seen run with these exact attributes go as cache indices.
-  std::vector<uint8_t> mine;
-  serialize_requests(
-      queue_.take_new_requests(),
-      [this](const Request& r) {
-        std::optional<uint32_t> index = cache_.lookup(r);
-        (index ? stats_.cache_hits : stats_.cache_misses)++;
-        return index;
-      },
-      mine);
+  Negotiator::Encoded encoded = negotiator_.encode(queue_.take_new_requests());
+  stats_.cache_hits += encoded.cache_hits;
+  stats_.cache_misses += encoded.cache_misses;
+  const std::vector<uint8_t>& mine = encoded.bytes;
   const auto my_len = static_cast<int64_t>(mine.size());
 
   at::Tensor slot = at::zeros({kSlot}, at::kByte);
@@ -340,7 +361,7 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   std::vector<Response> responses;
   stats_.cycles++;
   if (longest == 0) {
-    stall_.check(controller_, clock_ms, responses);
+    stall_.check(negotiator_.controller(), clock_ms, responses);
     return responses;
   }
   stats_.busy_cycles++;
@@ -367,24 +388,8 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
       messages[r].insert(messages[r].end(), p, p + (lengths[r] - kInline));
     }
   }
-  // Every rank feeds the same messages in rank order, so every rank's controller decides the
-  // same responses in the same order (the decision rank 0 would broadcast, without the extra
-  // round trip). All cache indices are resolved before the cache changes below.
-  std::vector<std::vector<Request>> requests(n);
-  for (int r = 0; r < n; ++r) {
-    requests[r] = deserialize_requests(messages[r].data(), messages[r].size(), r,
-                                       [&](uint32_t index) -> const Request& {
-                                         return cache_.at(index, r);
-                                       });
-  }
-  for (int r = 0; r < n; ++r) controller_.add(r, requests[r], responses);
-  stall_.check(controller_, clock_ms, responses);
-  for (const Response& resp : responses) {
-    // join changes meaning with who joined; an error may be a disagreement: neither is cached.
-    if (resp.kind == Response::Kind::kRun && resp.request.op != OpType::kJoin) {
-      cache_.put(resp.request);
-    }
-  }
+  responses = negotiator_.decide(messages);
+  stall_.check(negotiator_.controller(), clock_ms, responses);
   return responses;
 }
 
@@ -440,7 +445,6 @@ void Engine::execute(std::vector<Response> responses) {
   try {
     for (; index < batches.size(); ++index) {
       Batch& batch = batches[index];
-      for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
       const bool on_cuda =
           static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
       CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_,
@@ -448,17 +452,21 @@ void Engine::execute(std::vector<Response> responses) {
                             timed ? &times[index] : nullptr};
       started_at[index] = std::chrono::steady_clock::now();
       stats_.collectives++;
-      stats_.tensors += static_cast<int64_t>(batch.entries.size());
-      for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
+      stats_.tensors += static_cast<int64_t>(batch.responses.size());
 #ifdef GRADFUSE_WITH_CUDA
       if (on_cuda) {
         finish_in_flight();
         run_cuda_batch(batch, ctx);
+        for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
         // Host-side times: when the work was queued on the stream, not when the GPU ran it.
         if (timed) record(batch, negotiated, started_at[index], times[index]);
         continue;
       }
 #endif
+      // The enqueue check keeps CUDA tensors out of an engine without CUDA.
+      TORCH_CHECK(!on_cuda, "gradfuse: a CUDA batch reached an engine without CUDA (internal error)");
+      for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
+      for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
       PreparedBatch prepared = prepare_batch(batch, ctx, static_cast<int>(index % 2));
       if (prepared.in_place) stats_.in_place++;
       if (in_flight) in_flight->wait();
@@ -481,8 +489,33 @@ void Engine::execute(std::vector<Response> responses) {
 }
 
 #ifdef GRADFUSE_WITH_CUDA
-void Engine::run_cuda_batch(const Batch& batch, const CollectiveContext& ctx) {
-  const c10::DeviceIndex index = batch.key.device_index;
+namespace {
+// A CUDA handle is done when the engine stream's event after its collective has completed, and
+// only if the transport reports no error by then (an aborted NCCL communicator also ends its
+// kernels, so the event alone would call a failed collective done).
+class CudaCompletion : public DeviceCompletion {
+ public:
+  CudaCompletion(std::shared_ptr<CudaEvent> done, std::shared_ptr<const TransportHealth> health)
+      : done_(std::move(done)), health_(std::move(health)) {}
+  bool query() override {
+    if (health_) {
+      const std::string error = health_->error();
+      if (!error.empty()) throw std::runtime_error(error);
+    }
+    return done_->query();
+  }
+
+ private:
+  std::shared_ptr<CudaEvent> done_;
+  std::shared_ptr<const TransportHealth> health_;  // shared: a handle may outlive the engine
+};
+}  // namespace
+
+void Engine::run_cuda_batch(Batch& batch, const CollectiveContext& ctx) {
+  // This rank's own GPU, not rank 0's: the negotiated request carries no device index.
+  const c10::Device device =
+      cuda_device_.placeholder_device(c10::DeviceType::CUDA, c10::cuda::current_device());
+  const c10::DeviceIndex index = device.index();
   c10::cuda::CUDAGuard device_guard(index);
   auto it = streams_.find(index);
   if (it == streams_.end()) {
@@ -491,7 +524,12 @@ void Engine::run_cuda_batch(const Batch& batch, const CollectiveContext& ctx) {
   }
   const c10::cuda::CUDAStream stream = it->second;
   c10::cuda::CUDAStreamGuard stream_guard(stream);
+  // Joined-rank placeholders are zero-filled here, on the engine's stream, which reads them.
+  for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
   for (const Entry& e : batch.entries) {
+    TORCH_CHECK(e.tensor.device() == device, "gradfuse: '", e.request.name, "' is on ",
+                e.tensor.device().str(), " but the engine runs on ", device.str(),
+                " (internal error)");
     if (e.wait_for_producer) e.wait_for_producer();
   }
   // NCCL orders its kernels after the current (engine) stream; Work::wait() orders the engine
@@ -499,6 +537,7 @@ void Engine::run_cuda_batch(const Batch& batch, const CollectiveContext& ctx) {
   std::vector<at::Tensor> outputs = run_batch(batch, ctx);
   auto done = std::make_shared<CudaEvent>(index);
   done->record(stream);
+  auto completion = std::make_shared<CudaCompletion>(done, cuda_health_);
   for (size_t i = 0; i < batch.entries.size(); ++i) {
     const Entry& e = batch.entries[i];
     // The caller may free its tensors once the handle completes; the allocator must not reuse
@@ -509,12 +548,13 @@ void Engine::run_cuda_batch(const Batch& batch, const CollectiveContext& ctx) {
     HandleTable::get().complete(
         e.handle, out,
         [done, out] {
-          // synchronize(): the caller's stream waits for the engine's completion event.
+          // synchronize(): the caller's stream (the current stream of the output's device,
+          // whatever the current device is) waits for the engine's completion event.
           const auto caller = c10::cuda::getCurrentCUDAStream(out.device().index());
           done->block(caller);
           c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), caller);
         },
-        second_output(batch.responses[i]));
+        second_output(batch.responses[i]), completion);
   }
 }
 #endif

@@ -20,13 +20,14 @@
 
 #include "engine/collectives.h"
 #include "engine/config.h"
-#include "engine/controller.h"
+#include "engine/devices.h"
 #include "engine/fusion.h"
 #include "engine/liveness.h"
-#include "engine/response_cache.h"
+#include "engine/negotiation.h"
 #include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
 #include "engine/timeline.h"
+#include "engine/transport_health.h"
 
 namespace gradfuse::engine {
 
@@ -90,7 +91,8 @@ class Engine {
               std::chrono::steady_clock::time_point started, const BatchTimes& times);
   void fail_all(const std::string& why);
   // The entry this rank runs for a negotiated response: its own, or a joined rank's
-  // placeholder (engine/join.h).
+  // placeholder (engine/join.h) on this rank's device (for CUDA: under the engine's stream, so
+  // the stream that reads the zeros is the one that wrote them).
   Entry take_entry(const Response& response);
   // alltoall's received splits (HandleTable aux); undefined for other operations.
   at::Tensor second_output(const Response& response) const;
@@ -98,8 +100,9 @@ class Engine {
   // monitor finds them within the timeout.
   std::string explain(const std::exception& e);
 #ifdef GRADFUSE_WITH_CUDA
-  // run_batch on the engine's stream of the batch's device, ordered after the producers.
-  void run_cuda_batch(const Batch& batch, const CollectiveContext& ctx);
+  // Takes the batch's entries and runs it on the engine's stream of this rank's CUDA device,
+  // ordered after the producers; the handles complete when the device has finished.
+  void run_cuda_batch(Batch& batch, const CollectiveContext& ctx);
   std::map<int, c10::cuda::CUDAStream> streams_;
 #endif
 
@@ -109,9 +112,10 @@ class Engine {
   c10::intrusive_ptr<c10d::ProcessGroup> cuda_;
   HierarchyGroups cpu_hierarchy_;  // empty unless allreduce is hierarchical
   HierarchyGroups cuda_hierarchy_;
+  std::shared_ptr<const TransportHealth> cuda_health_;  // errors NCCL reports after the fact
   TensorQueue queue_;
-  Controller controller_;
-  ResponseCache cache_;
+  Negotiator negotiator_;
+  CudaDeviceBinding cuda_device_;  // this rank's one GPU (engine/devices.h)
   BufferPool buffers_;
   StallInspector stall_;
   Timeline timeline_;

@@ -29,8 +29,10 @@ bool same_batch_key(const Request& a, const Request& b) {
   // An alltoall's send and receive sizes differ per rank: each runs on its own.
   if (a.op == OpType::kAlltoall || b.op == OpType::kAlltoall) return false;
   const bool reduces = a.op == OpType::kAllreduce || a.op == OpType::kReducescatter;
+  // The device type, not the index: a rank's CUDA tensors all live on its one device
+  // (engine/devices.h), which differs from rank to rank.
   return a.op == b.op && a.dtype == b.dtype && a.device_type == b.device_type &&
-         a.device_index == b.device_index && (!reduces || a.reduce_op == b.reduce_op) &&
+         (!reduces || a.reduce_op == b.reduce_op) &&
          (a.op != OpType::kBroadcast || a.root == b.root);
 }
 

@@ -1,5 +1,5 @@
 // Tensor fusion: negotiated tensors that can share one collective (same operation, dtype,
-// device, reduce op and root) are grouped into batches of at most `threshold_bytes`, and
+// device type, reduce op and root) are grouped into batches of at most `threshold_bytes`, and
 // copied into / out of one flat fusion buffer with the gradfuse::pack_ / unpack_ kernels.
 #pragma once
 
@@ -15,7 +15,7 @@
 namespace gradfuse::engine {
 
 struct Batch {
-  Request key;  // op, dtype, device, reduce op, root shared by every entry
+  Request key;  // op, dtype, device type, reduce op, root shared by every entry
   std::vector<Response> responses;
   std::vector<Entry> entries;  // same order as responses
 };

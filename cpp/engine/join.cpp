@@ -8,12 +8,14 @@
 
 namespace gradfuse::engine {
 
-Entry joined_placeholder(const Response& response) {
+Entry joined_placeholder(const Response& response, c10::Device device) {
   const Request& r = response.request;
   std::vector<int64_t> shape = r.shape;
   if (r.op == OpType::kAllgather && !shape.empty()) shape[0] = 0;
-  const auto options = at::TensorOptions().dtype(r.dtype).device(
-      c10::Device(static_cast<c10::DeviceType>(r.device_type), r.device_index));
+  TORCH_CHECK(device.type() == static_cast<c10::DeviceType>(r.device_type),
+              "gradfuse: placeholder for '", response.name, "' on ", device.str(),
+              " for a collective on another device type (internal error)");
+  const auto options = at::TensorOptions().dtype(r.dtype).device(device);
   Entry e;
   e.handle = kNoHandle;
   e.request = r;

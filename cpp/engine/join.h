@@ -10,8 +10,9 @@
 namespace gradfuse::engine {
 
 // The entry a joined rank runs for a negotiated response it never submitted: zeros of the
-// agreed shape (allgather: zero rows), handle 0 (nobody waits on it).
-Entry joined_placeholder(const Response& response);
+// agreed shape (allgather: zero rows) on `device`, this rank's own device of the agreed type
+// (engine/devices.h), handle 0 (nobody waits on it). Allocated on the current stream.
+Entry joined_placeholder(const Response& response, c10::Device device);
 
 // True when `rank` is one of the response's joined ranks.
 bool joined_in(const Response& response, int rank);

@@ -102,7 +102,6 @@ void serialize_requests(const std::vector<Request>& requests,
     put<int8_t>(out, static_cast<int8_t>(r.reduce_op));
     put<int8_t>(out, static_cast<int8_t>(r.dtype));
     put<int8_t>(out, r.device_type);
-    put<int16_t>(out, r.device_index);
     put<int32_t>(out, r.root);
     put<uint8_t>(out, static_cast<uint8_t>(r.shape.size()));
     for (int64_t d : r.shape) put<int64_t>(out, d);
@@ -127,7 +126,6 @@ std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int 
     r.reduce_op = static_cast<ReduceOp>(in.get<int8_t>());
     r.dtype = static_cast<c10::ScalarType>(in.get<int8_t>());
     r.device_type = in.get<int8_t>();
-    r.device_index = in.get<int16_t>();
     r.root = in.get<int32_t>();
     const auto ndim = in.get<uint8_t>();
     for (int i = 0; i < ndim; ++i) r.shape.push_back(in.get<int64_t>());

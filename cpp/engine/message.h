@@ -33,8 +33,9 @@ struct Request {
   OpType op = OpType::kAllreduce;
   ReduceOp reduce_op = ReduceOp::kSum;
   c10::ScalarType dtype = c10::ScalarType::Float;
-  int8_t device_type = 0;  // c10::DeviceType
-  int16_t device_index = -1;
+  // c10::DeviceType. Only the type is negotiated: the index is each rank's own (rank r runs on
+  // cuda:local_rank), so it stays with the rank's tensor (engine/devices.h) and never travels.
+  int8_t device_type = 0;
   int32_t root = 0;  // broadcast only
   std::vector<int64_t> shape;
   std::vector<int64_t> splits;  // alltoall only: rows this rank sends to each rank

@@ -4,8 +4,10 @@
 // wait, stats, timeline) with plain types; tensors travel through torch.ops. No logic here.
 #include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "engine/api.h"
+#include "engine/testing.h"
 #include "ops/cpu/dispatch.h"
 
 namespace py = pybind11;
@@ -112,4 +114,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),
         py::call_guard<py::gil_scoped_release>(),
         "Block (GIL released) until the handle is done; RuntimeError if it failed.");
+
+  // ---- test drivers (engine/testing.h): engine logic without process groups or a GPU ------
+  namespace t = gradfuse::engine::testing;
+  py::module_ testing = m.def_submodule("_testing", "Test drivers for the engine's host logic.");
+  py::class_<t::RoundResult>(testing, "RoundResult")
+      .def_readonly("responses", &t::RoundResult::responses)
+      .def_readonly("batches", &t::RoundResult::batches)
+      .def_readonly("cache_hits", &t::RoundResult::cache_hits)
+      .def_readonly("cache_misses", &t::RoundResult::cache_misses);
+  testing.def("simulate_negotiation", &t::simulate_negotiation, py::arg("size"),
+              py::arg("cache_capacity"), py::arg("fusion_threshold_bytes"), py::arg("rounds"),
+              "rounds[k][r]: (name, op, dtype, device, shape) requests of rank r in round k; "
+              "returns [round][rank] RoundResult.");
+  testing.def("device_error", &t::device_error, py::arg("op"), py::arg("device"),
+              py::arg("built_with_cuda"), py::arg("has_cuda_group"));
+  testing.def("device_binding", &t::device_binding, py::arg("steps"));
+  py::class_<t::FakeDeviceWork>(testing, "FakeDeviceWork")
+      .def(py::init<>())
+      .def("finish", &t::FakeDeviceWork::finish)
+      .def("fail", &t::FakeDeviceWork::fail, py::arg("error"));
+  testing.def("handle_with_device_work", &t::handle_with_device_work, py::arg("name"),
+              py::arg("work"));
+  testing.def("fail_device_pending", &t::fail_device_pending, py::arg("error"));
+  testing.def("discard_handle", &t::discard_handle, py::arg("handle"));
 }

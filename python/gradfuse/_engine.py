@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import os
 import socket
 import threading
 
@@ -40,7 +41,9 @@ def init(**options) -> None:
     this long fails every pending handle with an error naming it), stall_warning_s,
     stall_shutdown_s, timeline (a Chrome-trace file path, written by rank 0),
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
-    node) and test_local_size (tests only: consecutive ranks act as nodes of that size).
+    node), cuda_backend ("nccl", the default, one GPU per rank; or "gloo", which lets several
+    ranks share one GPU, for tests) and test_local_size (tests only: consecutive ranks act as
+    nodes of that size).
 
     Calling init() while initialized does nothing; after shutdown() it starts again."""
     global _state, _created_default_group
@@ -49,9 +52,12 @@ def init(**options) -> None:
         if _state is not None and _C().engine_running():
             return
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        cuda = _cuda_backend(cfg)
         if not dist.is_initialized():
             info = _launch.detect()
-            backend = "cpu:gloo,cuda:nccl" if _cuda_ok() else "gloo"
+            # The user's own CUDA collectives on the default group get NCCL where torch has it.
+            nccl = torch.cuda.is_available() and dist.is_nccl_available()
+            backend = "cpu:gloo,cuda:nccl" if nccl else "gloo"
             dist.init_process_group(
                 backend,
                 init_method=f"tcp://{info.master_addr}:{info.master_port}",
@@ -67,15 +73,15 @@ def init(**options) -> None:
             "control": dist.new_group(backend="gloo", timeout=timeout),
             "cpu": dist.new_group(backend="gloo", timeout=timeout),
         }
-        if _cuda_ok():
-            groups["cuda"] = dist.new_group(backend="nccl", timeout=timeout)
+        if cuda:
+            groups["cuda"] = _new_cuda_group(cuda, timeout=timeout)
         try:
             nodes = _nodes(groups["control"], cfg)
             node = next(n for n in nodes if rank in n)
             local_rank, local_size = node.index(rank), len(node)
             cross_rank, cross_size = nodes.index(node), len(nodes)
             if cfg.hierarchical_allreduce:
-                groups.update(_hierarchy_groups(nodes, rank, timeout))
+                groups.update(_hierarchy_groups(nodes, rank, timeout, cuda))
         except Exception:
             # Every rank saw the same layout, so every rank fails here alike; leave no groups.
             for group in groups.values():
@@ -120,8 +126,36 @@ def _tcp_store_address():
     return "", 0
 
 
-def _cuda_ok() -> bool:
-    return torch.cuda.is_available() and dist.is_nccl_available()
+def _cuda_backend(cfg):
+    """The backend of the engine's CUDA group, or None when the engine gets none: CUDA
+    tensors are then rejected at enqueue, saying why. The engine never creates a group it
+    cannot use: none in a CPU-only build of gradfuse, none without a GPU, no NCCL group
+    where torch has no NCCL."""
+    if not (_C().with_cuda and torch.cuda.is_available()):
+        return None
+    if cfg.cuda_backend == "nccl" and not dist.is_nccl_available():
+        return None
+    return cfg.cuda_backend
+
+
+def _new_cuda_group(backend, **kwargs):
+    """dist.new_group for CUDA tensors. An NCCL group is created with
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (unless the user set it): on a dead peer or a timed-out
+    collective, c10d's watchdog then aborts the communicator and records the error, which
+    reaches the waiting handle as an exception (engine/transport_health.h), instead of
+    tearing the whole process down (torch's default, 3). The variable is read when the group
+    is constructed; the user's own groups keep the user's setting."""
+    if backend != "nccl":
+        return dist.new_group(backend=backend, **kwargs)
+    key = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+    saved = os.environ.get(key)
+    if saved is None:
+        os.environ[key] = "2"
+    try:
+        return dist.new_group(backend="nccl", **kwargs)
+    finally:
+        if saved is None:
+            del os.environ[key]
 
 
 def _nodes(group, cfg):
@@ -150,7 +184,7 @@ def _nodes(group, cfg):
     return list(by_host.values())
 
 
-def _hierarchy_groups(nodes, rank, timeout):
+def _hierarchy_groups(nodes, rank, timeout, cuda):
     """This rank's local (its node) and cross (same local rank on every node) groups, Gloo for
     CPU tensors and NCCL for CUDA ones. new_group is collective over all ranks: every rank
     creates every group, in the same order, and keeps the ones it belongs to."""
@@ -161,17 +195,18 @@ def _hierarchy_groups(nodes, rank, timeout):
             f"node; nodes have {', '.join(str(len(n)) for n in nodes)} ranks"
         )
     backends = {"": "gloo"}
-    if _cuda_ok():
-        backends["cuda_"] = "nccl"
+    if cuda:
+        backends["cuda_"] = cuda
     groups = {}
     for prefix, backend in backends.items():
+        new_group = dist.new_group if prefix == "" else _new_cuda_group
         for node in nodes:
-            group = dist.new_group(ranks=node, backend=backend, timeout=timeout)
+            group = new_group(ranks=node, backend=backend, timeout=timeout)
             if rank in node:
                 groups[prefix + "local"] = group
         for local_rank in range(sizes[0]):
             ranks = [node[local_rank] for node in nodes]
-            group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+            group = new_group(ranks=ranks, backend=backend, timeout=timeout)
             if rank in ranks:
                 groups[prefix + "cross"] = group
     return groups

@@ -398,7 +398,16 @@ def join(device=None) -> int:
     and returns the rank that joined last. Meanwhile the other ranks' allreduces (Sum, Average)
     go on with this rank contributing zeros (Average still divides by size(), as in Horovod)
     and their allgathers with it contributing no rows; other collectives fail while a rank has
-    joined. `device` is accepted for Horovod compatibility and ignored."""
-    del device
+    joined. `device` (Horovod's argument: a CUDA device index, or -1 / None for the CPU) says
+    where this rank makes the zeros for CUDA collectives when it has not run one yet; once it
+    has, they go on the GPU its tensors used."""
     _engine._require()
-    return int(synchronize(_enqueue("gradfuse.join", _JOIN, torch.empty(0), None)).item())
+    marker = torch.empty(0)
+    if device is not None and device != -1:
+        marker = torch.empty(
+            0,
+            device=torch.device("cuda", device)
+            if isinstance(device, int)
+            else torch.device(device),
+        )
+    return int(synchronize(_enqueue("gradfuse.join", _JOIN, marker, None)).item())

@@ -77,6 +77,16 @@ _OPTIONS = {
         lambda v: True,
         "a boolean (True/False, 1/0)",
     ),
+    # The process group for CUDA tensors. "nccl" (one GPU per rank) is what training uses;
+    # "gloo" lets several ranks share one GPU (Gloo copies through host memory), which is how
+    # scripts/gpu_check.sh runs the multi-rank engine tests on a machine with one GPU.
+    "cuda_backend": (
+        "GRADFUSE_CUDA_BACKEND",
+        str,
+        "nccl",
+        lambda v: v in ("nccl", "gloo"),
+        '"nccl" or "gloo" (the transport of CUDA tensors)',
+    ),
     # Test only: pretend each node has this many ranks (consecutive ranks form a node), so one
     # host can exercise the hierarchical paths as several nodes. 0: nodes are real hosts.
     "test_local_size": (
@@ -106,6 +116,7 @@ class Config:
     cycle_time_ms: float
     timeout_s: float
     hierarchical_allreduce: bool
+    cuda_backend: str
     test_local_size: int
     stall_warning_s: float
     stall_shutdown_s: float
@@ -119,7 +130,7 @@ def _parse(name, raw, parser, check, what, source):
         except ValueError:
             raise ValueError(f"{source} must be {what}, got {raw!r}") from None
     if parser is str:
-        if not isinstance(raw, (str, os.PathLike)):
+        if not isinstance(raw, (str, os.PathLike)) or not check(os.fspath(raw)):
             raise ValueError(f"{source} must be {what}, got {raw!r}")
         return os.fspath(raw)
     try:

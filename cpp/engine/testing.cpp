@@ -1,0 +1,154 @@
+#include "engine/testing.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <mutex>
+#include <stdexcept>
+
+#include "engine/devices.h"
+#include "engine/fusion.h"
+#include "engine/handles.h"
+#include "engine/negotiation.h"
+
+namespace gradfuse::engine::testing {
+
+namespace {
+
+c10::ScalarType dtype_from_name(const std::string& name) {
+  static const std::pair<const char*, c10::ScalarType> kNames[] = {
+      {"uint8", c10::kByte},        {"int8", c10::kChar},     {"int16", c10::kShort},
+      {"int32", c10::kInt},         {"int64", c10::kLong},    {"float16", c10::kHalf},
+      {"bfloat16", c10::kBFloat16}, {"float32", c10::kFloat}, {"float64", c10::kDouble},
+  };
+  for (const auto& [n, t] : kNames) {
+    if (name == n) return t;
+  }
+  TORCH_CHECK_VALUE(false, "gradfuse._testing: unknown dtype '", name, "'");
+}
+
+Request request_from(const RequestSpec& spec) {
+  Request r;
+  r.name = std::get<0>(spec);
+  r.op = static_cast<OpType>(std::get<1>(spec));
+  r.dtype = dtype_from_name(std::get<2>(spec));
+  // As Engine::enqueue does: only the device type is negotiated; the index stays with the rank.
+  r.device_type = static_cast<int8_t>(c10::Device(std::get<3>(spec)).type());
+  r.shape = std::get<4>(spec);
+  return r;
+}
+
+std::string device_type_name(int8_t type) {
+  return c10::DeviceTypeName(static_cast<c10::DeviceType>(type), /*lower_case=*/true);
+}
+
+}  // namespace
+
+std::vector<std::vector<RoundResult>> simulate_negotiation(
+    int size, int64_t cache_capacity, int64_t fusion_threshold_bytes,
+    const std::vector<std::vector<std::vector<RequestSpec>>>& rounds) {
+  TORCH_CHECK_VALUE(size >= 1, "gradfuse._testing: size must be >= 1");
+  std::vector<Negotiator> ranks;
+  for (int r = 0; r < size; ++r) ranks.emplace_back(size, cache_capacity);
+  std::vector<std::vector<RoundResult>> results;
+  for (const auto& round : rounds) {
+    TORCH_CHECK_VALUE(static_cast<int>(round.size()) == size,
+                      "gradfuse._testing: each round needs one request list per rank");
+    std::vector<RoundResult> per_rank(size);
+    std::vector<std::vector<uint8_t>> messages(size);
+    for (int r = 0; r < size; ++r) {
+      std::vector<Request> requests;
+      for (const RequestSpec& spec : round[r]) requests.push_back(request_from(spec));
+      Negotiator::Encoded encoded = ranks[r].encode(requests);
+      per_rank[r].cache_hits = encoded.cache_hits;
+      per_rank[r].cache_misses = encoded.cache_misses;
+      messages[r] = std::move(encoded.bytes);
+    }
+    for (int r = 0; r < size; ++r) {
+      std::vector<Response> responses = ranks[r].decide(messages);
+      std::vector<Response> runnable;
+      for (const Response& resp : responses) {
+        const bool run = resp.kind == Response::Kind::kRun;
+        per_rank[r].responses.emplace_back(run ? "run" : "error", resp.name,
+                                           device_type_name(resp.request.device_type), resp.error);
+        if (run) runnable.push_back(resp);
+      }
+      for (const Batch& batch : make_batches(std::move(runnable), fusion_threshold_bytes)) {
+        std::vector<std::string> names;
+        for (const Response& resp : batch.responses) names.push_back(resp.name);
+        per_rank[r].batches.push_back(std::move(names));
+      }
+    }
+    results.push_back(std::move(per_rank));
+  }
+  return results;
+}
+
+std::string device_error(const std::string& op, const std::string& device, bool built_with_cuda,
+                         bool has_cuda_group) {
+  return unsupported_device_error(op.c_str(), c10::Device(device), built_with_cuda, has_cuda_group);
+}
+
+std::vector<std::string> device_binding(
+    const std::vector<std::pair<std::string, std::string>>& steps) {
+  CudaDeviceBinding binding;
+  std::vector<std::string> out;
+  for (const auto& [action, device_str] : steps) {
+    const c10::Device device(device_str);
+    try {
+      if (action == "bind") {
+        binding.bind("allreduce", device);
+        out.emplace_back("");
+      } else if (action == "bind_if_unbound") {
+        binding.bind_if_unbound(device);
+        out.emplace_back("");
+      } else if (action == "placeholder") {
+        out.push_back(binding.placeholder_device(device.type(), device.index()).str());
+      } else {
+        TORCH_CHECK_VALUE(false, "gradfuse._testing: unknown action '", action, "'");
+      }
+    } catch (const c10::ValueError& e) {
+      if (action != "bind" && action != "bind_if_unbound") throw;
+      out.emplace_back(e.what_without_backtrace());
+    }
+  }
+  return out;
+}
+
+struct FakeDeviceWork::State : DeviceCompletion {
+  std::mutex mu;
+  bool finished = false;
+  std::string error;
+  bool query() override {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!error.empty()) throw std::runtime_error(error);
+    return finished;
+  }
+};
+
+FakeDeviceWork::FakeDeviceWork() : state(std::make_shared<State>()) {}
+
+void FakeDeviceWork::finish() {
+  std::lock_guard<std::mutex> lock(state->mu);
+  state->finished = true;
+}
+
+void FakeDeviceWork::fail(const std::string& error) {
+  std::lock_guard<std::mutex> lock(state->mu);
+  state->error = error;
+}
+
+int64_t handle_with_device_work(const std::string& name, const FakeDeviceWork& work) {
+  const int64_t handle = HandleTable::get().create(name);
+  HandleTable::get().complete(handle, at::Tensor(), {}, {}, work.state);
+  return handle;
+}
+
+int fail_device_pending(const std::string& error) {
+  return HandleTable::get().fail_device_pending(error);
+}
+
+void discard_handle(int64_t handle) { HandleTable::get().discard(handle); }
+
+}  // namespace gradfuse::engine::testing

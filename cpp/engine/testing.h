@@ -1,0 +1,58 @@
+// Test drivers for engine logic that needs neither a process group nor a GPU: the negotiation
+// of several simulated ranks (engine/negotiation.h, engine/fusion.h), the per-rank device
+// decisions (engine/devices.h) and handles with device work (engine/handles.h). Bound as
+// gradfuse._C._testing; tests/test_devices.py drives them. Plain types only.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace gradfuse::engine::testing {
+
+// (name, op, dtype name e.g. "float32", device e.g. "cuda:1", shape)
+using RequestSpec = std::tuple<std::string, int, std::string, std::string, std::vector<int64_t>>;
+
+// What one simulated rank decided in one round.
+struct RoundResult {
+  // (kind "run" | "error", name, device type of the agreed request, error message)
+  std::vector<std::tuple<std::string, std::string, std::string, std::string>> responses;
+  std::vector<std::vector<std::string>> batches;  // names, per fused batch, in order
+  int64_t cache_hits = 0;
+  int64_t cache_misses = 0;
+};
+
+// rounds[k][r]: the requests rank r submits in round k. Each rank has its own Negotiator (its
+// own controller and response cache), encodes its requests, reads every rank's bytes and forms
+// batches, exactly as Engine::negotiate / execute do. Returns [round][rank].
+std::vector<std::vector<RoundResult>> simulate_negotiation(
+    int size, int64_t cache_capacity, int64_t fusion_threshold_bytes,
+    const std::vector<std::vector<std::vector<RequestSpec>>>& rounds);
+
+// unsupported_device_error for a device given as a string ("cuda:0", "cpu", "meta").
+std::string device_error(const std::string& op, const std::string& device, bool built_with_cuda,
+                         bool has_cuda_group);
+
+// Drives a CudaDeviceBinding. Each step is (action, device): "bind" and "bind_if_unbound"
+// answer "" or the error raised; "placeholder" answers the placeholder device for the device's
+// type, with the device's index as the fallback (the current device).
+std::vector<std::string> device_binding(
+    const std::vector<std::pair<std::string, std::string>>& steps);
+
+// Device work whose completion a test controls.
+class FakeDeviceWork {
+ public:
+  FakeDeviceWork();
+  void finish();
+  void fail(const std::string& error);
+  struct State;
+  std::shared_ptr<State> state;
+};
+// A handle completed by the engine part, still waiting for `work`.
+int64_t handle_with_device_work(const std::string& name, const FakeDeviceWork& work);
+int fail_device_pending(const std::string& error);
+void discard_handle(int64_t handle);
+
+}  // namespace gradfuse::engine::testing
