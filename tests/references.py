@@ -32,7 +32,7 @@ def math_dtype(*dtypes):
 
 
 def as_f32(scale: float) -> float:
-    """The scale as the kernels see it (the schema's float reaches them as fp32)."""
+    """The scale as the fp32 kernels see it (rounded to float; float64 data uses it as given)."""
     return torch.tensor(scale, dtype=torch.float32).item()
 
 
