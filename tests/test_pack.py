@@ -7,7 +7,7 @@ import torch
 from conftest import AWKWARD_SIZES
 from gradfuse import ops
 from gradfuse.bench.shapes import resnet50_shapes
-from references import ULP, as_f32, math_dtype, randn
+from references import ULP, as_f32, assert_bits_equal, math_dtype, randn
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -110,16 +110,6 @@ def misaligned(t):
     view = base[1:].view(t.shape)
     view.copy_(t)
     return view
-
-
-def assert_bits_equal(out, ref):
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    bits = torch.int64 if out.dtype == torch.float64 else torch.int32
-    mismatch = (out.view(bits) != ref.view(bits)).nonzero()
-    assert mismatch.numel() == 0, (
-        f"{mismatch.numel()} of {out.numel()} differ, first at {mismatch[0].item()}: "
-        f"{out[mismatch[0]].item()!r} != {ref[mismatch[0]].item()!r}"
-    )
 
 
 @pytest.mark.parametrize("scale", F64_SCALES)
