@@ -86,13 +86,15 @@ struct PackSegment {
 // flat[offset + i] = round_to_flat_dtype(scale * tensor[i]) for every segment.
 // If `nonfinite` is not null, *nonfinite is set to 1.0f when any written value is inf or NaN
 // (fp16 overflow included); it is never cleared.
+// `scale` is a double so that float64 data (on either side) is scaled by it exactly, in fp64;
+// fp32/fp16/bf16 conversions compute in fp32 with the scale rounded to float.
 cudaError_t pack(const PackSegment* segments, int64_t num_segments, void* flat, DType flat_dtype,
-                 float scale, float* nonfinite, cudaStream_t stream);
+                 double scale, float* nonfinite, cudaStream_t stream);
 
 // tensor[i] = round(scale * flat[offset + i])                 (accumulate == false)
 // tensor[i] = round(tensor[i] + scale * flat[offset + i])     (accumulate == true)
 cudaError_t unpack(const PackSegment* segments, int64_t num_segments, const void* flat,
-                   DType flat_dtype, float scale, bool accumulate, float* nonfinite,
+                   DType flat_dtype, double scale, bool accumulate, float* nonfinite,
                    cudaStream_t stream);
 
 // ---- top-k compression with error feedback (topk.cu) ----------------------------------------

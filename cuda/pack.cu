@@ -3,10 +3,10 @@
 //
 // One multi_tensor_apply per tensor dtype present (a fusion buffer usually holds one dtype, so
 // usually one launch table): block b converts one 64K-element chunk of one tensor to or from
-// its segment of the flat buffer. Arithmetic is fp32, or fp64 when either side is fp64; the
-// result is rounded once, to nearest even, straight to the destination type. A block that
-// wrote any inf/NaN sets *nonfinite = 1 (a plain store of the same value from any number of
-// blocks: no atomics, no reset, no host sync).
+// its segment of the flat buffer. Arithmetic is fp32 (scale rounded to float), or fp64 with the
+// double scale when either side is fp64; the result is rounded once, to nearest even, straight
+// to the destination type. A block that wrote any inf/NaN sets *nonfinite = 1 (a plain store of
+// the same value from any number of blocks: no atomics, no reset, no host sync).
 #include <cfloat>
 
 #include "dtype.cuh"
@@ -28,12 +28,21 @@ using PackMeta = TensorListMeta<1, 80, PackExtra>;
 __device__ __forceinline__ bool is_finite(float x) { return fabsf(x) <= FLT_MAX; }
 __device__ __forceinline__ bool is_finite(double x) { return fabs(x) <= DBL_MAX; }
 
+// Conversions with float64 on either side compute in fp64 ("wide"); all others in fp32.
+template <class S, class D>
+constexpr bool kWide = std::is_same_v<S, double> || std::is_same_v<D, double>;
+
+// The scale at the kernel's precision: the double as given for wide conversions (so float64
+// data is scaled as by double arithmetic), else rounded to float on the host.
+template <class S, class D>
+using ScaleT = std::conditional_t<kWide<S, D>, double, float>;
+
 // S -> D, where the tensor is S and the flat buffer D when kToFlat (pack), and the reverse for
 // unpack. `flat` is written only when kToFlat.
 template <class S, class D, bool kToFlat>
 __global__ void __launch_bounds__(kThreads)
-    convert_kernel(PackMeta meta, void* flat, float scale, bool accumulate, float* nonfinite) {
-  constexpr bool kWide = std::is_same_v<S, double> || std::is_same_v<D, double>;
+    convert_kernel(PackMeta meta, void* flat, ScaleT<S, D> scale, bool accumulate,
+                   float* nonfinite) {
   const BlockRange r = block_range(meta, kChunk);
   void* tensor = meta.ptr[0][r.slot];
   const int64_t flat_begin = meta.extra[r.slot].offset + r.begin;
@@ -45,14 +54,14 @@ __global__ void __launch_bounds__(kThreads)
   bool bad = false;
   auto convert = [&](auto width, int64_t i) {
     constexpr int N = decltype(width)::value;
-    if constexpr (kWide) {
+    if constexpr (kWide<S, D>) {
       S s[N];
       D d[N];
       load_raw<N>(src, i, s);
       if (accumulate) load_raw<N>(dst, i, d);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        double x = __dmul_rn(static_cast<double>(scale), to_double(s[k]));
+        double x = __dmul_rn(scale, to_double(s[k]));
         if (accumulate) x = __dadd_rn(to_double(d[k]), x);
         d[k] = from_double<D>(x);
         bad |= !is_finite(to_double(d[k]));
@@ -83,7 +92,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class S, class D, bool kToFlat>
 cudaError_t launch_convert(const PackSegment* segments, int64_t n, DType tensor_dtype, void* flat,
-                           float scale, bool accumulate, float* nonfinite, cudaStream_t stream) {
+                           double scale, bool accumulate, float* nonfinite, cudaStream_t stream) {
+  const ScaleT<S, D> kernel_scale = static_cast<ScaleT<S, D>>(scale);
   return multi_tensor_apply<PackMeta>(
       n, kChunk,
       [&](int64_t i, void*(&ptrs)[1], int64_t& numel, PackExtra& extra) {
@@ -96,13 +106,13 @@ cudaError_t launch_convert(const PackSegment* segments, int64_t n, DType tensor_
       },
       [&](const PackMeta& meta, int blocks) {
         convert_kernel<S, D, kToFlat>
-            <<<blocks, kThreads, 0, stream>>>(meta, flat, scale, accumulate, nonfinite);
+            <<<blocks, kThreads, 0, stream>>>(meta, flat, kernel_scale, accumulate, nonfinite);
         return cudaGetLastError();
       });
 }
 
 cudaError_t convert_all(const PackSegment* segments, int64_t n, void* flat, DType flat_dtype,
-                        float scale, bool accumulate, float* nonfinite, bool to_flat,
+                        double scale, bool accumulate, float* nonfinite, bool to_flat,
                         cudaStream_t stream) {
   for (DType td : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}) {
     bool present = false;
@@ -128,13 +138,13 @@ cudaError_t convert_all(const PackSegment* segments, int64_t n, void* flat, DTyp
 }  // namespace
 
 cudaError_t pack(const PackSegment* segments, int64_t num_segments, void* flat, DType flat_dtype,
-                 float scale, float* nonfinite, cudaStream_t stream) {
+                 double scale, float* nonfinite, cudaStream_t stream) {
   return convert_all(segments, num_segments, flat, flat_dtype, scale, false, nonfinite,
                      /*to_flat=*/true, stream);
 }
 
 cudaError_t unpack(const PackSegment* segments, int64_t num_segments, const void* flat,
-                   DType flat_dtype, float scale, bool accumulate, float* nonfinite,
+                   DType flat_dtype, double scale, bool accumulate, float* nonfinite,
                    cudaStream_t stream) {
   // The kernel only reads `flat` in this direction.
   return convert_all(segments, num_segments, const_cast<void*>(flat), flat_dtype, scale, accumulate,

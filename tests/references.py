@@ -31,8 +31,21 @@ def math_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def assert_bits_equal(out, ref):
+    """out and ref hold the same bits (float64 or float32), on any device; names the first
+    difference."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (out.dtype, out.shape, ref.shape)
+    out, ref = out.cpu().flatten(), ref.cpu().flatten()
+    bits = torch.int64 if out.dtype == torch.float64 else torch.int32
+    mismatch = (out.view(bits) != ref.view(bits)).nonzero()
+    assert mismatch.numel() == 0, (
+        f"{mismatch.numel()} of {out.numel()} differ, first at {mismatch[0].item()}: "
+        f"{out[mismatch[0]].item()!r} != {ref[mismatch[0]].item()!r}"
+    )
+
+
 def as_f32(scale: float) -> float:
-    """The scale as the kernels see it (the schema's float reaches them as fp32)."""
+    """The scale as the fp32 kernels see it (rounded to float; float64 data uses it as given)."""
     return torch.tensor(scale, dtype=torch.float32).item()
 
 

@@ -17,6 +17,7 @@ from references import (
     HYPER,
     ULP,
     as_f32,
+    assert_bits_equal,
     check_error_feedback,
     expected_k,
     lars_reference,
@@ -322,6 +323,57 @@ def test_unpack_mixed_dtypes(gen, flat_dtype, accumulate):
         ref = (b.cpu().to(m) + part if accumulate else part).to(t.dtype)
         offset += t.numel()
         assert_converted(t, ref, t.dtype, flat_dtype)
+
+
+# Scales a float cannot hold (1/size for 3 ranks, a postscale, their product as the engine
+# forms it): float64 data is scaled by the double itself, bit-equal to x * scale in double.
+F64_SCALES = [1 / 3, 1 / 7, 0.1, (1 / 7) * (1 / 3)]
+F64_PAIRS = [
+    (torch.float64, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.float32, torch.float64),
+]
+
+
+@pytest.mark.parametrize("scale", F64_SCALES)
+@pytest.mark.parametrize("src, dst", F64_PAIRS)
+def test_pack_scales_float64_in_double(gen, scale, src, dst):
+    tensors = [randn(gen, n, dtype=src) for n in AWKWARD] + [
+        misaligned(randn(gen, 5, 7, dtype=src))
+    ]
+    total = sum(t.numel() for t in tensors)
+    out = misaligned(torch.full((total + 3,), float("nan"), dtype=dst, device=DEV))  # poisoned
+    flag = torch.zeros(1, device=DEV)
+    ops.pack_(tensors, out, scale, flag)
+    ref = torch.cat([t.cpu().double().flatten() * scale for t in tensors]).to(dst)
+    assert_bits_equal(out[:total], ref)
+    assert out[total:].isnan().all()
+    assert flag.item() == 0.0
+    # The CPU kernels write the same bits.
+    out_cpu = torch.empty(total, dtype=dst)
+    ops.pack_([t.cpu() for t in tensors], out_cpu, scale)
+    assert_bits_equal(out[:total], out_cpu)
+
+
+@pytest.mark.parametrize("scale", F64_SCALES)
+@pytest.mark.parametrize("flat_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_unpack_scales_float64_in_double(gen, scale, flat_dtype, accumulate):
+    sizes = [*AWKWARD, 35]
+    flat = misaligned(randn(gen, sum(sizes) + 5, dtype=flat_dtype))
+    if accumulate:
+        tensors = [randn(gen, n, dtype=torch.float64) for n in sizes]
+    else:
+        tensors = [torch.full((n,), float("nan"), dtype=torch.float64, device=DEV) for n in sizes]
+    tensors[-1] = misaligned(tensors[-1].view(5, 7))
+    before = [t.to("cpu", copy=True) for t in tensors]
+    ops.unpack_(flat, tensors, scale, accumulate)
+    offset = 0
+    for t, b in zip(tensors, before):
+        # The product rounded, then the sum: torch's two roundings of b + x * s.
+        part = flat[offset : offset + t.numel()].cpu().double().view(t.shape) * scale
+        assert_bits_equal(t, b + part if accumulate else part)
+        offset += t.numel()
 
 
 def test_pack_many_small_tensors_round_trip(gen):

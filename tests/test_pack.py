@@ -7,7 +7,7 @@ import torch
 from conftest import AWKWARD_SIZES
 from gradfuse import ops
 from gradfuse.bench.shapes import resnet50_shapes
-from references import ULP, as_f32, math_dtype, randn
+from references import ULP, as_f32, assert_bits_equal, math_dtype, randn
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -94,6 +94,79 @@ def test_unpack_inverts_pack(simd, gen, flat_dtype, accumulate):
         ref = (b.to(math) + part if accumulate else part).to(t.dtype)
         offset += t.numel()
         assert_matches(t, ref, t.dtype, flat_dtype)
+
+
+# Scales a float cannot hold exactly (1/size for 3 ranks, a postscale, their product as the
+# engine forms it for Average): a float64 tensor scaled through a float would be off by up
+# to ~3e-8 relative, where float64 arithmetic is exact to the last bit.
+F64_SCALES = [1 / 3, 1 / 7, 0.1, (1 / 7) * (1 / 3)]
+# Around the 8-lane vectors and the 64K-element chunks.
+F64_SIZES = [0, 1, 3, 4, 5, 7, 33, 4097, 65537]
+
+
+def misaligned(t):
+    """A contiguous copy of t that starts one element into its storage."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = base[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("scale", F64_SCALES)
+@pytest.mark.parametrize(
+    "src, dst",
+    [
+        (torch.float64, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+)
+def test_pack_scales_float64_in_double(simd, gen, scale, src, dst):
+    tensors = [randn(gen, n, dtype=src) for n in F64_SIZES] + [
+        misaligned(randn(gen, 5, 7, dtype=src))
+    ]
+    total = sum(t.numel() for t in tensors)
+    # A misaligned output with a poisoned tail.
+    out = misaligned(torch.full((total + 3,), float("nan"), dtype=dst))
+    flag = torch.zeros(1)
+    ops.pack_(tensors, out, scale, flag)
+    # The exact double product, rounded once to the output dtype.
+    ref = torch.cat([t.double().flatten() * scale for t in tensors]).to(dst)
+    assert_bits_equal(out[:total], ref)
+    assert out[total:].isnan().all()
+    assert flag.item() == 0.0
+
+
+@pytest.mark.parametrize("scale", F64_SCALES)
+@pytest.mark.parametrize("flat_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_unpack_scales_float64_in_double(simd, gen, scale, flat_dtype, accumulate):
+    sizes = [*F64_SIZES, 35]
+    flat = misaligned(randn(gen, sum(sizes) + 5, dtype=flat_dtype))
+    if accumulate:
+        tensors = [randn(gen, n, dtype=torch.float64) for n in sizes]
+    else:
+        tensors = [torch.full((n,), float("nan"), dtype=torch.float64) for n in sizes]  # poisoned
+    tensors[-1] = misaligned(tensors[-1].view(5, 7))
+    before = [t.clone() for t in tensors]
+    ops.unpack_(flat, tensors, scale, accumulate)
+    offset = 0
+    for t, b in zip(tensors, before):
+        # Product rounded, then the sum rounded: the same two roundings as torch's b + x * s.
+        part = flat[offset : offset + t.numel()].double().view(t.shape) * scale
+        assert_bits_equal(t, b + part if accumulate else part)
+        offset += t.numel()
+
+
+def test_float32_keeps_its_float_scale(simd, gen):
+    # fp32 data is scaled as before: the scale rounded to float, the product in fp32.
+    x, y = randn(gen, 4097), randn(gen, 4097)
+    out = torch.full((4097,), float("nan"))
+    ops.pack_([x], out, 1 / 3)
+    assert_bits_equal(out, x * as_f32(1 / 3))
+    expected = out + y * as_f32(0.1)
+    ops.unpack_(y, [out], 0.1, True)
+    assert_bits_equal(out, expected)
 
 
 def test_resnet50_gradients_round_trip_through_fp16(gen):

@@ -1,5 +1,6 @@
 // pack_ / unpack_: many tensors <-> one contiguous (fusion) buffer, with dtype conversion and a
-// scale applied in fp32 and one rounding. Validation for both devices and the CPU kernels.
+// scale applied in fp32 (in fp64, with the scale as given, when either side is float64) and one
+// rounding. Validation for both devices and the CPU kernels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -5,7 +5,8 @@ must be on one device and contiguous. Bad input raises with a message that names
 
 - :func:`lars_update_` — one fused LARS-with-momentum step for a whole list of parameters.
 - :func:`pack_` / :func:`unpack_` — many tensors to one flat buffer and back, with dtype
-  conversion and a scale applied in fp32 and rounded once; reports non-finite results.
+  conversion and a scale applied in fp32 (fp64 when float64 is involved) and rounded once;
+  reports non-finite results.
 - :func:`topk_compress` / :func:`topk_decompress` — top-k sparsification with error feedback.
 """
 

@@ -57,7 +57,7 @@ Simd active_simd() { return &kernels() == &scalar_kernels() ? Simd::kScalar : Si
 const char* simd_name() { return kernels().name; }
 void set_simd(const std::string& name) { active().store(table_for(name)); }
 
-bool convert(const void* src, DType st, void* dst, DType dt, int64_t n, float scale,
+bool convert(const void* src, DType st, void* dst, DType dt, int64_t n, double scale,
              bool accumulate) {
   return kernels().convert(src, st, dst, dt, n, scale, accumulate);
 }

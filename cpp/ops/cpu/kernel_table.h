@@ -8,7 +8,7 @@ namespace gradfuse::cpu {
 
 struct KernelTable {
   const char* name;
-  bool (*convert)(const void*, DType, void*, DType, int64_t, float, bool);
+  bool (*convert)(const void*, DType, void*, DType, int64_t, double, bool);
   double (*sum_squares)(const void*, DType, int64_t);
   void (*lars_update)(void*, DType, const void*, DType, void*, void*, DType, int64_t,
                       const LarsStep&);

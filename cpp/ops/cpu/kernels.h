@@ -13,8 +13,11 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3
 // dst[i] = round(scale * src[i])              (accumulate == false)
 // dst[i] = round(dst[i] + scale * src[i])     (accumulate == true)
 // Rounds once, to nearest even. Returns true when any written value is inf or NaN.
-bool convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n, float scale,
-             bool accumulate);
+// The scale comes as a double so that float64 data is scaled by it exactly (as in double
+// arithmetic, e.g. an Average's 1/3); the fp32 arithmetic of the other dtypes uses it rounded
+// to float.
+bool convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
+             double scale, bool accumulate);
 
 // Sum of x[i]^2 (fp32 lanes, combined in fp64).
 double sum_squares(const void* x, DType dtype, int64_t n);

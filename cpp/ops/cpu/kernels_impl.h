@@ -41,7 +41,7 @@ bool convert_impl(const void* src, void* dst, int64_t n, float scale, bool accum
   return bad;
 }
 
-// float64 on either side: fp64 arithmetic, scalar.
+// float64 on either side: fp64 arithmetic with the double scale, scalar.
 template <class S, class D>
 bool convert_f64_typed(const S* src, D* dst, int64_t n, double scale, bool accumulate) {
   bool bad = false;
@@ -57,7 +57,7 @@ bool convert_f64_typed(const S* src, D* dst, int64_t n, double scale, bool accum
 // bfloat16 has no native C++ type: go through float for its side (one rounding either way,
 // since a bfloat16 value is exact in float and float -> bfloat16 is the only rounding).
 inline bool convert_with_f64(const void* src, DType st, void* dst, DType dt, int64_t n,
-                             float scale, bool accumulate) {
+                             double scale, bool accumulate) {
   bool bad = false;
   if (st == DType::kFloat64 && dt == DType::kFloat64) {
     return convert_f64_typed(static_cast<const double*>(src), static_cast<double*>(dst), n, scale,
@@ -106,13 +106,15 @@ inline bool convert_with_f64(const void* src, DType st, void* dst, DType dt, int
 }
 
 template <class V>
-bool convert_dispatch(const void* src, DType st, void* dst, DType dt, int64_t n, float scale,
+bool convert_dispatch(const void* src, DType st, void* dst, DType dt, int64_t n, double scale,
                       bool accumulate) {
   if (st == DType::kFloat64 || dt == DType::kFloat64) {
     return convert_with_f64(src, st, dst, dt, n, scale, accumulate);
   }
+  // fp32/fp16/bf16 on both sides: fp32 lanes, so the scale as the nearest float.
+  const float scale_f = static_cast<float>(scale);
 #define GRADFUSE_CONVERT_CASE(S, D) \
-  if (st == S && dt == D) return convert_impl<V, S, D>(src, dst, n, scale, accumulate);
+  if (st == S && dt == D) return convert_impl<V, S, D>(src, dst, n, scale_f, accumulate);
   GRADFUSE_CONVERT_CASE(DType::kFloat32, DType::kFloat32)
   GRADFUSE_CONVERT_CASE(DType::kFloat32, DType::kFloat16)
   GRADFUSE_CONVERT_CASE(DType::kFloat32, DType::kBFloat16)

@@ -35,10 +35,11 @@ void pack_cuda(at::TensorList tensors, const at::Tensor& out, double scale,
   if (offsets.back() == 0) return;
   const c10::cuda::CUDAGuard device_guard(out.device());
   const auto segments = segments_of(tensors, offsets);
-  // The scale reaches the kernels as float, as it reaches the CPU kernels (cpu::convert).
+  // The scale reaches the kernels as double, as it reaches the CPU kernels (cpu::convert):
+  // float64 data is scaled in fp64 by it, other dtypes in fp32 by its nearest float.
   check_cuda(cuda::pack(segments.data(), static_cast<int64_t>(segments.size()), out.data_ptr(),
-                        cuda_dtype(out.scalar_type()), static_cast<float>(scale),
-                        flag_ptr(nonfinite), c10::cuda::getCurrentCUDAStream().stream()),
+                        cuda_dtype(out.scalar_type()), scale, flag_ptr(nonfinite),
+                        c10::cuda::getCurrentCUDAStream().stream()),
              "pack_", "the pack kernel");
 }
 
@@ -50,8 +51,8 @@ void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, b
   const auto segments = segments_of(tensors, offsets);
   check_cuda(
       cuda::unpack(segments.data(), static_cast<int64_t>(segments.size()), flat.const_data_ptr(),
-                   cuda_dtype(flat.scalar_type()), static_cast<float>(scale), accumulate,
-                   flag_ptr(nonfinite), c10::cuda::getCurrentCUDAStream().stream()),
+                   cuda_dtype(flat.scalar_type()), scale, accumulate, flag_ptr(nonfinite),
+                   c10::cuda::getCurrentCUDAStream().stream()),
       "unpack_", "the unpack kernel");
 }
 
