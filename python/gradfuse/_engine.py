@@ -55,8 +55,14 @@ def init(**options) -> None:
         cuda = _cuda_backend(cfg)
         if not dist.is_initialized():
             info = _launch.detect()
-            # The user's own CUDA collectives on the default group get NCCL where torch has it.
-            nccl = torch.cuda.is_available() and dist.is_nccl_available()
+            # The user's own CUDA collectives on the default group get NCCL where torch has it,
+            # unless CUDA tensors were asked to go through Gloo (ranks sharing one GPU, where
+            # an NCCL communicator cannot be formed).
+            nccl = (
+                cfg.cuda_backend == "nccl"
+                and torch.cuda.is_available()
+                and dist.is_nccl_available()
+            )
             backend = "cpu:gloo,cuda:nccl" if nccl else "gloo"
             dist.init_process_group(
                 backend,
