@@ -79,7 +79,7 @@ def check_hierarchical_matches_flat_random_floats():
             # The reference: torch's flat all_reduce on the default group, outside the engine,
             # kept on the CPU (Gloo) whatever the device under test: on CUDA the default group
             # would use NCCL, which cannot run several ranks on one GPU.
-            flat = mine.cpu()
+            flat = mine.to("cpu", copy=True)  # a copy also when mine is on the CPU
             dist.all_reduce(flat)
             out = hvd.allreduce(mine, name=f"hf.{i}.{numel}", op=hvd.Sum).cpu()
             tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
@@ -272,7 +272,7 @@ def check_join():
         for i, dtype in enumerate(DTYPES):  # it contributes zeros; Average divides by size
             mine = data(r, 60_000 + i, (5,), dtype)
             others = [data(k, 60_000 + i, (5,), dtype) for k in range(n - 1)]
-            quitter = [zeros(5, dtype=dtype)]
+            joined_zeros = [zeros(5, dtype=dtype)]
             close(
                 hvd.allreduce(mine, name=f"join.s.{i}", op=hvd.Sum),
                 reference(hvd.Sum, others),
@@ -280,7 +280,7 @@ def check_join():
             )
             close(
                 hvd.allreduce(mine, name=f"join.a.{i}", op=hvd.Average),
-                reference(hvd.Average, others + quitter),
+                reference(hvd.Average, others + joined_zeros),
                 dtype,
             )
         grads = hvd.grouped_allreduce([ones(4), ones(2, 2)], name="join.g", op=hvd.Sum)

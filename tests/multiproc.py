@@ -42,7 +42,7 @@ def worker_env(tmp: Path, n: int, extra: dict | None = None) -> dict:
     return env
 
 
-def test_ranks(default: int) -> int:
+def ranks_override(default: int) -> int:
     """The rank count of a multi-process test group: GRADFUSE_TEST_RANKS when set (e.g. 1 to
     run on one GPU over NCCL), else the configuration's own."""
     raw = os.environ.get("GRADFUSE_TEST_RANKS", "")

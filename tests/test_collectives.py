@@ -15,7 +15,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import collectives_worker
-from multiproc import assert_check_ok, run_ranks, test_ranks
+from multiproc import assert_check_ok, ranks_override, run_ranks
 
 CHECKS = sorted(collectives_worker.CHECKS)
 
@@ -28,8 +28,8 @@ CONFIGS = {
     ),
 }
 # GRADFUSE_TEST_RANKS=n: one flat group of n ranks instead (scripts/gpu_check.sh on one GPU).
-if test_ranks(0):
-    CONFIGS = {f"{test_ranks(0)}ranks-flat": (test_ranks(0), {})}
+if ranks_override(0):
+    CONFIGS = {f"{ranks_override(0)}ranks-flat": (ranks_override(0), {})}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -14,7 +14,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import engine_worker
-from multiproc import MPIEXEC, assert_check_ok, run_ranks, test_ranks, worker_env
+from multiproc import MPIEXEC, assert_check_ok, ranks_override, run_ranks, worker_env
 
 CHECKS = sorted(engine_worker.CHECKS)
 
@@ -27,10 +27,10 @@ CONFIGS = {
     "2ranks-run": (2, "gradfuse.run", {"GRADFUSE_FUSION_THRESHOLD": "256"}),
     "4ranks-mpiexec": (4, "mpiexec", {}),
 }
-if test_ranks(0):
+if ranks_override(0):
     CONFIGS = {
-        f"{test_ranks(0)}ranks-run": (
-            test_ranks(0),
+        f"{ranks_override(0)}ranks-run": (
+            ranks_override(0),
             "gradfuse.run",
             {"GRADFUSE_FUSION_THRESHOLD": "256"},
         )
