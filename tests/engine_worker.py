@@ -489,7 +489,12 @@ def check_shutdown_pending_and_reinit():
 CHECKS = checks_of(globals())
 # Checks that make one rank disagree with, or wait for, another: meaningless at 1 rank, so a
 # 1-rank group (GRADFUSE_TEST_RANKS=1) does not run them.
-NEEDS_TWO_RANKS = {"local_errors", "mismatch_errors", "response_cache", "shutdown_pending_and_reinit"}
+NEEDS_TWO_RANKS = {
+    "local_errors",
+    "mismatch_errors",
+    "response_cache",
+    "shutdown_pending_and_reinit",
+}
 
 
 def main():
