@@ -15,7 +15,7 @@ import traceback
 
 import gradfuse as hvd
 import torch
-from multiproc import checks_of, run_checks
+from multiproc import arange, checks_of, device, empty, full, ones, run_checks, tensor
 
 INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -24,10 +24,11 @@ SHAPES = [(7,), (3, 5), (2, 3, 4)]
 
 
 def data(rank, seed, shape, dtype, small=False):
-    """The tensor `rank` contributes for `seed`: small integers (exact in every dtype)."""
+    """The tensor `rank` contributes for `seed`: small integers (exact in every dtype), drawn on
+    the CPU (same values whatever the device) and placed on the device under test."""
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     hi = 3 if small else 10
-    return torch.randint(1, hi, shape, generator=g).to(dtype)
+    return torch.randint(1, hi, shape, generator=g).to(device(), dtype)
 
 
 def reference(op, tensors):
@@ -139,12 +140,11 @@ def check_long_negotiation_message():
     order = list(range(len(names)))
     random.Random(7 + r).shuffle(order)
     handles = {
-        i: hvd.allreduce_async(torch.full((2,), float(r + i)), name=names[i], op=hvd.Sum)
-        for i in order
+        i: hvd.allreduce_async(full((2,), float(r + i)), name=names[i], op=hvd.Sum) for i in order
     }
     for i, h in handles.items():
         expected = float(sum(k + i for k in range(n)))
-        assert torch.equal(hvd.synchronize(h), torch.full((2,), expected)), names[i]
+        assert torch.equal(hvd.synchronize(h), full((2,), expected)), names[i]
 
 
 def check_allgather():
@@ -158,8 +158,8 @@ def check_allgather():
             expected = torch.cat([data(k, seed, (k + 1 + j,) + shape[1:], dtype) for k in range(n)])
             assert torch.equal(out, expected), (dtype, shape)
     # A rank may contribute zero rows.
-    mine = torch.arange(3.0) if r == 0 else torch.empty(0)
-    assert torch.equal(hvd.allgather(mine, name="ag.empty"), torch.arange(3.0))
+    mine = arange(3.0) if r == 0 else empty(0)
+    assert torch.equal(hvd.allgather(mine, name="ag.empty"), arange(3.0))
 
 
 def check_broadcast():
@@ -190,22 +190,22 @@ def check_grouped_allreduce():
 def check_autograd():
     n, r = hvd.size(), hvd.rank()
     # allreduce: d(sum_k w_k x_k)/dx_r through Sum is the allreduce of the grads.
-    x = torch.full((3,), float(r + 1), requires_grad=True)
+    x = full((3,), float(r + 1), requires_grad=True)
     y = hvd.allreduce(x, name="grad.ar", op=hvd.Sum)
     (y * (r + 1)).sum().backward()
-    assert torch.allclose(x.grad, torch.full((3,), float(sum(range(1, n + 1))))), x.grad
-    x = torch.ones(2, requires_grad=True)
+    assert torch.allclose(x.grad, full((3,), float(sum(range(1, n + 1))))), x.grad
+    x = ones(2, requires_grad=True)
     hvd.allreduce(x, name="grad.avg", op=hvd.Average).sum().backward()
-    assert torch.allclose(x.grad, torch.ones(2)), x.grad
+    assert torch.allclose(x.grad, ones(2)), x.grad
     # allgather: every rank weights the gathered rows by (rank + 1).
-    x = torch.ones(r + 1, 2, requires_grad=True)
+    x = ones(r + 1, 2, requires_grad=True)
     (hvd.allgather(x, name="grad.ag") * (r + 1)).sum().backward()
-    assert torch.allclose(x.grad, torch.full((r + 1, 2), float(sum(range(1, n + 1))))), x.grad
+    assert torch.allclose(x.grad, full((r + 1, 2), float(sum(range(1, n + 1))))), x.grad
     # broadcast: the root gets the sum of all ranks' grads, others zeros.
-    x = torch.ones(4, requires_grad=True)
+    x = ones(4, requires_grad=True)
     (hvd.broadcast(x, 1 % n, name="grad.bc") * (r + 1)).sum().backward()
     expected = float(sum(range(1, n + 1))) if r == 1 % n else 0.0
-    assert torch.allclose(x.grad, torch.full((4,), expected)), x.grad
+    assert torch.allclose(x.grad, full((4,), expected)), x.grad
 
 
 def expect_error(exc_type, fn, *needles):
@@ -224,14 +224,14 @@ def check_mismatch_errors():
     odd = r == last
     expect_error(
         RuntimeError,
-        lambda: hvd.allreduce(torch.ones(3 if odd else 2), name="bad.shape"),
+        lambda: hvd.allreduce(ones(3 if odd else 2), name="bad.shape"),
         "bad.shape",
         "shape",
         f"on rank {last}",
     )
     expect_error(
         RuntimeError,
-        lambda: hvd.allreduce(torch.ones((2, 1) if odd else (2,)), name="bad.ndim"),
+        lambda: hvd.allreduce(ones((2, 1) if odd else (2,)), name="bad.ndim"),
         "bad.ndim",
         "number of dimensions",
         f"on rank {last}",
@@ -239,7 +239,7 @@ def check_mismatch_errors():
     expect_error(
         RuntimeError,
         lambda: hvd.allreduce(
-            torch.ones(2, dtype=torch.float64 if odd else torch.float32), name="bad.dtype"
+            ones(2, dtype=torch.float64 if odd else torch.float32), name="bad.dtype"
         ),
         "bad.dtype",
         "dtype",
@@ -247,36 +247,34 @@ def check_mismatch_errors():
     )
     expect_error(
         RuntimeError,
-        lambda: hvd.broadcast(torch.ones(2), 1 if odd else 0, name="bad.root"),
+        lambda: hvd.broadcast(ones(2), 1 if odd else 0, name="bad.root"),
         "bad.root",
         "root",
         f"on rank {last}",
     )
     expect_error(
         RuntimeError,
-        lambda: hvd.allreduce(torch.ones(2), name="bad.op", op=hvd.Max if odd else hvd.Sum),
+        lambda: hvd.allreduce(ones(2), name="bad.op", op=hvd.Max if odd else hvd.Sum),
         "bad.op",
         "reduce op",
         f"on rank {last}",
     )
     expect_error(
         RuntimeError,
-        lambda: hvd.allgather(torch.ones(2, 3 if odd else 2), name="bad.ag"),
+        lambda: hvd.allgather(ones(2, 3 if odd else 2), name="bad.ag"),
         "bad.ag",
         "shape",
         f"on rank {last}",
     )
     # Mixed into valid work that is in flight at the same time, which must still complete.
-    h1 = hvd.allreduce_async(torch.ones(5), name="good.1", op=hvd.Sum)
-    h2 = hvd.allreduce_async(torch.ones(4 if odd else 5), name="bad.mixed", op=hvd.Sum)
-    h3 = hvd.allreduce_async(torch.ones(5), name="good.2", op=hvd.Sum)
+    h1 = hvd.allreduce_async(ones(5), name="good.1", op=hvd.Sum)
+    h2 = hvd.allreduce_async(ones(4 if odd else 5), name="bad.mixed", op=hvd.Sum)
+    h3 = hvd.allreduce_async(ones(5), name="good.2", op=hvd.Sum)
     expect_error(RuntimeError, lambda: hvd.synchronize(h2), "bad.mixed")
-    assert torch.equal(hvd.synchronize(h1), torch.full((5,), float(n)))
-    assert torch.equal(hvd.synchronize(h3), torch.full((5,), float(n)))
+    assert torch.equal(hvd.synchronize(h1), full((5,), float(n)))
+    assert torch.equal(hvd.synchronize(h3), full((5,), float(n)))
     # The job goes on working, and the failed names can be used again.
-    assert torch.equal(
-        hvd.allreduce(torch.ones(2), name="bad.shape", op=hvd.Sum), torch.full((2,), float(n))
-    )
+    assert torch.equal(hvd.allreduce(ones(2), name="bad.shape", op=hvd.Sum), full((2,), float(n)))
 
 
 def _hits_misses(fn):
@@ -321,17 +319,15 @@ def check_response_cache():
     # Only the last rank changes: it sends in full, the others send the bit; the mismatch is
     # still found and raised on every rank, naming the rank.
     odd = r == n - 1
-    hvd.allreduce(torch.ones(3), name="cache.bad", op=hvd.Sum)
+    hvd.allreduce(ones(3), name="cache.bad", op=hvd.Sum)
     expect_error(
         RuntimeError,
-        lambda: hvd.allreduce(torch.ones(4 if odd else 3), name="cache.bad"),
+        lambda: hvd.allreduce(ones(4 if odd else 3), name="cache.bad"),
         "cache.bad",
         "shape",
         f"on rank {n - 1}",
     )
-    assert torch.equal(
-        hvd.allreduce(torch.ones(3), name="cache.bad", op=hvd.Sum), torch.full((3,), float(n))
-    )
+    assert torch.equal(hvd.allreduce(ones(3), name="cache.bad", op=hvd.Sum), full((3,), float(n)))
 
 
 def check_response_cache_eviction_and_disabled():
@@ -341,8 +337,8 @@ def check_response_cache_eviction_and_disabled():
     try:
 
         def run(name):
-            out = hvd.allreduce(torch.ones(2), name=name, op=hvd.Sum)
-            assert torch.equal(out, torch.full((2,), float(n))), name
+            out = hvd.allreduce(ones(2), name=name, op=hvd.Sum)
+            assert torch.equal(out, full((2,), float(n))), name
 
         def hit(name):
             h, m = _hits_misses(lambda: run(name))
@@ -356,7 +352,7 @@ def check_response_cache_eviction_and_disabled():
     hvd.init(cache_capacity=0)
     try:
         for _ in range(3):
-            assert _hits_misses(lambda: hvd.allreduce(torch.ones(2), name="nocache")) == (0, 1)
+            assert _hits_misses(lambda: hvd.allreduce(ones(2), name="nocache")) == (0, 1)
     finally:
         hvd.shutdown()
         hvd.init()
@@ -367,14 +363,14 @@ def check_submitted_together():
     with hvd.submitted_together():
         before = hvd.stats()["cache_misses"]
         handles = [
-            hvd.allreduce_async(torch.full((3,), float(r + i)), name=f"together.{i}", op=hvd.Sum)
+            hvd.allreduce_async(full((3,), float(r + i)), name=f"together.{i}", op=hvd.Sum)
             for i in range(5)
         ]
         time.sleep(0.05)  # dozens of cycles: none may take the held requests
         assert hvd.stats()["cache_misses"] == before
     for i, h in enumerate(handles):
         expected = float(sum(k + i for k in range(n)))
-        assert torch.equal(hvd.synchronize(h), torch.full((3,), expected))
+        assert torch.equal(hvd.synchronize(h), full((3,), expected))
     assert hvd.stats()["cache_misses"] == before + 5
 
 
@@ -450,60 +446,64 @@ def check_local_errors():
     n, r = hvd.size(), hvd.rank()
     # A name leaves "in flight" once negotiated, so rank r's "dup.r" must stay unmatched until
     # its second submission is refused: the other ranks submit it only after the barrier.
-    mine = hvd.allreduce_async(torch.ones(2), name=f"dup.{r}", op=hvd.Sum)
+    mine = hvd.allreduce_async(ones(2), name=f"dup.{r}", op=hvd.Sum)
     expect_error(
         ValueError,
-        lambda: hvd.allreduce_async(torch.ones(2), name=f"dup.{r}"),
+        lambda: hvd.allreduce_async(ones(2), name=f"dup.{r}"),
         f"dup.{r}",
         "already in flight",
     )
     torch.distributed.barrier()
-    others = [
-        hvd.allreduce_async(torch.ones(2), name=f"dup.{k}", op=hvd.Sum) for k in range(n) if k != r
-    ]
+    others = [hvd.allreduce_async(ones(2), name=f"dup.{k}", op=hvd.Sum) for k in range(n) if k != r]
     for h in [mine, *others]:
-        assert torch.equal(hvd.synchronize(h), torch.full((2,), float(n)))
-    expect_error(ValueError, lambda: hvd.allreduce(torch.ones(2), op=17), "op")
-    expect_error(ValueError, lambda: hvd.broadcast(torch.ones(2), 99), "root_rank")
-    expect_error(TypeError, lambda: hvd.broadcast(torch.ones(2), "0"), "root_rank")
-    expect_error(ValueError, lambda: hvd.allreduce(torch.ones(2, dtype=torch.bool)), "dtype")
-    expect_error(ValueError, lambda: hvd.allgather(torch.tensor(1.0)), "dimension")
-    expect_error(ValueError, lambda: hvd.allreduce(torch.ones(2), name=""), "name")
+        assert torch.equal(hvd.synchronize(h), full((2,), float(n)))
+    expect_error(ValueError, lambda: hvd.allreduce(ones(2), op=17), "op")
+    expect_error(ValueError, lambda: hvd.broadcast(ones(2), 99), "root_rank")
+    expect_error(TypeError, lambda: hvd.broadcast(ones(2), "0"), "root_rank")
+    expect_error(ValueError, lambda: hvd.allreduce(ones(2, dtype=torch.bool)), "dtype")
+    expect_error(ValueError, lambda: hvd.allgather(tensor(1.0)), "dimension")
+    expect_error(ValueError, lambda: hvd.allreduce(ones(2), name=""), "name")
     expect_error(ValueError, lambda: hvd.synchronize(10**12), "unknown")
     # Nothing above reached the other ranks: a normal collective still pairs up.
     assert (
-        hvd.allreduce(torch.full((1,), float(r)), name="after.local", op=hvd.Max).item()
-        == hvd.size() - 1
+        hvd.allreduce(full((1,), float(r)), name="after.local", op=hvd.Max).item() == hvd.size() - 1
     )
 
 
 def check_shutdown_pending_and_reinit():
     n, r = hvd.size(), hvd.rank()
     # Only rank 0 submits "lonely", so it cannot complete; shutdown must fail it, not hang.
-    h = hvd.allreduce_async(torch.ones(1), name="lonely") if r == 0 else None
+    h = hvd.allreduce_async(ones(1), name="lonely") if r == 0 else None
     assert h is None or not hvd.poll(h)
     hvd.shutdown()
     assert not hvd.is_initialized()
     if h is not None:
         expect_error(RuntimeError, lambda: hvd.synchronize(h), "shutdown", "lonely")
-    expect_error(RuntimeError, lambda: hvd.allreduce(torch.ones(1)), "shut down", "init")
+    expect_error(RuntimeError, lambda: hvd.allreduce(ones(1)), "shut down", "init")
     expect_error(RuntimeError, hvd.rank, "shut down")
     hvd.init()
     assert hvd.size() == n and hvd.rank() == r
-    assert torch.equal(
-        hvd.allreduce(torch.ones(3), name="reinit", op=hvd.Sum), torch.full((3,), float(n))
-    )
+    assert torch.equal(hvd.allreduce(ones(3), name="reinit", op=hvd.Sum), full((3,), float(n)))
 
 
 CHECKS = checks_of(globals())
+# Checks that make one rank disagree with, or wait for, another: meaningless at 1 rank, so a
+# 1-rank group (GRADFUSE_TEST_RANKS=1) does not run them.
+NEEDS_TWO_RANKS = {
+    "local_errors",
+    "mismatch_errors",
+    "response_cache",
+    "shutdown_pending_and_reinit",
+}
 
 
 def main():
     names = sys.argv[1:]
     results = {}
+    device()  # picks and sets this rank's GPU (GRADFUSE_TEST_DEVICE=cuda) before the transports
     # Before init: clear errors, no hang.
     try:
-        expect_error(RuntimeError, lambda: hvd.allreduce(torch.ones(1)), "not been initialized")
+        expect_error(RuntimeError, lambda: hvd.allreduce(ones(1)), "not been initialized")
         expect_error(RuntimeError, hvd.size, "not been initialized")
         results["before_init"] = "ok"
     except Exception:  # noqa: BLE001  (any failure is reported, not raised)

@@ -15,9 +15,18 @@ import signal
 import subprocess
 import sys
 import traceback
+from functools import cache
 from pathlib import Path
 
+import torch
+
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+# Settings that choose where the workers' tensors live, passed through to the ranks (every other
+# GRADFUSE_* variable of the caller is dropped). GRADFUSE_TEST_DEVICE: cpu (default) or cuda;
+# GRADFUSE_CUDA_BACKEND: the engine's transport for CUDA tensors (nccl, or gloo so that several
+# ranks can share one GPU). scripts/gpu_check.sh sets both.
+PASSED_THROUGH = ("GRADFUSE_TEST_DEVICE", "GRADFUSE_CUDA_BACKEND")
 
 
 def worker_env(tmp: Path, n: int, extra: dict | None = None) -> dict:
@@ -27,9 +36,75 @@ def worker_env(tmp: Path, n: int, extra: dict | None = None) -> dict:
         for k, v in os.environ.items()
         if not k.startswith(("GRADFUSE_", "RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))
     }
+    env.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
     env.update(WORKER_RESULTS=str(tmp / "result"), EXPECT_SIZE=str(n), OMP_NUM_THREADS="1")
     env.update(extra or {})
     return env
+
+
+def ranks_override(default: int) -> int:
+    """The rank count of a multi-process test group: GRADFUSE_TEST_RANKS when set (e.g. 1 to
+    run on one GPU over NCCL), else the configuration's own."""
+    raw = os.environ.get("GRADFUSE_TEST_RANKS", "")
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"GRADFUSE_TEST_RANKS must be an integer >= 1, got {raw!r}")
+    return int(raw)
+
+
+# ---- worker side: the device the checks run on -----------------------------------------------
+
+
+@cache
+def device():
+    """This rank's test device, from GRADFUSE_TEST_DEVICE: cpu (the default) or cuda, where rank
+    r uses cuda:{local_rank % device_count} (several ranks may share one GPU) and makes it the
+    current device. Call it before gradfuse.init(), so the transports bind to that GPU."""
+    kind = os.environ.get("GRADFUSE_TEST_DEVICE", "cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda":
+        raise ValueError(f"GRADFUSE_TEST_DEVICE must be cpu or cuda, got {kind!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("GRADFUSE_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+    local_rank = next(
+        (
+            int(os.environ[k])
+            for k in ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+            if k in os.environ
+        ),
+        0,
+    )
+    dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    return dev
+
+
+# Tensor factories on the test device: the checks write ones(3) where they mean "a tensor on
+# the device under test" and keep torch.ones(3) for tensors that must stay on the CPU.
+def ones(*size, **kw):
+    return torch.ones(*size, device=device(), **kw)
+
+
+def zeros(*size, **kw):
+    return torch.zeros(*size, device=device(), **kw)
+
+
+def empty(*size, **kw):
+    return torch.empty(*size, device=device(), **kw)
+
+
+def full(size, value, **kw):
+    return torch.full(size, value, device=device(), **kw)
+
+
+def arange(*args, **kw):
+    return torch.arange(*args, device=device(), **kw)
+
+
+def tensor(data, **kw):
+    return torch.tensor(data, device=device(), **kw)
 
 
 def run_ranks(
@@ -125,6 +200,7 @@ def worker_main(checks: dict, names: list[str]) -> None:
     """A worker's whole run: gradfuse.init(), the named checks, results, shutdown()."""
     import gradfuse as hvd
 
+    device()  # picks and sets this rank's GPU before the transports start
     hvd.init()
     try:
         run_checks(checks, names, hvd.rank())

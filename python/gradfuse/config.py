@@ -98,7 +98,9 @@ _OPTIONS = {
     ),
 }
 # GRADFUSE_* variables that belong to the build and test scripts or to the CPU kernels
-# (GRADFUSE_CPU_SIMD, read by cpp/ops/cpu/dispatch.cpp), not to the engine.
+# (GRADFUSE_CPU_SIMD, read by cpp/ops/cpu/dispatch.cpp), not to the engine. The GRADFUSE_TEST_*
+# ones here choose the device and rank count of the multi-process tests (tests/multiproc.py);
+# GRADFUSE_GPU_CHECK_SKIP_BUILD belongs to scripts/gpu_check.sh.
 _NOT_ENGINE = {
     "GRADFUSE_CPU_SIMD",
     "GRADFUSE_CUDA",
@@ -106,6 +108,9 @@ _NOT_ENGINE = {
     "GRADFUSE_BUILD_DIR",
     "GRADFUSE_VENV",
     "GRADFUSE_REQUIREMENTS",
+    "GRADFUSE_TEST_DEVICE",
+    "GRADFUSE_TEST_RANKS",
+    "GRADFUSE_GPU_CHECK_SKIP_BUILD",
 }
 
 

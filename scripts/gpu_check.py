@@ -1,0 +1,436 @@
+"""GPU checks that the op tests cannot make (step 4 of scripts/gpu_check.sh).
+
+    python scripts/gpu_check.py [--device cuda|cpu] [--small] [--only PART[,PART]] [--json PATH]
+
+Parts (each reports passed / failed / skipped with a reason; exit 1 when one failed):
+
+- ``sync``: the steady-state hot path — lars_update_, pack_/unpack_ and one
+  gradfuse.DistributedOptimizer step at world size 1 — runs under
+  ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up: any host synchronization raises.
+- ``graph``: LARS + pack + unpack captured in a CUDA graph and replayed give the same bits as
+  eager execution on the same inputs.
+- ``huge``: pack_, unpack_, lars_update_ and topk_compress on one tensor of more than 2**31
+  elements (64-bit index math). Inputs repeat a short random pattern, so the reference for every
+  element comes from the pattern (computed on the CPU in float64) and every element is checked.
+
+``--device cpu --small`` runs what it can on the CPU with tiny sizes (``huge`` with ~100K
+elements, ``sync``'s workload without the sync check), so CI keeps this script working on
+machines without a GPU; the CUDA-only parts say so and are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+
+PARTS = ("sync", "graph", "huge")
+# Length of the repeating input pattern: a prime, so the pattern does not line up with the
+# kernels' chunk sizes (powers of two) and a misplaced element shows.
+PERIOD = 65521
+PERIOD_SMALL = 1021
+
+
+class Skip(Exception):
+    """A part that cannot run here (the reason is its message)."""
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def pattern(gen, n, lo, hi, dtype, signed=False):
+    """n values in [lo, hi) (with random signs when signed), exactly representable in dtype."""
+    x = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+    if signed:
+        x = torch.where(torch.rand(n, generator=gen) < 0.5, -x, x)
+    return x.to(dtype)
+
+
+def tile(base, numel, dev, dtype=None):
+    """A 1-D tensor of numel elements on dev whose element i is base[i % len(base)]; built with
+    no temporary the size of the result."""
+    p = base.numel()
+    out = torch.empty(numel, dtype=dtype or base.dtype, device=dev)
+    rows = numel // p
+    src = base.to(dev, out.dtype)
+    if rows:
+        out[: rows * p].view(rows, p).copy_(src.expand(rows, p))
+    out[rows * p :].copy_(src[: numel - rows * p])
+    return out
+
+
+def assert_periodic(name, x, expected, rtol=0.0, atol=0.0):
+    """Every element x[j] matches expected[j % len(expected)] (exactly, or within
+    atol + rtol * |expected|), compared in slices of whole periods so the float64 temporaries
+    stay ~1 GiB. Raises naming the first wrong index, its value and the expected one."""
+    p = expected.numel()
+    want_period = expected.to(x.device, torch.float64)
+    slice_len = max(1, (1 << 27) // p) * p  # whole periods: every slice starts at phase 0
+    for start in range(0, x.numel(), slice_len):
+        part = x[start : start + slice_len].double()
+        rows, rest = divmod(part.numel(), p)
+        want = torch.cat([want_period.repeat(rows), want_period[:rest]])
+        ok = (part - want).abs() <= atol + rtol * want.abs()
+        if not bool(ok.all()):
+            j = int((~ok).nonzero()[0])
+            raise AssertionError(
+                f"{name}: element {start + j} is {part[j].item()!r}, "
+                f"expected {want[j].item()!r} (of {x.numel()} elements)"
+            )
+
+
+def assert_equal(name, a, b):
+    """a == b element for element (compared as float32, in slices: no full-size temporary)."""
+    assert a.numel() == b.numel(), (name, a.numel(), b.numel())
+    step = 1 << 27
+    for start in range(0, a.numel(), step):
+        x, y = a[start : start + step].float(), b[start : start + step].float()
+        bad = x != y
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise AssertionError(
+                f"{name}: element {start + j} is {x[j].item()}, want {y[j].item()}"
+            )
+
+
+def free_between(dev):
+    """Drop the previous op's tensors from the caching allocator before the next big one."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- sync: no host synchronization on the hot path ---------------------------------------------
+
+
+def hot_path_workload(dev):
+    """(setup, step): one fused LARS over several tensors, a pack_ of the grads to fp16 and an
+    unpack_ back, and one DistributedOptimizer step (forward, backward, reduction, LARS) at world
+    size 1."""
+    import gradfuse
+    from gradfuse import ops
+    from gradfuse.optim import LARS
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(256, 128), (128,), (64, 64, 3), (10,)]
+    params = [torch.randn(s, generator=gen).to(dev) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dev) * 1e-2 for s in shapes]
+    bufs = [torch.zeros_like(p) for p in params]
+    flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float16, device=dev)
+    restored = [torch.empty_like(g) for g in grads]
+    nonfinite = torch.zeros(1, device=dev)
+
+    gradfuse.init()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    ).to(dev)
+    opt = gradfuse.DistributedOptimizer(
+        LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
+        named_parameters=model.named_parameters(),
+    )
+    x = torch.randn(16, 32, generator=gen).to(dev)
+    y = torch.randn(16, 10, generator=gen).to(dev)
+
+    def step():
+        ops.lars_update_(params, grads, bufs, lr=0.1, weight_decay=1e-4)
+        ops.pack_(grads, flat, scale=0.5, nonfinite=nonfinite)
+        ops.unpack_(flat, restored, scale=2.0)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    def check():
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), "non-finite"
+        assert nonfinite.item() == 0.0, "pack_ reported a non-finite value"
+
+    return step, check
+
+
+def part_sync(dev, small):
+    import gradfuse
+
+    step, check = hot_path_workload(dev)
+    try:
+        for _ in range(3):  # warm-up: allocations, response cache, lazy CUDA module loading
+            step()
+        sync(dev)
+        if dev.type != "cuda":
+            step()
+            check()
+            raise Skip("sync debug mode is CUDA only: ran the workload on the CPU without it")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        sync(dev)
+        check()
+        return "3 steady-state steps (LARS, pack_, unpack_, DistributedOptimizer) without a sync"
+    finally:
+        gradfuse.shutdown()
+
+
+# ---- graph: CUDA graph capture and replay equal eager, bit for bit ----------------------------
+
+
+def part_graph(dev, small):
+    if dev.type != "cuda":
+        raise Skip("CUDA graphs need a GPU")
+    from gradfuse import ops
+
+    gen = torch.Generator().manual_seed(1)
+    numels = [100003, 4097, 1, 65536, 33]
+    pristine = {
+        "params": [torch.randn(n, generator=gen) for n in numels],
+        "grads": [torch.randn(n, generator=gen) * 1e-2 for n in numels],
+        "bufs": [torch.randn(n, generator=gen) * 1e-3 for n in numels],
+    }
+    # The graph reads and writes these tensors; only their contents change between runs.
+    static = {k: [t.to(dev) for t in v] for k, v in pristine.items()}
+    flat = torch.empty(sum(numels), dtype=torch.bfloat16, device=dev)
+    restored = [torch.zeros(n, device=dev) for n in numels]
+    nonfinite = torch.zeros(1, device=dev)
+
+    def reset():
+        for k, tensors in static.items():
+            for t, src in zip(tensors, pristine[k]):
+                t.copy_(src)
+        flat.zero_()
+        for t in restored:
+            t.zero_()
+        nonfinite.zero_()
+
+    def step():
+        ops.lars_update_(
+            static["params"],
+            static["grads"],
+            static["bufs"],
+            lr=0.1,
+            weight_decay=1e-4,
+            use_lars=[n > 1 for n in numels],
+            nesterov=True,
+        )
+        ops.pack_(static["params"], flat, scale=0.25, nonfinite=nonfinite)
+        ops.unpack_(flat, restored, scale=4.0, accumulate=True)
+
+    def outputs():
+        sync(dev)
+        tensors = static["params"] + static["bufs"] + restored + [flat, nonfinite]
+        return [t.clone() for t in tensors]
+
+    reset()
+    step()
+    eager = outputs()
+
+    # Warm up on a side stream (as torch.cuda.graphs asks), then capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        reset()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    reset()
+    sync(dev)
+    with torch.cuda.graph(graph):
+        step()
+    for replay in range(2):  # twice: a replay must not depend on what the last one left
+        reset()
+        graph.replay()
+        got = outputs()
+        for i, (a, b) in enumerate(zip(got, eager)):
+            if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                raise AssertionError(f"replay {replay}: output tensor {i} differs from eager")
+    return f"captured LARS + pack_ + unpack_ over {len(numels)} tensors; 2 replays equal eager"
+
+
+# ---- huge: tensors above 2**31 elements ---------------------------------------------------------
+
+
+def huge_sizes(dev, small):
+    """(numel, period): above 2**31 on a GPU, ~100K on the CPU (--small)."""
+    if small:
+        return 100_003, PERIOD_SMALL
+    if dev.type != "cuda":
+        raise Skip("2**31-element tensors on the CPU would take minutes: use --small")
+    numel = 2**31 + 2**20 + 3  # past 2**31, past a chunk boundary, odd tail
+    need = 22 << 30  # the largest op (topk_compress): fp16 grad + fp32 residual + scratch
+    free, _ = torch.cuda.mem_get_info(dev)
+    if free < need:
+        raise Skip(f"needs ~{need >> 30} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    return numel, PERIOD
+
+
+def check_pack_unpack(dev, numel, p, gen):
+    from gradfuse import ops
+
+    # Values in [0.5, 4) with signs: scaled by 2 or 0.5 they stay exact fp16 normals, so every
+    # element must come out bit-exact.
+    base = pattern(gen, p, 0.5, 4.0, torch.float16, signed=True)
+    head = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float16, device=dev)
+    big = tile(base, numel, dev)
+    out = torch.full((3 + numel + 1,), 7.0, dtype=torch.float16, device=dev)  # 1 sentinel
+    nonfinite = torch.zeros(1, device=dev)
+    ops.pack_([head, big], out, scale=2.0, nonfinite=nonfinite)
+    assert torch.equal(out[:3], head * 2), "pack_: the leading small tensor"
+    assert_periodic("pack_", out[3 : 3 + numel], base.double() * 2)
+    assert out[-1].item() == 7.0, "pack_ wrote past the end of its tensors"
+    assert nonfinite.item() == 0.0, "pack_ reported a non-finite value"
+    del big
+    free_between(dev)
+
+    # unpack_: the same buffer back into [head, big] (element 3 + i of out goes to big[i]).
+    head_out = torch.empty(3, dtype=torch.float16, device=dev)
+    big_out = torch.empty(numel, dtype=torch.float16, device=dev)
+    ops.unpack_(out, [head_out, big_out], scale=0.5)
+    assert torch.equal(head_out, head), "unpack_: the leading small tensor"
+    assert_periodic("unpack_", big_out, base.double())
+    del out, big_out
+    free_between(dev)
+
+
+def check_lars(dev, numel, p, gen):
+    from gradfuse import ops
+
+    # bf16 weights, grads and momentum (the op allows all-bf16), so 3 x 2 bytes per element.
+    # Hyper-parameters make every update move each weight by far more than a bf16 rounding, so
+    # an element the kernel missed cannot pass.
+    lr, momentum, wd, tc, eps = 0.5, 0.9, 1e-4, 0.5, 1e-8
+    w0 = pattern(gen, p, 0.5, 2.0, torch.bfloat16)
+    g0 = pattern(gen, p, 0.25, 1.0, torch.bfloat16, signed=True)
+    v0 = pattern(gen, p, 0.0, 0.05, torch.bfloat16, signed=True)
+    w, g, v = (tile(t, numel, dev) for t in (w0, g0, v0))
+    ops.lars_update_(
+        [w], [g], [v], lr=lr, momentum=momentum, weight_decay=wd, trust_coefficient=tc, eps=eps
+    )
+    # The reference in float64 from the pattern: norms over numel elements = whole periods plus
+    # the partial one.
+    rows, rest = divmod(numel, p)
+
+    def norm(t):
+        t = t.double()
+        return math.sqrt(rows * float((t * t).sum()) + float((t[:rest] * t[:rest]).sum()))
+
+    w_norm, g_norm = norm(w0), norm(g0)
+    trust = tc * w_norm / (g_norm + wd * w_norm + eps)
+    d = g0.double() + wd * w0.double()
+    v_ref = momentum * v0.double() + trust * d
+    w_ref = w0.double() - lr * v_ref
+    # bf16 keeps 8 significant bits: rounding is within 2**-8 relative; allow 2**-6 (the kernel
+    # may round v before using it) plus a little absolute slack near zero.
+    assert_periodic("lars_update_ weights", w, w_ref, rtol=2**-6, atol=2**-7)
+    assert_periodic("lars_update_ momentum", v, v_ref, rtol=2**-6, atol=2**-7)
+    del w, g, v
+    free_between(dev)
+
+
+def check_topk(dev, numel, p, gen):
+    from gradfuse import ops
+
+    # Background |g| < 1 everywhere, 16 planted values 100 + j at known places (on a GPU on both
+    # sides of 2**31, and the last element): they are the top-k.
+    base = pattern(gen, p, 0.0, 1.0, torch.float16, signed=True)
+    planted = sorted(
+        {0, 5, numel // 2, numel - 2**20 if numel > 2**21 else numel // 3, numel - 1}
+        | {numel - 1 - 7919 * j for j in range(1, 12)}
+    )
+    planted_values = [100.0 + j for j in range(len(planted))]  # exact in fp16
+    grad = tile(base, numel, dev)
+    grad[torch.tensor(planted, device=dev)] = torch.tensor(
+        planted_values, dtype=torch.float16, device=dev
+    )
+    residual = torch.zeros(numel, dtype=torch.float32, device=dev)
+    # ratio * numel = len(planted) - 0.5, so k = ceil(ratio * numel) = len(planted).
+    ratio = (len(planted) - 0.5) / numel
+    for sampled in (False, True):
+        mode = "sampled" if sampled else "exact"
+        values, indices = ops.topk_compress(grad, residual, ratio, sampled=sampled, seed=3)
+        got = indices.cpu().tolist()
+        if sampled:  # k..2k elements, each at least as large as any left out
+            assert len(planted) <= len(got) <= 2 * len(planted), (mode, len(got))
+        else:
+            assert len(got) == len(planted), (mode, len(got))
+        assert got == sorted(got), f"topk_compress ({mode}): indices not ascending"
+        missing = sorted(set(planted) - set(got))
+        assert not missing, f"topk_compress ({mode}): planted indices {missing} not selected"
+        sel = indices.to(dev, torch.int64)
+        assert_equal(f"topk_compress ({mode}) values", values, grad[sel])
+        # Error feedback: the residual started at zero, so it is now the grad, with the sent
+        # elements cleared.
+        assert bool((residual[sel] == 0).all()), f"topk_compress ({mode}): sent, not cleared"
+        residual[sel] = grad[sel].float()
+        assert_equal(f"topk_compress ({mode}) residual", residual, grad)
+        residual.zero_()
+    del grad, residual
+    free_between(dev)
+
+
+def part_huge(dev, small):
+    numel, p = huge_sizes(dev, small)
+    gen = torch.Generator().manual_seed(2)
+    done = []
+    for name, fn in (
+        ("pack_/unpack_", check_pack_unpack),
+        ("lars_update_", check_lars),
+        ("topk_compress", check_topk),
+    ):
+        start = time.perf_counter()
+        fn(dev, numel, p, gen)
+        sync(dev)
+        done.append(f"{name} {time.perf_counter() - start:.1f} s")
+    return f"{numel} elements, every one checked: " + ", ".join(done)
+
+
+# ---- driver -------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--small", action="store_true", help="tiny sizes (for a CPU run in CI)")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"parts to run, of {PARTS}")
+    ap.add_argument("--json", help="write {part: {status, seconds, detail}} here")
+    args = ap.parse_args(argv)
+    parts = [x for x in args.only.split(",") if x]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check.py: --device cuda but torch.cuda.is_available() is False")
+        return 2
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    functions = {"sync": part_sync, "graph": part_graph, "huge": part_huge}
+
+    results = {}
+    for name in parts:
+        start = time.perf_counter()
+        try:
+            detail, status = functions[name](dev, args.small), "passed"
+        except Skip as e:
+            detail, status = str(e), "skipped"
+        except Exception as e:  # noqa: BLE001  (every failure is reported; the others still run)
+            traceback.print_exc()
+            detail, status = f"{type(e).__name__}: {e}".splitlines()[0][:300], "failed"
+        seconds = time.perf_counter() - start
+        results[name] = {"status": status, "seconds": round(seconds, 1), "detail": detail}
+        print(f"gpu_check {name}: {status} ({seconds:.1f} s): {detail}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
