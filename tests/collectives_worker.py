@@ -222,6 +222,12 @@ def check_alltoall_errors():
     expect_error(ValueError, lambda: hvd.alltoall(t, splits=[1] * (n + 1)), "splits", "per rank")
     expect_error(ValueError, lambda: hvd.alltoall(t, splits=[-1, n + 1] + [0] * (n - 2)), ">= 0")
     expect_error(ValueError, lambda: hvd.alltoall(t, splits=[2] * n), "splits", "sum")
+    if n >= 3:
+        # Splits whose int64 sum wraps around to exactly dim 0 (2 * (2**63 - 1) + n + 2 is n
+        # modulo 2**64) must not pass as a valid split.
+        big = 2**63 - 1
+        wraps = [big, big, n + 2] + [0] * (n - 3)
+        expect_error(ValueError, lambda: hvd.alltoall(t, splits=wraps), "splits", "exceed")
     expect_error(ValueError, lambda: hvd.alltoall(ones(n + 1)), "divide")
     expect_error(ValueError, lambda: hvd.alltoall(t, splits=ones(n)), "splits")
     expect_error(TypeError, lambda: hvd.alltoall(t, splits=[1.0] * n), "splits")

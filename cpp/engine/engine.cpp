@@ -8,38 +8,14 @@
 
 #include "engine/alltoall.h"
 #include "engine/collectives.h"
-#include "engine/cuda_event.h"
 #include "engine/handles.h"
 #include "engine/join.h"
 
 #ifdef GRADFUSE_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 
 namespace gradfuse::engine {
-
-namespace {
-
-bool supported_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kByte:
-    case at::kChar:
-    case at::kShort:
-    case at::kInt:
-    case at::kLong:
-    case at::kHalf:
-    case at::kBFloat16:
-    case at::kFloat:
-    case at::kDouble:
-      return true;
-    default:
-      return false;
-  }
-}
-
-}  // namespace
 
 namespace {
 // A transport error already turned into the message every pending handle fails with.
@@ -57,7 +33,10 @@ Engine::Engine(EngineConfig config)
   cpu_ = c10d::resolve_process_group(config_.cpu_group);
   if (!config_.cuda_group.empty()) {
     cuda_ = c10d::resolve_process_group(config_.cuda_group);
-    cuda_health_ = std::make_shared<const TransportHealth>(cuda_, c10::DeviceType::CUDA, config_.rank);
+#ifdef GRADFUSE_WITH_CUDA
+    cuda_runner_ = std::make_unique<CudaBatchRunner>(
+        std::make_shared<const TransportHealth>(cuda_, c10::DeviceType::CUDA, config_.rank));
+#endif
   }
   if (!config_.local_group.empty()) {
     cpu_hierarchy_.local = c10d::resolve_process_group(config_.local_group);
@@ -108,16 +87,7 @@ std::string Engine::explain(const std::exception& e) {
 
 int64_t Engine::enqueue(EnqueueArgs a) {
   const char* op = op_name(a.op);
-  TORCH_CHECK_VALUE(!a.name.empty(), "gradfuse.", op, ": name must not be empty");
-  TORCH_CHECK_VALUE(a.tensor.defined(), "gradfuse.", op, ": tensor is undefined");
-  TORCH_CHECK_VALUE(supported_dtype(a.tensor.scalar_type()), "gradfuse.", op, ": tensor has dtype ",
-                    a.tensor.scalar_type(),
-                    "; supported: uint8, int8, int16, int32, int64, float16, bfloat16, float32, "
-                    "float64");
-  TORCH_CHECK_VALUE(!a.tensor.is_sparse() && a.tensor.layout() == at::kStrided, "gradfuse.", op,
-                    ": tensor must be dense (strided)");
-  TORCH_CHECK_VALUE(a.tensor.dim() <= 64, "gradfuse.", op, ": tensor has ", a.tensor.dim(),
-                    " dimensions; at most 64 are supported");
+  std::vector<int64_t> splits = check_enqueue(a, config_.size);
   const auto device = a.tensor.device();
 #ifdef GRADFUSE_WITH_CUDA
   constexpr bool kBuiltWithCuda = true;
@@ -137,69 +107,6 @@ int64_t Engine::enqueue(EnqueueArgs a) {
       cuda_device_.bind_if_unbound(device);
     }
   }
-  // These operations make their own output (its shape depends on the other ranks).
-  const bool own_output = a.op != OpType::kAllreduce && a.op != OpType::kBroadcast;
-  if (a.op == OpType::kAllgather) {
-    TORCH_CHECK_VALUE(a.tensor.dim() >= 1,
-                      "gradfuse.allgather: tensor must have at least one "
-                      "dimension (the one gathered along)");
-    TORCH_CHECK_VALUE(!a.output.has_value(), "gradfuse.allgather: output must be None");
-  } else if (own_output) {
-    TORCH_CHECK_VALUE(!a.output.has_value(), "gradfuse.", op, ": output must be None");
-  } else {
-    TORCH_CHECK_VALUE(a.output.has_value() && a.output->defined(), "gradfuse.", op,
-                      ": output is required");
-    const at::Tensor& out = *a.output;
-    TORCH_CHECK_VALUE(out.sizes() == a.tensor.sizes() &&
-                          out.scalar_type() == a.tensor.scalar_type() &&
-                          out.device() == a.tensor.device(),
-                      "gradfuse.", op, ": output must match tensor (", a.tensor.sizes(), ", ",
-                      a.tensor.scalar_type(), ", ", a.tensor.device(), "), got ", out.sizes(), ", ",
-                      out.scalar_type(), ", ", out.device());
-    TORCH_CHECK_VALUE(out.is_contiguous(), "gradfuse.", op, ": output must be contiguous");
-  }
-  if (a.op == OpType::kBroadcast) {
-    TORCH_CHECK_VALUE(a.root >= 0 && a.root < config_.size, "gradfuse.broadcast: root_rank ",
-                      a.root, " is not a rank (size ", config_.size, ")");
-  }
-  if (a.op == OpType::kReducescatter || a.op == OpType::kAlltoall) {
-    TORCH_CHECK_VALUE(a.tensor.dim() >= 1, "gradfuse.", op,
-                      ": tensor must have at least one dimension (the one split along)");
-  }
-  if (a.op == OpType::kReducescatter) {
-    TORCH_CHECK_VALUE(a.reduce_op == ReduceOp::kSum || a.reduce_op == ReduceOp::kAverage,
-                      "gradfuse.reducescatter: op must be Sum or Average, got ",
-                      reduce_op_name(a.reduce_op));
-  }
-  std::vector<int64_t> splits = a.splits;
-  if (a.op == OpType::kAlltoall) {
-    const int64_t dim0 = a.tensor.size(0);
-    if (splits.empty()) {
-      TORCH_CHECK_VALUE(dim0 % config_.size == 0, "gradfuse.alltoall: tensor's first dimension (",
-                        dim0, ") does not divide by the number of ranks (", config_.size,
-                        "); pass splits");
-      splits.assign(config_.size, dim0 / config_.size);
-    }
-    TORCH_CHECK_VALUE(static_cast<int>(splits.size()) == config_.size,
-                      "gradfuse.alltoall: splits must have one entry per rank (", config_.size,
-                      "), got ", splits.size());
-    int64_t sum = 0;
-    for (int64_t s : splits) {
-      TORCH_CHECK_VALUE(s >= 0, "gradfuse.alltoall: splits must be >= 0, got ", s);
-      sum += s;
-    }
-    TORCH_CHECK_VALUE(sum == dim0,
-                      "gradfuse.alltoall: splits must sum to the tensor's first "
-                      "dimension (",
-                      dim0, "), got ", sum);
-  } else {
-    TORCH_CHECK_VALUE(splits.empty(), "gradfuse.", op, ": splits are for alltoall only");
-  }
-  if (a.op == OpType::kAllreduce) {
-    const int r = static_cast<int>(a.reduce_op);
-    TORCH_CHECK_VALUE(r >= 0 && r <= static_cast<int>(ReduceOp::kProduct),
-                      "gradfuse.allreduce: op ", r, " is not Sum, Average, Min, Max or Product");
-  }
 
   Entry e;
   e.request.name = a.name;
@@ -218,15 +125,8 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   e.prescale = a.prescale;
   e.postscale = a.postscale;
 #ifdef GRADFUSE_WITH_CUDA
-  if (device.is_cuda() && carries_data) {
-    // Backward may still be writing the tensor on the caller's stream: the engine's stream
-    // waits for this event before reading it.
-    auto ready = std::make_shared<CudaEvent>(device.index());
-    ready->record(c10::cuda::getCurrentCUDAStream(device.index()));
-    e.wait_for_producer = [ready, device] {
-      ready->block(c10::cuda::getCurrentCUDAStream(device.index()));
-    };
-  }
+  // Backward may still be writing the tensor on the caller's stream.
+  if (device.is_cuda() && carries_data) e.wait_for_producer = order_after_producer(device);
 #endif
   e.handle = HandleTable::get().create(a.name);
   const int64_t handle = e.handle;
@@ -456,7 +356,13 @@ void Engine::execute(std::vector<Response> responses) {
 #ifdef GRADFUSE_WITH_CUDA
       if (on_cuda) {
         finish_in_flight();
-        run_cuda_batch(batch, ctx);
+        // This rank's own GPU, not rank 0's: the negotiated request carries no device index.
+        const c10::Device device =
+            cuda_device_.placeholder_device(c10::DeviceType::CUDA, c10::cuda::current_device());
+        cuda_runner_->run(
+            batch, ctx, device,
+            [this](const Response& r) { return take_entry(r); },
+            [this](const Response& r) { return second_output(r); });
         for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
         // Host-side times: when the work was queued on the stream, not when the GPU ran it.
         if (timed) record(batch, negotiated, started_at[index], times[index]);
@@ -464,7 +370,8 @@ void Engine::execute(std::vector<Response> responses) {
       }
 #endif
       // The enqueue check keeps CUDA tensors out of an engine without CUDA.
-      TORCH_CHECK(!on_cuda, "gradfuse: a CUDA batch reached an engine without CUDA (internal error)");
+      TORCH_CHECK(!on_cuda,
+                  "gradfuse: a CUDA batch reached an engine without CUDA (internal error)");
       for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
       for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
       PreparedBatch prepared = prepare_batch(batch, ctx, static_cast<int>(index % 2));
@@ -487,77 +394,6 @@ void Engine::execute(std::vector<Response> responses) {
     throw ExplainedError(why);
   }
 }
-
-#ifdef GRADFUSE_WITH_CUDA
-namespace {
-// A CUDA handle is done when the engine stream's event after its collective has completed, and
-// only if the transport reports no error by then (an aborted NCCL communicator also ends its
-// kernels, so the event alone would call a failed collective done).
-class CudaCompletion : public DeviceCompletion {
- public:
-  CudaCompletion(std::shared_ptr<CudaEvent> done, std::shared_ptr<const TransportHealth> health)
-      : done_(std::move(done)), health_(std::move(health)) {}
-  bool query() override {
-    if (health_) {
-      const std::string error = health_->error();
-      if (!error.empty()) throw std::runtime_error(error);
-    }
-    return done_->query();
-  }
-
- private:
-  std::shared_ptr<CudaEvent> done_;
-  std::shared_ptr<const TransportHealth> health_;  // shared: a handle may outlive the engine
-};
-}  // namespace
-
-void Engine::run_cuda_batch(Batch& batch, const CollectiveContext& ctx) {
-  // This rank's own GPU, not rank 0's: the negotiated request carries no device index.
-  const c10::Device device =
-      cuda_device_.placeholder_device(c10::DeviceType::CUDA, c10::cuda::current_device());
-  const c10::DeviceIndex index = device.index();
-  c10::cuda::CUDAGuard device_guard(index);
-  auto it = streams_.find(index);
-  if (it == streams_.end()) {
-    it = streams_.emplace(index, c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index))
-             .first;
-  }
-  const c10::cuda::CUDAStream stream = it->second;
-  c10::cuda::CUDAStreamGuard stream_guard(stream);
-  // Joined-rank placeholders are zero-filled here, on the engine's stream, which reads them.
-  for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
-  for (const Entry& e : batch.entries) {
-    TORCH_CHECK(e.tensor.device() == device, "gradfuse: '", e.request.name, "' is on ",
-                e.tensor.device().str(), " but the engine runs on ", device.str(),
-                " (internal error)");
-    if (e.wait_for_producer) e.wait_for_producer();
-  }
-  // NCCL orders its kernels after the current (engine) stream; Work::wait() orders the engine
-  // stream after NCCL's. No host-side synchronization.
-  std::vector<at::Tensor> outputs = run_batch(batch, ctx);
-  auto done = std::make_shared<CudaEvent>(index);
-  done->record(stream);
-  auto completion = std::make_shared<CudaCompletion>(done, cuda_health_);
-  for (size_t i = 0; i < batch.entries.size(); ++i) {
-    const Entry& e = batch.entries[i];
-    // The caller may free its tensors once the handle completes; the allocator must not reuse
-    // the memory before the engine's stream is done with it.
-    c10::cuda::CUDACachingAllocator::recordStream(e.tensor.storage().data_ptr(), stream);
-    at::Tensor out = outputs[i];
-    c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), stream);
-    HandleTable::get().complete(
-        e.handle, out,
-        [done, out] {
-          // synchronize(): the caller's stream (the current stream of the output's device,
-          // whatever the current device is) waits for the engine's completion event.
-          const auto caller = c10::cuda::getCurrentCUDAStream(out.device().index());
-          done->block(caller);
-          c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), caller);
-        },
-        second_output(batch.responses[i]), completion);
-  }
-}
-#endif
 
 // ---- the process-wide engine ---------------------------------------------------------------
 

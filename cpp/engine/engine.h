@@ -12,36 +12,20 @@
 #include <string>
 #include <thread>
 
-#ifdef GRADFUSE_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-
-#include <map>
-#endif
 
 #include "engine/collectives.h"
 #include "engine/config.h"
+#include "engine/cuda_batch.h"
 #include "engine/devices.h"
+#include "engine/enqueue_checks.h"
 #include "engine/fusion.h"
 #include "engine/liveness.h"
 #include "engine/negotiation.h"
 #include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
 #include "engine/timeline.h"
-#include "engine/transport_health.h"
 
 namespace gradfuse::engine {
-
-struct EnqueueArgs {
-  std::string name;
-  OpType op;
-  at::Tensor tensor;
-  std::optional<at::Tensor> output;
-  int root = 0;
-  ReduceOp reduce_op = ReduceOp::kSum;
-  double prescale = 1.0;
-  double postscale = 1.0;
-  std::vector<int64_t> splits;  // alltoall: rows sent to each rank (empty: even split)
-};
 
 class Engine {
  public:
@@ -99,12 +83,6 @@ class Engine {
   // The message for a transport error: names the dead or stuck ranks when the liveness
   // monitor finds them within the timeout.
   std::string explain(const std::exception& e);
-#ifdef GRADFUSE_WITH_CUDA
-  // Takes the batch's entries and runs it on the engine's stream of this rank's CUDA device,
-  // ordered after the producers; the handles complete when the device has finished.
-  void run_cuda_batch(Batch& batch, const CollectiveContext& ctx);
-  std::map<int, c10::cuda::CUDAStream> streams_;
-#endif
 
   EngineConfig config_;
   c10::intrusive_ptr<c10d::ProcessGroup> control_;
@@ -112,7 +90,9 @@ class Engine {
   c10::intrusive_ptr<c10d::ProcessGroup> cuda_;
   HierarchyGroups cpu_hierarchy_;  // empty unless allreduce is hierarchical
   HierarchyGroups cuda_hierarchy_;
-  std::shared_ptr<const TransportHealth> cuda_health_;  // errors NCCL reports after the fact
+#ifdef GRADFUSE_WITH_CUDA
+  std::unique_ptr<CudaBatchRunner> cuda_runner_;  // set when there is a CUDA group
+#endif
   TensorQueue queue_;
   Negotiator negotiator_;
   CudaDeviceBinding cuda_device_;  // this rank's one GPU (engine/devices.h)
