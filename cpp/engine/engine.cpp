@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
+#include <pthread.h>
+
 #include <cstring>
 #include <mutex>
 
@@ -402,9 +404,31 @@ std::mutex g_mu;
 std::shared_ptr<Engine> g_engine;
 // Why enqueue fails when no engine runs.
 std::string g_not_running = "gradfuse has not been initialized: call gradfuse.init() first";
+
+// After fork() the child has a copy of the engine's memory but none of its threads (the
+// background thread, the liveness monitor): stopping that engine would join threads that do not
+// exist, and using it would talk on the parent's connections. The child forgets it without
+// destroying it and says why when asked for it. g_mu is held across fork() (prepare / parent /
+// child handlers), so the child never inherits it locked by a thread it does not have.
+void forget_engine_in_child() {
+  if (g_engine) new std::shared_ptr<Engine>(std::move(g_engine));  // leaked on purpose
+  g_not_running =
+      "gradfuse: this process is a fork of one that ran the engine; its threads and connections "
+      "stay in the parent, so a forked child cannot run collectives (the gradfuse ops, "
+      "torch.ops.gradfuse.*, work)";
+  g_mu.unlock();
+}
+
+void install_fork_handlers() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    pthread_atfork([] { g_mu.lock(); }, [] { g_mu.unlock(); }, forget_engine_in_child);
+  });
+}
 }  // namespace
 
 void start_engine(const EngineConfig& config) {
+  install_fork_handlers();
   std::lock_guard<std::mutex> lock(g_mu);
   TORCH_CHECK(!g_engine, "gradfuse: the engine is already running; call shutdown() first");
   g_engine = std::make_shared<Engine>(config);

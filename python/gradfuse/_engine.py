@@ -17,10 +17,12 @@ from . import launch as _launch
 
 _lock = threading.Lock()
 _state = None  # _State while initialized
+_forked_from = None  # in a child of os.fork(): the pid of the parent that ran the engine
 
 
 class _State:
     def __init__(self, rank, size, local_rank, local_size, cross_rank, cross_size, groups):
+        self.pid = os.getpid()  # the process whose threads run the engine
         self.rank, self.size = rank, size
         self.local_rank, self.local_size = local_rank, local_size
         self.cross_rank, self.cross_size = cross_rank, cross_size
@@ -47,6 +49,8 @@ def init(**options) -> None:
 
     Calling init() while initialized does nothing; after shutdown() it starts again."""
     global _state, _created_default_group
+    if _forked_from is not None:
+        raise RuntimeError(_FORKED.format(pid=_forked_from))
     cfg = _config.resolve(**options)
     with _lock:
         if _state is not None and _C().engine_running():
@@ -79,17 +83,21 @@ def init(**options) -> None:
             "control": dist.new_group(backend="gloo", timeout=timeout),
             "cpu": dist.new_group(backend="gloo", timeout=timeout),
         }
-        if cuda:
-            groups["cuda"] = _new_cuda_group(cuda, timeout=timeout)
         try:
-            nodes = _nodes(groups["control"], cfg)
+            # Before any group whose construction depends on them: ranks creating groups of
+            # different backends would wait on each other until the timeout.
+            hosts = _agreed_settings(groups["control"], cfg, cuda)
+            if cuda:
+                groups["cuda"] = _new_cuda_group(cuda, timeout=timeout)
+            nodes = _nodes(hosts, cfg)
             node = next(n for n in nodes if rank in n)
             local_rank, local_size = node.index(rank), len(node)
             cross_rank, cross_size = nodes.index(node), len(nodes)
             if cfg.hierarchical_allreduce:
                 groups.update(_hierarchy_groups(nodes, rank, timeout, cuda))
         except Exception:
-            # Every rank saw the same layout, so every rank fails here alike; leave no groups.
+            # Every rank saw the same settings and layout, so every rank fails here alike;
+            # leave no groups.
             for group in groups.values():
                 dist.destroy_process_group(group)
             raise
@@ -164,19 +172,48 @@ def _new_cuda_group(backend, **kwargs):
             del os.environ[key]
 
 
-def _nodes(group, cfg):
+# The settings every rank must share, checked at init(): they decide how requests are batched
+# (a tensor fused on one rank and alone on another pairs different collectives), which groups
+# exist, and when a stalled tensor fails. (cycle_time_ms, timeout_s and the stall warning may
+# differ: they only change when a rank acts.)
+_AGREED = (
+    "fusion_threshold_bytes",
+    "cache_capacity",
+    "stall_shutdown_s",
+    "hierarchical_allreduce",
+    "test_local_size",
+)
+
+
+def _agreed_settings(group, cfg, cuda):
+    """Checks on every rank that the settings in _AGREED and the CUDA transport are the same
+    everywhere, raising the same ValueError on every rank (naming each rank's value) if not.
+    Returns every rank's host name, for _nodes."""
+    mine = {
+        "host": socket.gethostname(),
+        **{key: getattr(cfg, key) for key in _AGREED},
+        # Resolved: a rank without a GPU (or without NCCL) gets no CUDA group at all.
+        "CUDA transport": cuda,
+    }
+    infos = [None] * dist.get_world_size()
+    dist.all_gather_object(infos, mine, group=group)
+    differing = []
+    for key in [*_AGREED, "CUDA transport"]:
+        if len({repr(info[key]) for info in infos}) > 1:
+            per_rank = ", ".join(f"rank {r}: {info[key]!r}" for r, info in enumerate(infos))
+            differing.append(f"{key} ({per_rank})")
+    if differing:
+        raise ValueError(
+            "gradfuse.init(): settings that must be equal on every rank differ: "
+            + "; ".join(differing)
+        )
+    return [info["host"] for info in infos]
+
+
+def _nodes(hosts, cfg):
     """The ranks of each node (in rank order), nodes in order of their first rank. A node is a
     host, or with the test-only test_local_size, a run of that many consecutive ranks."""
-    size = dist.get_world_size()
-    # Every rank must build the same groups, so the settings that shape them must agree.
-    mine = (socket.gethostname(), cfg.test_local_size, cfg.hierarchical_allreduce)
-    infos = [None] * size
-    dist.all_gather_object(infos, mine, group=group)
-    for what, i in (("test_local_size", 1), ("hierarchical_allreduce", 2)):
-        values = {info[i] for info in infos}
-        if len(values) > 1:
-            per_rank = ", ".join(f"rank {r}: {info[i]!r}" for r, info in enumerate(infos))
-            raise ValueError(f"gradfuse.init(): {what} differs across ranks ({per_rank})")
+    size = len(hosts)
     k = cfg.test_local_size
     if k:
         if size % k:
@@ -185,8 +222,8 @@ def _nodes(group, cfg):
             )
         return [list(range(start, start + k)) for start in range(0, size, k)]
     by_host: dict[str, list[int]] = {}
-    for r, info in enumerate(infos):
-        by_host.setdefault(info[0], []).append(r)
+    for r, host in enumerate(hosts):
+        by_host.setdefault(host, []).append(r)
     return list(by_host.values())
 
 
@@ -238,6 +275,30 @@ def shutdown() -> None:
 _was_shut_down = False
 _created_default_group = False
 
+_FORKED = (
+    "gradfuse: this process is a fork of process {pid}, which ran gradfuse's engine. The "
+    "engine's threads and connections stay in that process, so a forked child (a DataLoader "
+    "worker, a multiprocessing 'fork' child) cannot run collectives or init() again; the "
+    "gradfuse ops (torch.ops.gradfuse.*) work. Run collectives in the parent."
+)
+
+
+def _after_fork_in_child():
+    """os.fork(): the child forgets the parent's engine (without stopping it: its threads are
+    not in the child) and its process groups, so neither a collective nor the child's exit
+    (shutdown at exit) touches them. The C++ side forgets its engine likewise
+    (engine.cpp, forget_engine_in_child)."""
+    global _state, _forked_from, _created_default_group, _lock
+    if _forked_from is None and (_state is not None or _created_default_group):
+        # The parent ran the engine, or still has the process group gradfuse created for it.
+        _forked_from = _state.pid if _state is not None else os.getppid()
+    _state = None
+    _created_default_group = False
+    _lock = threading.Lock()  # another thread may have held it at fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 @atexit.register
 def _at_exit():
@@ -252,6 +313,8 @@ def is_initialized() -> bool:
 
 def _require():
     if _state is None:
+        if _forked_from is not None:
+            raise RuntimeError(_FORKED.format(pid=_forked_from))
         if _was_shut_down:
             raise RuntimeError("gradfuse has been shut down: call gradfuse.init() again first")
         raise RuntimeError("gradfuse has not been initialized: call gradfuse.init() first")
