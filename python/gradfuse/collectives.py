@@ -24,20 +24,51 @@ _pending_lock = threading.Lock()
 _auto_names = itertools.count()
 
 
+# Per thread: how deep in submitted_together() blocks it is, and the handles it submitted
+# there. Those are held until its outermost block ends, so this thread waiting for one inside
+# the block would wait forever: synchronize() raises instead.
+_held = threading.local()
+
+
 @contextlib.contextmanager
 def submitted_together():
     """Collectives submitted inside this block reach the other ranks together, after it ends:
     one negotiation and, where they fit the fusion threshold, one fused collective. Without
     it, the engine's thread may pick up the first submission before the rest arrive. Blocks
-    nest; the handles can be synchronized after the block."""
+    nest; the handles are synchronized after the block. Inside it, use the *_async forms: a
+    blocking collective (or synchronize() of a handle submitted in the block) raises a
+    RuntimeError, since what it waits for is held until the block ends."""
     from . import _C
 
     _engine._require()
     _C.engine_hold()
+    depth = getattr(_held, "depth", 0)
+    if depth == 0:
+        _held.handles = set()
+    _held.depth = depth + 1
     try:
         yield
     finally:
+        _held.depth = depth
+        if depth == 0:
+            _held.handles = set()
         _C.engine_release()
+
+
+def _refuse_inside_hold(fn):
+    """A blocking collective inside submitted_together() would wait for its own submission,
+    which is held until the block ends: refused before anything is submitted."""
+    if getattr(_held, "depth", 0):
+        raise RuntimeError(
+            f"gradfuse.{fn}: a blocking collective cannot run inside submitted_together(): "
+            "what it submits is held until the block ends, so it would wait forever. Inside "
+            "the block use the *_async forms (allreduce_async, ...) and synchronize after it."
+        )
+
+
+def _note_submitted(handle):
+    if getattr(_held, "depth", 0):
+        _held.handles.add(handle)
 
 
 def _name(name, kind):
@@ -85,6 +116,7 @@ def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale
     )
     with _pending_lock:
         _pending[handle] = in_place
+    _note_submitted(handle)
     return handle
 
 
@@ -102,6 +134,13 @@ def synchronize(handle: int) -> torch.Tensor:
 
     if not isinstance(handle, int):
         raise TypeError(f"synchronize: handle must be an int from an *_async call, got {handle!r}")
+    if getattr(_held, "depth", 0) and handle in _held.handles:
+        raise RuntimeError(
+            f"gradfuse.synchronize: handle {handle} was submitted inside submitted_together() "
+            "on this thread and is held until the block ends, so waiting for it here would "
+            "never return. Inside the block use the *_async forms (allreduce_async, ...) and "
+            "synchronize after it."
+        )
     with _pending_lock:
         in_place = _pending.pop(handle, None)
         received_splits = handle in _alltoall_handles
@@ -158,6 +197,7 @@ def allreduce_async_(
 def allreduce_(
     tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
 ) -> torch.Tensor:
+    _refuse_inside_hold("allreduce_")
     return synchronize(
         allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor)
     )
@@ -202,6 +242,7 @@ def allreduce(
 ) -> torch.Tensor:
     """Reduces `tensor` over all ranks (default op: Average) and returns a new tensor.
     Differentiable for Sum and Average."""
+    _refuse_inside_hold("allreduce")
     _check_tensor(tensor, "allreduce")
     if compression is not None:
         raise ValueError("gradfuse.allreduce: compression is not supported yet; pass None")
@@ -231,6 +272,7 @@ def grouped_allreduce(
     tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
 ) -> list[torch.Tensor]:
     """Allreduce of a list of tensors, submitted together so the engine fuses them."""
+    _refuse_inside_hold("grouped_allreduce")
     handles = grouped_allreduce_async(tensors, average, name, op, prescale_factor, postscale_factor)
     return [synchronize(h) for h in handles]
 
@@ -260,6 +302,7 @@ class _Allgather(torch.autograd.Function):
 
 def allgather(tensor, name=None) -> torch.Tensor:
     """Concatenates every rank's tensor along dim 0 (its size may differ per rank)."""
+    _refuse_inside_hold("allgather")
     _check_tensor(tensor, "allgather")
     if tensor.dim() == 0:
         raise ValueError(
@@ -301,6 +344,7 @@ def broadcast_async_(tensor, root_rank, name=None) -> int:
 
 
 def broadcast_(tensor, root_rank, name=None) -> torch.Tensor:
+    _refuse_inside_hold("broadcast_")
     return synchronize(broadcast_async_(tensor, root_rank, name))
 
 
@@ -321,6 +365,7 @@ class _Broadcast(torch.autograd.Function):
 
 def broadcast(tensor, root_rank, name=None) -> torch.Tensor:
     """Returns root_rank's tensor on every rank; `tensor` itself is left untouched."""
+    _refuse_inside_hold("broadcast")
     _check_tensor(tensor, "broadcast")
     return _Broadcast.apply(tensor, _check_root(root_rank, "broadcast"), _name(name, "broadcast"))
 
@@ -342,6 +387,7 @@ def reducescatter(tensor, op=Average, name=None) -> torch.Tensor:
     """Reduces `tensor` (same shape on every rank) over all ranks and returns this rank's rows
     of the result. Dim 0 is split as evenly as possible; the first (dim0 % size) ranks get one
     row more (Horovod's split). op: Sum or Average."""
+    _refuse_inside_hold("reducescatter")
     return synchronize(reducescatter_async(tensor, op=op, name=name))
 
 
@@ -375,6 +421,7 @@ def alltoall_async(tensor, splits=None, name=None) -> int:
     with _pending_lock:
         _pending[handle] = None
         _alltoall_handles.add(handle)
+    _note_submitted(handle)
     return handle
 
 
@@ -383,12 +430,14 @@ def alltoall(tensor, splits=None, name=None):
     in rank order along dim 0. `splits[k]` rows (consecutive, in rank order) go to rank k; they
     must sum to dim 0 and may differ per rank. With splits, returns (output, received_splits);
     without, dim 0 is split evenly (it must divide by size()) and the output is returned."""
+    _refuse_inside_hold("alltoall")
     output, received = synchronize(alltoall_async(tensor, splits, name))
     return output if splits is None else (output, received)
 
 
 def barrier() -> None:
     """Returns once every rank has called barrier() (negotiation only: no data moves)."""
+    _refuse_inside_hold("barrier")
     _engine._require()
     synchronize(_enqueue(_name(None, "barrier"), _BARRIER, torch.empty(0), None))
 
@@ -401,6 +450,7 @@ def join(device=None) -> int:
     joined. `device` (Horovod's argument: a CUDA device index, or -1 / None for the CPU) says
     where this rank makes the zeros for CUDA collectives when it has not run one yet; once it
     has, they go on the GPU its tensors used."""
+    _refuse_inside_hold("join")
     _engine._require()
     marker = torch.empty(0)
     if device is not None and device != -1:
