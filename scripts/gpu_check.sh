@@ -5,8 +5,8 @@
 #
 # Builds gradfuse against this machine's torch (CUDA on, this GPU's architecture), then runs
 #   1. the CUDA op tests (tests/test_ops_cuda.py),
-#   2. the engine and collectives tests on CUDA tensors: 1 rank over NCCL, 2 ranks sharing the
-#      GPU over Gloo (GRADFUSE_CUDA_BACKEND=gloo),
+#   2. the engine, collectives and training tests on CUDA tensors: 1 rank over NCCL, 2 ranks
+#      sharing the GPU over Gloo (GRADFUSE_CUDA_BACKEND=gloo),
 #   3. compute-sanitizer memcheck and racecheck over a fast subset of the op tests,
 #   4. scripts/gpu_check.py: no host sync on the hot path, CUDA-graph replay equal to eager,
 #      every op on a tensor above 2**31 elements,
@@ -26,9 +26,11 @@
 # Time budget (one H100/H200, 16 cores): the whole run stops starting steps after
 # BUDGET_S = 470 s and clips each step's timeout to the time left, so it ends within 8 minutes
 # even if every step hangs. Per-step limits, in order: probe 60, build 200, op tests 90,
-# engine 1 rank 75, engine 2 ranks 90, memcheck 60, racecheck 60, sync 40, graph 40,
-# huge 90, bench 60. They add up to more than the budget on purpose: each is generous for its
-# own worst case, and the deadline keeps the sum honest.
+# engine 1 rank 105, engine 2 ranks 120, memcheck 60, racecheck 60, sync 40, graph 40,
+# huge 90, bench 60 (the engine steps were 75 and 90 before the training tests joined them;
+# those take ~8 s at 1 rank and ~12 s at 2 on 2 CPU cores, plus each rank's CUDA start, and
+# the deadline still bounds the whole run). They add up to more than the budget on purpose:
+# each is generous for its own worst case, and the deadline keeps the sum honest.
 set -uo pipefail # no -e: a failed step is recorded and the next one still runs
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -256,29 +258,33 @@ if run_step ops 90 "$PYTHON" "${pytest_q[@]}" tests/test_ops_cuda.py; then
   record_pytest ops "1. op tests (tests/test_ops_cuda.py)"
 else no_time ops "1. op tests"; fi
 
-# ---- 2. engine and collectives on CUDA tensors ------------------------------------------------
+# ---- 2. engine, collectives and training on CUDA tensors --------------------------------------
 # The engine option cuda_backend (GRADFUSE_CUDA_BACKEND) lets the engine's CUDA data group be
 # Gloo, so 2 ranks can share the one GPU (NCCL refuses two ranks on one device). A gradfuse
-# without it runs the NCCL case only.
-engine_tests=(tests/test_engine.py tests/test_collectives.py -k "engine_check or collectives_check")
+# without it runs the NCCL case only. The training tests (DistributedOptimizer, compression,
+# GradScaler, broadcast helpers) train on the GPU too and need scikit-learn (the digits data).
+engine_tests=(tests/test_engine.py tests/test_collectives.py tests/test_training.py
+  -k "engine_check or collectives_check or training_check")
 has_backend_option=no
 py_in_root -c 'import sys; from gradfuse import config
 sys.exit(0 if any(o[0] == "GRADFUSE_CUDA_BACKEND" for o in config._OPTIONS.values()) else 1)' \
   >/dev/null 2>&1 && has_backend_option=yes
 backend_nccl=()
 [ "$has_backend_option" = yes ] && backend_nccl=(GRADFUSE_CUDA_BACKEND=nccl)
-if run_step engine_nccl_1rank 75 env GRADFUSE_TEST_DEVICE=cuda ${backend_nccl[@]+"${backend_nccl[@]}"} \
+if run_step engine_nccl_1rank 105 env GRADFUSE_TEST_DEVICE=cuda ${backend_nccl[@]+"${backend_nccl[@]}"} \
   GRADFUSE_TEST_RANKS=1 "$PYTHON" "${pytest_q[@]}" "${engine_tests[@]}"; then
-  record_pytest engine_nccl_1rank "2a. engine + collectives, CUDA tensors, 1 rank, NCCL" \
+  record_pytest engine_nccl_1rank "2a. engine + collectives + training, CUDA tensors, 1 rank, NCCL" \
     "checks that need 2 ranks skip at 1"
-else no_time engine_nccl_1rank "2a. engine, 1 rank, NCCL"; fi
+else no_time engine_nccl_1rank "2a. engine + training, 1 rank, NCCL"; fi
 if [ "$has_backend_option" != yes ]; then
-  record engine_gloo_2ranks "2b. engine + collectives, CUDA tensors, 2 ranks on 1 GPU, Gloo" \
+  record engine_gloo_2ranks \
+    "2b. engine + collectives + training, CUDA tensors, 2 ranks on 1 GPU, Gloo" \
     skipped 0 "this gradfuse has no cuda_backend option (GRADFUSE_CUDA_BACKEND)"
-elif run_step engine_gloo_2ranks 90 env GRADFUSE_TEST_DEVICE=cuda GRADFUSE_CUDA_BACKEND=gloo \
+elif run_step engine_gloo_2ranks 120 env GRADFUSE_TEST_DEVICE=cuda GRADFUSE_CUDA_BACKEND=gloo \
   GRADFUSE_TEST_RANKS=2 "$PYTHON" "${pytest_q[@]}" "${engine_tests[@]}"; then
-  record_pytest engine_gloo_2ranks "2b. engine + collectives, CUDA tensors, 2 ranks on 1 GPU, Gloo"
-else no_time engine_gloo_2ranks "2b. engine, 2 ranks, Gloo"; fi
+  record_pytest engine_gloo_2ranks \
+    "2b. engine + collectives + training, CUDA tensors, 2 ranks on 1 GPU, Gloo"
+else no_time engine_gloo_2ranks "2b. engine + training, 2 ranks, Gloo"; fi
 
 # ---- 3. compute-sanitizer ---------------------------------------------------------------------
 # Every kernel on small inputs (no 25M-element cases: the tools slow kernels 10-100x).

@@ -12,17 +12,33 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import training_worker
-from multiproc import assert_check_ok, run_ranks
+from multiproc import assert_check_ok, ranks_override, run_ranks
 
 CHECKS = sorted(training_worker.CHECKS)
-# The accuracy check trains 300 steps; once, at 2 ranks, is enough.
+# The accuracy check trains 300 steps; once, in the group of SLOW_AT ranks, is enough.
 SLOW = {"topk_compression_accuracy"}
 
+# One group of ranks per world size. GRADFUSE_TEST_RANKS=n replaces them with one group of n
+# ranks, which runs every check it can (scripts/gpu_check.sh: 1 rank over NCCL, 2 ranks sharing
+# one GPU over Gloo).
+WORLD_SIZES, SLOW_AT = [2, 4], 2
+if ranks_override(0):
+    WORLD_SIZES, SLOW_AT = [ranks_override(0)], ranks_override(0)
 
-@pytest.fixture(scope="module", params=[2, 4])
+
+def skip_reason(n, check):
+    """Why the group of n ranks does not run `check`, or None when it does."""
+    if check in SLOW and n != SLOW_AT:
+        return f"run at {SLOW_AT} ranks only"
+    if n == 1 and check in training_worker.NEEDS_TWO_RANKS:
+        return "needs two ranks (one rank sends what another holds)"
+    return None
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES)
 def group(request, tmp_path_factory):
     n = request.param
-    checks = CHECKS if n == 2 else [c for c in CHECKS if c not in SLOW]
+    checks = [c for c in CHECKS if skip_reason(n, c) is None]
     return n, run_ranks(
         tmp_path_factory.mktemp(f"train{n}"),
         n,
@@ -37,6 +53,7 @@ def group(request, tmp_path_factory):
 @pytest.mark.parametrize("check", CHECKS)
 def test_training_check(group, check):
     n, (proc, results) = group
-    if n != 2 and check in SLOW:
-        pytest.skip("run at 2 ranks only")
+    reason = skip_reason(n, check)
+    if reason:
+        pytest.skip(reason)
     assert_check_ok(proc, results, check)

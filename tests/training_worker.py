@@ -4,7 +4,13 @@ process group and writes its results with tests/multiproc.py.
 
 The data is scikit-learn's bundled digits set (1,797 8x8 images, no download). Each rank
 trains on its shard of every global batch; the reference is the same model trained by one
-process on the whole batch, computed locally on every rank."""
+process on the whole batch, computed locally on every rank.
+
+Device: the model, its optimizer state, every batch and every tensor handed to the engine live
+on the test device (multiproc.device(): the CPU, or this rank's GPU with
+GRADFUSE_TEST_DEVICE=cuda), and so do the local references, so a comparison measures the
+reduction and not a CPU-vs-GPU difference. The data set is loaded on the CPU; each batch moves
+to the device (:func:`batch_of`)."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import warnings
 import gradfuse as hvd
 import torch
 from gradfuse.data import DistributedBatchSampler
-from multiproc import checks_of, worker_main
+from multiproc import checks_of, device, full, ones, worker_main, zeros
 from sklearn.datasets import load_digits
 
 GLOBAL_BATCH = 32
@@ -27,8 +33,13 @@ def digits():
     return x, torch.tensor(y)
 
 
+def batch_of(x, y, rows):
+    """Rows `rows` of the CPU data set (x, y), as a batch on the test device."""
+    return x[rows].to(device()), y[rows].to(device())
+
+
 def make_model(seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # built on the CPU, then moved: the same weights on every device
     # No BatchNorm: batch statistics would differ between a shard and the whole batch. Average
     # pooling, not max: a max switching on a last-bit difference makes the gradient jump, and
     # the comparison would measure that chaos instead of the reduction.
@@ -40,7 +51,7 @@ def make_model(seed=0):
         torch.nn.ReLU(),
         torch.nn.Flatten(),
         torch.nn.Linear(16 * 4 * 4, 10),
-    )
+    ).to(device())
 
 
 HELD_OUT = 300  # the last 300 images never appear in a training batch
@@ -89,8 +100,9 @@ def train(kind, steps, compression=hvd.Compression.none, distributed=True, passe
         )
     else:
         sampler = global_batches(rows, steps * passes)
-    for i, batch in enumerate(sampler):
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch]) / passes
+    for i, rows in enumerate(sampler):
+        xb, yb = batch_of(x, y, rows)
+        loss = torch.nn.functional.cross_entropy(model(xb), yb) / passes
         loss.backward()
         if (i + 1) % passes == 0:
             opt.step()
@@ -103,9 +115,9 @@ def max_rel_diff(a, b):
 
 
 def held_out_accuracy(model):
-    x, y = digits()
+    xb, yb = batch_of(*digits(), slice(-HELD_OUT, None))
     with torch.no_grad():
-        return (model(x[-HELD_OUT:]).argmax(1) == y[-HELD_OUT:]).float().mean().item()
+        return (model(xb).argmax(1) == yb).float().mean().item()
 
 
 # ---- checks ----------------------------------------------------------------------------------
@@ -147,14 +159,14 @@ def reduced_gradients(compression, seed=5):
         compression=compression,
     )
     rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:64]
-    mine = rows.view(hvd.size(), -1)[hvd.rank()]
-    torch.nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
+    xb, yb = batch_of(x, y, rows.view(hvd.size(), -1)[hvd.rank()])
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
     opt.synchronize()
     exact = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
     for r in range(hvd.size()):  # every rank's gradient, recomputed here in float64
         twin = make_model().double()
-        shard = rows.view(hvd.size(), -1)[r]
-        torch.nn.functional.cross_entropy(twin(x[shard].double()), y[shard]).backward()
+        xb, yb = batch_of(x, y, rows.view(hvd.size(), -1)[r])
+        torch.nn.functional.cross_entropy(twin(xb.double()), yb).backward()
         for e, p in zip(exact, twin.parameters()):
             e += p.grad / hvd.size()
     return [p.grad for p in model.parameters()], exact
@@ -190,8 +202,7 @@ def check_topk_compression_accuracy():
 
 
 def check_buckets_fuse_each_step():
-    x, y = digits()
-    batch = list(range(hvd.rank() * 16, hvd.rank() * 16 + 16))
+    xb, yb = batch_of(*digits(), list(range(hvd.rank() * 16, hvd.rank() * 16 + 16)))
 
     def collectives_per_step(bucket_cap_mb):
         model = make_model()
@@ -203,7 +214,7 @@ def check_buckets_fuse_each_step():
         counts = []
         for _ in range(3):
             before = hvd.stats()["collectives"]
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
             opt.zero_grad()
             counts.append(hvd.stats()["collectives"] - before)
@@ -223,8 +234,7 @@ def check_buckets_fuse_each_step():
 
 
 def check_gradient_as_bucket_view():
-    x, y = digits()
-    batch = list(range(hvd.rank() * 16, hvd.rank() * 16 + 16))
+    xb, yb = batch_of(*digits(), list(range(hvd.rank() * 16, hvd.rank() * 16 + 16)))
 
     def run(**options):
         model = make_model()
@@ -236,7 +246,7 @@ def check_gradient_as_bucket_view():
         in_place = []
         for step in range(4):
             before = hvd.stats()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
             after = hvd.stats()
             in_place.append(
@@ -276,25 +286,25 @@ def check_second_gradient_before_step_raises():
     # Without buckets the first gradient is already being reduced; with them it waits in a
     # bucket that layer 1 (unused) never completes. Either way a second one is an error.
     for options in ({"bucket_cap_mb": 0}, {}):
-        model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]).to(device())
         opt = hvd.DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1),
             named_parameters=model.named_parameters(),
             **options,
         )
-        model[0](torch.ones(2, 4)).sum().backward()
+        model[0](ones(2, 4)).sum().backward()
         try:
-            model[0](torch.ones(2, 4)).sum().backward()
+            model[0](ones(2, 4)).sum().backward()
             raise AssertionError(f"{options}: no error for a second gradient before step()")
         except RuntimeError as exc:
             assert "more than backward_passes_per_step=1 times" in str(exc), exc
         opt.synchronize()  # every rank reduces what it has; the job goes on
-        assert torch.equal(model[1].bias.grad, torch.zeros(4))
+        assert torch.equal(model[1].bias.grad, zeros(4))
 
 
 def check_unused_parameters_do_not_hang():
     for options in ({}, {"gradient_as_bucket_view": True}):
-        model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        model = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]).to(device())
         opt = hvd.DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1),
             named_parameters=model.named_parameters(),
@@ -302,7 +312,7 @@ def check_unused_parameters_do_not_hang():
         )
         # Rank r only uses layer r % 2: the other layer's gradient never arrives on this rank.
         layer = model[hvd.rank() % 2]
-        layer(torch.ones(2, 4)).sum().backward()
+        layer(ones(2, 4)).sum().backward()
         opt.step()
         # Each layer's gradient is the average over ranks of the ones that used it.
         users = (
@@ -311,7 +321,7 @@ def check_unused_parameters_do_not_hang():
         )
         for i, lin in enumerate(model):
             share = len(users[i]) / hvd.size()
-            assert torch.allclose(lin.bias.grad, torch.full((4,), 2.0 * share)), (options, i)
+            assert torch.allclose(lin.bias.grad, full((4,), 2.0 * share)), (options, i)
 
 
 def check_errors_and_warnings():
@@ -319,8 +329,8 @@ def check_errors_and_warnings():
     opt = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters()
     )
-    x, y = digits()
-    torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    xb, yb = batch_of(*digits(), slice(0, 8))
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
     try:
         opt.zero_grad()
         raise AssertionError("zero_grad with reductions in flight did not raise")
@@ -332,7 +342,7 @@ def check_errors_and_warnings():
         opt.step()
     assert len(caught) == 1 and "skip_synchronize" in str(caught[0].message)
     opt.zero_grad()
-    torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
     opt.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -359,8 +369,8 @@ def check_grad_scaler_skips_on_every_rank():
         torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters()
     )
     hvd.broadcast_parameters(model.state_dict(), 0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
-    x, y = digits()
+    scaler = torch.amp.GradScaler(device().type, init_scale=256.0)
+    xb, yb = batch_of(*digits(), slice(0, 8))
     before = copy.deepcopy(model.state_dict())
 
     def overflow(grad):
@@ -372,7 +382,7 @@ def check_grad_scaler_skips_on_every_rank():
     # accumulated and submitted (writing it after backward would race with its reduction).
     if hvd.rank() == hvd.size() - 1:
         next(model.parameters()).register_hook(overflow)
-    scaler.scale(torch.nn.functional.cross_entropy(model(x[:8]), y[:8])).backward()
+    scaler.scale(torch.nn.functional.cross_entropy(model(xb), yb)).backward()
     opt.synchronize()
     with opt.skip_synchronize():
         scaler.step(opt)
@@ -389,8 +399,8 @@ def check_state_dict_round_trip():
         named_parameters=model.named_parameters(),
         compression=hvd.Compression.topk(0.1, min_numel=64),
     )
-    x, y = digits()
-    torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+    xb, yb = batch_of(*digits(), slice(0, 8))
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
     opt.step()
     state = opt.state_dict()
     assert state["gradfuse"]["topk"], "the top-k residuals are part of the state"
@@ -420,8 +430,20 @@ OPTIMIZERS = [
 ]
 
 
+def on_cpu(state):
+    """An optimizer state_dict with its tensors copied to the CPU, to travel by broadcast_object
+    (a pickled CUDA tensor would come back on the sender's GPU, which need not be this rank's)."""
+    return {
+        "param_groups": state["param_groups"],
+        "state": {
+            pid: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+            for pid, entry in state["state"].items()
+        },
+    }
+
+
 def check_broadcast_optimizer_state_for_every_optimizer():
-    x, y = digits()
+    xb, yb = batch_of(*digits(), slice(0, 16))
     for name in OPTIMIZERS:
         model = make_model()
         kwargs = {"lr": 0.01 * (hvd.rank() + 1)}
@@ -429,24 +451,31 @@ def check_broadcast_optimizer_state_for_every_optimizer():
             kwargs["momentum"] = 0.9
         opt = getattr(torch.optim, name)(model.parameters(), **kwargs)
         if hvd.rank() == 0:  # only the root has stepped: the others have no state yet
-            torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
         hvd.broadcast_optimizer_state(opt, root_rank=0)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         mine = opt.state_dict()
-        root = hvd.broadcast_object(mine, 0, name=f"state.{name}")
+        root = hvd.broadcast_object(on_cpu(mine), 0, name=f"state.{name}")
         assert mine["param_groups"] == root["param_groups"], name
+        params = list(model.parameters())  # state_dict's ids are positions in this order
         for pid, entry in root["state"].items():
             for key, value in entry.items():
                 got = mine["state"][pid][key]
                 assert type(got) is type(value), (name, key, type(got), type(value))
                 if isinstance(value, torch.Tensor):
-                    assert torch.equal(got, value), (name, key)
+                    assert torch.equal(got.cpu(), value), (name, key)
+                    # The state travels through the CPU; per-parameter buffers (momentum,
+                    # running averages) must land on their parameter's device. (Scalars such
+                    # as step counts stay where torch's load_state_dict puts them.)
+                    if got.shape == params[pid].shape:
+                        assert got.device == params[pid].device, (name, key, got.device)
                 else:
                     assert got == value, (name, key)
 
 
 def check_object_collectives():
+    # CPU only whatever the device under test: objects travel pickled, as CPU byte tensors.
     obj = {"rank": hvd.rank(), "payload": list(range(hvd.rank() * 3))}
     assert hvd.broadcast_object(obj, 1, name="bo") == {"rank": 1, "payload": [0, 1, 2]}
     gathered = hvd.allgather_object(obj, name="ao")
@@ -455,6 +484,25 @@ def check_object_collectives():
 
 
 CHECKS = checks_of(globals())
+# Checks that need a second rank: meaningless at 1 rank (GRADFUSE_TEST_RANKS=1), which skips
+# them. object_collectives broadcasts from rank 1; broadcast_optimizer_state_... sends rank 0's
+# state to ranks that have none, and at 1 rank would compare rank 0's state with itself. (The
+# others still test something at 1 rank: grad_scaler_... then overflows on the only rank, and
+# unused_parameters_... sends zeros for the layer it never used.)
+NEEDS_TWO_RANKS = {"broadcast_optimizer_state_for_every_optimizer", "object_collectives"}
+
+
+def deterministic_cuda():
+    """On a GPU, float32 matmuls and convolutions round as float32 (TF32's 10-bit mantissa is
+    far outside the comparisons' 1e-5) and cuDNN picks deterministic algorithms, so the
+    distributed run and the local reference differ by summation order only, as on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
 
 if __name__ == "__main__":
+    if device().type == "cuda":
+        deterministic_cuda()
     worker_main(CHECKS, sys.argv[1:])

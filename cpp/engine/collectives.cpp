@@ -281,6 +281,7 @@ PreparedBatch prepare_batch(const Batch& batch, const CollectiveContext& ctx, in
 
 std::vector<at::Tensor> run_batch(const Batch& batch, const CollectiveContext& ctx) {
   PreparedBatch prepared = prepare_batch(batch, ctx, /*slot=*/0);
+  if (prepared.in_place && ctx.in_place_count) ++*ctx.in_place_count;
   prepared.launch();
   return prepared.finish();
 }

@@ -5,6 +5,7 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <optional>
@@ -30,6 +31,10 @@ struct CollectiveContext {
   // Set when allreduce is hierarchical (init(hierarchical_allreduce=True)).
   HierarchyGroups hierarchy;
   BatchTimes* times = nullptr;  // optional; outlives the batch's finish()
+  // Optional: run_batch adds 1 here when an allreduce ran in place (PreparedBatch::in_place).
+  // The engine's stats counter, for batches run by run_batch (the CUDA path), which would
+  // otherwise drop that fact; the CPU path counts from prepare_batch's result itself.
+  std::atomic<int64_t>* in_place_count = nullptr;
 };
 
 // A batch in three steps, so the engine can overlap one batch's copies with another's

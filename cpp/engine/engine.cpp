@@ -351,7 +351,9 @@ void Engine::execute(std::vector<Response> responses) {
           static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
       CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_,
                             on_cuda ? cuda_hierarchy_ : cpu_hierarchy_,
-                            timed ? &times[index] : nullptr};
+                            timed ? &times[index] : nullptr,
+                            // CUDA batches go through run_batch, which counts them here.
+                            on_cuda ? &stats_.in_place : nullptr};
       started_at[index] = std::chrono::steady_clock::now();
       stats_.collectives++;
       stats_.tensors += static_cast<int64_t>(batch.responses.size());
