@@ -253,8 +253,15 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
 
   std::vector<int64_t> lengths(n);
   int64_t longest = 0;
+  // A peer's length is checked before it sizes a copy or an allocation: a corrupt slot fails
+  // the engine with an error naming the rank (every rank reads the same slots, so every rank
+  // fails alike) instead of a crash or a huge allocation.
+  constexpr int64_t kMaxMessage = int64_t{1} << 30;
   for (int r = 0; r < n; ++r) {
     const auto* h = reinterpret_cast<const int64_t*>(slots[0][r].data_ptr<uint8_t>());
+    TORCH_CHECK(h[0] >= 0 && h[0] <= kMaxMessage, "gradfuse: rank ", r,
+                " announced a negotiation message of ", h[0], " bytes (at most ", kMaxMessage,
+                " are possible): a corrupt message, or a peer running another version");
     lengths[r] = h[0];
     longest = std::max(longest, h[0]);
     if (h[1] && stop_rank < 0) stop_rank = r;

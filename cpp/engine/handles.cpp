@@ -4,6 +4,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <chrono>
 #include <stdexcept>
 
@@ -76,15 +77,22 @@ bool HandleTable::finished_locked(State& s) {
   return true;
 }
 
-HandleTable::State& HandleTable::wait_locked(std::unique_lock<std::mutex>& lock, int64_t handle) {
-  done_cv_.wait(lock, [&] { return find_locked(handle).done; });
+HandleTable::State* HandleTable::wait_locked(std::unique_lock<std::mutex>& lock, int64_t handle,
+                                             std::chrono::steady_clock::time_point deadline) {
+  const auto engine_done = [&] { return find_locked(handle).done; };
+  if (deadline == std::chrono::steady_clock::time_point::max()) {
+    done_cv_.wait(lock, engine_done);  // (no time arithmetic on the largest time point)
+  } else if (!done_cv_.wait_until(lock, deadline, engine_done)) {
+    return nullptr;
+  }
   // The engine's part is done; device work is polled rather than waited on with a blocking
   // CUDA call, so that fail() / fail_device_pending() (a dead peer, shutdown) end the wait.
   // The interval is short next to a collective and costs nothing while the device is busy.
   while (!finished_locked(find_locked(handle))) {
+    if (std::chrono::steady_clock::now() >= deadline) return nullptr;
     done_cv_.wait_for(lock, std::chrono::microseconds(50));
   }
-  return find_locked(handle);
+  return &find_locked(handle);
 }
 
 HandleTable::State& HandleTable::find_locked(int64_t handle) {
@@ -92,6 +100,11 @@ HandleTable::State& HandleTable::find_locked(int64_t handle) {
   TORCH_CHECK_VALUE(it != states_.end(), "gradfuse: handle ", handle,
                     " is unknown (never returned by an async call, or already synchronized)");
   return it->second;
+}
+
+int64_t HandleTable::size() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(states_.size());
 }
 
 void HandleTable::discard(int64_t handle) {
@@ -107,13 +120,22 @@ bool HandleTable::poll(int64_t handle) {
 void HandleTable::wait(int64_t handle) {
   std::unique_lock<std::mutex> lock(mu_);
   find_locked(handle);
-  const State& s = wait_locked(lock, handle);
+  const State& s = *wait_locked(lock, handle);
   if (!s.error.empty()) throw std::runtime_error(s.error);
+}
+
+bool HandleTable::wait_for(int64_t handle, std::chrono::microseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  find_locked(handle);
+  const State* s = wait_locked(lock, handle, std::chrono::steady_clock::now() + timeout);
+  if (s == nullptr) return false;
+  if (!s->error.empty()) throw std::runtime_error(s->error);
+  return true;
 }
 
 at::Tensor HandleTable::release(int64_t handle) {
   std::unique_lock<std::mutex> lock(mu_);
-  State s = std::move(wait_locked(lock, handle));
+  State s = std::move(*wait_locked(lock, handle));
   states_.erase(handle);
   lock.unlock();
   if (!s.error.empty()) throw std::runtime_error(s.error);
@@ -123,7 +145,7 @@ at::Tensor HandleTable::release(int64_t handle) {
 
 at::Tensor HandleTable::aux(int64_t handle) {
   std::unique_lock<std::mutex> lock(mu_);
-  const State& s = wait_locked(lock, handle);
+  const State& s = *wait_locked(lock, handle);
   if (!s.error.empty()) throw std::runtime_error(s.error);
   return s.aux;
 }
@@ -133,4 +155,10 @@ at::Tensor HandleTable::aux(int64_t handle) {
 namespace gradfuse::engine {
 bool poll_handle(int64_t handle) { return HandleTable::get().poll(handle); }
 void wait_handle(int64_t handle) { HandleTable::get().wait(handle); }
+bool wait_handle_for(int64_t handle, double timeout_s) {
+  return HandleTable::get().wait_for(
+      handle, std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, timeout_s) * 1e6)));
+}
+void forget_handle(int64_t handle) { HandleTable::get().discard(handle); }
+int64_t handle_count() { return HandleTable::get().size(); }
 }  // namespace gradfuse::engine

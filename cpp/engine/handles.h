@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -41,8 +42,10 @@ class HandleTable {
   // `device`: work still running on a device (see DeviceCompletion); null for CPU work.
   void complete(int64_t handle, at::Tensor result, std::function<void()> on_release = {},
                 at::Tensor aux = {}, std::shared_ptr<DeviceCompletion> device = nullptr);
-  // Forgets a handle whose enqueue failed.
+  // Forgets a handle: one whose enqueue failed, or whose failure was already raised.
   void discard(int64_t handle);
+  // Handles held (created and not yet released or discarded).
+  int64_t size();
   // A handle that already finished successfully keeps its result; one still waiting (for the
   // engine, or for its device work) fails with `error`.
   void fail(int64_t handle, const std::string& error);
@@ -57,6 +60,10 @@ class HandleTable {
   // it failed. Device work is waited for by querying it (no blocking CUDA call), so an error
   // that arrives meanwhile (fail_device_pending) still ends the wait.
   void wait(int64_t handle);
+  // wait() for at most `timeout`: true once done (throws like wait() when it failed), false
+  // when the time ran out first. Callers that must stay interruptible (Ctrl-C in Python) wait
+  // in slices and check for signals in between.
+  bool wait_for(int64_t handle, std::chrono::microseconds timeout);
   // The output tensor of a finished handle; forgets the handle. Throws like wait().
   at::Tensor release(int64_t handle);
   // The second output of a finished handle (undefined if it has none); keeps the handle.
@@ -76,8 +83,11 @@ class HandleTable {
   State& find_locked(int64_t handle);
   // Whether the handle finished: failed, or done with no device work left (queried here).
   static bool finished_locked(State& s);
-  // Waits (lock held on entry and exit) until finished_locked; returns the handle's state.
-  State& wait_locked(std::unique_lock<std::mutex>& lock, int64_t handle);
+  // Waits (lock held on entry and exit) until finished_locked or `deadline`; returns the
+  // handle's state, or null when the deadline came first.
+  State* wait_locked(std::unique_lock<std::mutex>& lock, int64_t handle,
+                     std::chrono::steady_clock::time_point deadline =
+                         std::chrono::steady_clock::time_point::max());
 
   std::mutex mu_;
   std::condition_variable done_cv_;

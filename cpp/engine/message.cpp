@@ -1,5 +1,6 @@
 #include "engine/message.h"
 
+#include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
 #include <cstring>
@@ -71,6 +72,11 @@ class Reader {
     return s;
   }
   bool done() const { return pos_ >= size_; }
+  // A field whose value no gradfuse rank sends.
+  void check(bool ok, const char* field, int64_t value) const {
+    TORCH_CHECK(ok, "gradfuse: rank ", rank_, " sent a negotiation message with an invalid ",
+                field, " (", value, "): a corrupt message, or a peer running another version");
+  }
 
  private:
   const uint8_t* data_;
@@ -120,17 +126,37 @@ std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int 
       requests.push_back(cached(first & ~kCachedFlag));
       continue;
     }
+    // Every field is checked against what a gradfuse rank can send: a message from a
+    // corrupt or foreign peer is an error naming it, never an invalid enum or a negative size
+    // that reaches an allocation.
     Request r;
     r.name = in.get_string(first);
-    r.op = static_cast<OpType>(in.get<int8_t>());
-    r.reduce_op = static_cast<ReduceOp>(in.get<int8_t>());
-    r.dtype = static_cast<c10::ScalarType>(in.get<int8_t>());
+    const auto op = in.get<int8_t>();
+    const auto reduce_op = in.get<int8_t>();
+    const auto dtype = in.get<int8_t>();
     r.device_type = in.get<int8_t>();
     r.root = in.get<int32_t>();
+    in.check(op >= 0 && op <= static_cast<int8_t>(OpType::kJoin), "operation", op);
+    in.check(reduce_op >= 0 && reduce_op <= static_cast<int8_t>(ReduceOp::kProduct),
+             "reduce op", reduce_op);
+    in.check(dtype >= 0 && dtype < static_cast<int8_t>(c10::ScalarType::NumOptions), "dtype",
+             dtype);
+    in.check(r.device_type == static_cast<int8_t>(c10::DeviceType::CPU) ||
+                 r.device_type == static_cast<int8_t>(c10::DeviceType::CUDA),
+             "device type", r.device_type);
+    r.op = static_cast<OpType>(op);
+    r.reduce_op = static_cast<ReduceOp>(reduce_op);
+    r.dtype = static_cast<c10::ScalarType>(dtype);
     const auto ndim = in.get<uint8_t>();
-    for (int i = 0; i < ndim; ++i) r.shape.push_back(in.get<int64_t>());
+    for (int i = 0; i < ndim; ++i) {
+      r.shape.push_back(in.get<int64_t>());
+      in.check(r.shape.back() >= 0, "dimension", r.shape.back());
+    }
     const auto nsplits = in.get<uint32_t>();
-    for (uint32_t i = 0; i < nsplits; ++i) r.splits.push_back(in.get<int64_t>());
+    for (uint32_t i = 0; i < nsplits; ++i) {
+      r.splits.push_back(in.get<int64_t>());
+      in.check(r.splits.back() >= 0, "split", r.splits.back());
+    }
     requests.push_back(std::move(r));
   }
   return requests;

@@ -11,6 +11,7 @@
 #include "engine/fusion.h"
 #include "engine/handles.h"
 #include "engine/negotiation.h"
+#include "engine/response_cache.h"
 
 namespace gradfuse::engine::testing {
 
@@ -83,6 +84,22 @@ std::vector<std::vector<RoundResult>> simulate_negotiation(
     results.push_back(std::move(per_rank));
   }
   return results;
+}
+
+std::string encode_requests(const std::vector<RequestSpec>& requests) {
+  std::vector<Request> rs;
+  for (const RequestSpec& spec : requests) rs.push_back(request_from(spec));
+  const std::vector<uint8_t> bytes = Negotiator(1, 0).encode(rs).bytes;
+  return std::string(bytes.begin(), bytes.end());
+}
+
+int64_t decode_requests(const std::string& bytes, int sender) {
+  const ResponseCache empty(16);
+  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
+  return static_cast<int64_t>(
+      deserialize_requests(data, bytes.size(), sender, [&](uint32_t index) -> const Request& {
+        return empty.at(index, sender);
+      }).size());
 }
 
 std::string device_error(const std::string& op, const std::string& device, bool built_with_cuda,

@@ -31,6 +31,12 @@ std::vector<std::vector<RoundResult>> simulate_negotiation(
     int size, int64_t cache_capacity, int64_t fusion_threshold_bytes,
     const std::vector<std::vector<std::vector<RequestSpec>>>& rounds);
 
+// The bytes a rank sends for `requests` (all in full: an empty response cache).
+std::string encode_requests(const std::vector<RequestSpec>& requests);
+// How many requests a message from rank `sender` holds, read as the engine reads a peer's
+// message (with an empty response cache); throws (RuntimeError) when it is corrupt.
+int64_t decode_requests(const std::string& bytes, int sender);
+
 // unsupported_device_error for a device given as a string ("cuda:0", "cpu", "meta").
 std::string device_error(const std::string& op, const std::string& device, bool built_with_cuda,
                          bool has_cuda_group);

@@ -30,7 +30,8 @@ std::string json_string(const std::string& s) {
 }  // namespace
 
 void Timeline::start(const std::string& path) {
-  stop();
+  std::lock_guard<std::mutex> control(control_mu_);
+  stop_locked();
   std::FILE* f = std::fopen(path.c_str(), "w");
   TORCH_CHECK(f, "gradfuse: cannot open the timeline file '", path, "': ", std::strerror(errno));
   std::fputs("[\n", f);
@@ -38,6 +39,7 @@ void Timeline::start(const std::string& path) {
   file_ = f;
   stopping_ = false;
   tids_.clear();
+  overflow_named_ = false;
   events_.clear();
   origin_ = Clock::now();
   writer_ = std::thread([this] { write_loop(); });
@@ -45,6 +47,11 @@ void Timeline::start(const std::string& path) {
 }
 
 void Timeline::stop() {
+  std::lock_guard<std::mutex> control(control_mu_);
+  stop_locked();
+}
+
+void Timeline::stop_locked() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!writer_.joinable()) return;
@@ -62,11 +69,20 @@ void Timeline::phase(const std::string& tensor, const char* phase, Clock::time_p
                      Clock::time_point end) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!active_) return;
-  auto [it, fresh] = tids_.try_emplace(tensor, static_cast<int>(tids_.size()) + 1);
-  const int tid = it->second;
-  if (fresh) {
+  int tid = kMaxTracks;  // the shared track of names past the cap
+  auto it = tids_.find(tensor);
+  if (it != tids_.end()) {
+    tid = it->second;
+  } else if (static_cast<int>(tids_.size()) < kMaxTracks - 1) {
+    tid = static_cast<int>(tids_.size()) + 1;
+    tids_.emplace(tensor, tid);
     events_.push_back("{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": " +
                       std::to_string(tid) + ", \"args\": {\"name\": " + json_string(tensor) + "}}");
+  } else if (!overflow_named_) {
+    overflow_named_ = true;
+    events_.push_back("{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": " +
+                      std::to_string(kMaxTracks) +
+                      ", \"args\": {\"name\": \"(more tensors: see args.tensor)\"}}");
   }
   const auto us = [&](Clock::time_point t) {
     return std::chrono::duration_cast<std::chrono::microseconds>(t - origin_).count();

@@ -24,10 +24,14 @@ class Timeline {
   ~Timeline() { stop(); }
 
   // Opens `path` (truncating it) and starts the writer; an open timeline is stopped first.
-  // Throws (RuntimeError) when the file cannot be opened.
+  // Throws (RuntimeError) when the file cannot be opened. start() and stop() may be called
+  // from any threads at once (gradfuse.start_timeline / stop_timeline, the engine's end).
   void start(const std::string& path);
   // Closes the JSON array and the file. No-op when not started.
   void stop();
+  // Tensors get a track each, up to this many; later names share one last track (their
+  // events still name them), so a job with endless new names keeps bounded memory.
+  static constexpr int kMaxTracks = 4096;
   bool active() const { return active_.load(std::memory_order_relaxed); }
 
   // One phase of one tensor, [begin, end].
@@ -36,13 +40,16 @@ class Timeline {
 
  private:
   void write_loop();
+  void stop_locked();  // stop() with control_mu_ held
 
-  std::mutex mu_;
+  std::mutex control_mu_;  // serializes start() and stop(), held across the writer's join
+  std::mutex mu_;          // the event queue, shared with the writer thread
   std::condition_variable cv_;
   std::atomic<bool> active_{false};
   bool stopping_ = false;
   std::deque<std::string> events_;
-  std::unordered_map<std::string, int> tids_;  // tensor name -> track
+  std::unordered_map<std::string, int> tids_;  // tensor name -> track (at most kMaxTracks)
+  bool overflow_named_ = false;                // the shared last track has its name event
   Clock::time_point origin_;
   std::FILE* file_ = nullptr;
   std::thread writer_;

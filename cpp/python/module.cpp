@@ -111,6 +111,14 @@ PYBIND11_MODULE(_C, m) {
       "cache indices and in full, allreduce batches reduced in place (no fusion buffer).");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
+  m.def("engine_wait_for", &gradfuse::engine::wait_handle_for, py::arg("handle"),
+        py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>(),
+        "engine_wait for at most timeout_s (GIL released): True once done, False on time out; "
+        "RuntimeError if it failed. Python waits in slices so Ctrl-C is noticed.");
+  m.def("engine_forget", &gradfuse::engine::forget_handle, py::arg("handle"),
+        "Release a handle without its result (its failure was raised already).");
+  m.def("engine_handle_count", &gradfuse::engine::handle_count,
+        "How many handles are held (created, not yet released).");
   m.def("engine_wait", &gradfuse::engine::wait_handle, py::arg("handle"),
         py::call_guard<py::gil_scoped_release>(),
         "Block (GIL released) until the handle is done; RuntimeError if it failed.");
@@ -127,6 +135,18 @@ PYBIND11_MODULE(_C, m) {
               py::arg("cache_capacity"), py::arg("fusion_threshold_bytes"), py::arg("rounds"),
               "rounds[k][r]: (name, op, dtype, device, shape) requests of rank r in round k; "
               "returns [round][rank] RoundResult.");
+  testing.def(
+      "encode_requests",
+      [](const std::vector<t::RequestSpec>& requests) {
+        return py::bytes(t::encode_requests(requests));
+      },
+      py::arg("requests"));
+  testing.def(
+      "decode_requests",
+      [](const py::bytes& data, int sender) {
+        return t::decode_requests(std::string(data), sender);
+      },
+      py::arg("data"), py::arg("sender"));
   testing.def("device_error", &t::device_error, py::arg("op"), py::arg("device"),
               py::arg("built_with_cuda"), py::arg("has_cuda_group"));
   testing.def("device_binding", &t::device_binding, py::arg("steps"));

@@ -127,6 +127,9 @@ def poll(handle: int) -> bool:
     return _C.engine_poll(handle)
 
 
+_WAIT_SLICE_S = 0.1  # how long synchronize() waits in C++ before checking for Ctrl-C
+
+
 def synchronize(handle: int) -> torch.Tensor:
     """Waits for `handle` (GIL released) and returns its output; raises the operation's error
     (RuntimeError) if it failed, e.g. on a cross-rank mismatch or shutdown."""
@@ -141,11 +144,23 @@ def synchronize(handle: int) -> torch.Tensor:
             "never return. Inside the block use the *_async forms (allreduce_async, ...) and "
             "synchronize after it."
         )
+    try:
+        # In slices, returning to the interpreter in between, so Ctrl-C (KeyboardInterrupt)
+        # ends a long wait; the handle stays valid and can be synchronized again.
+        while not _C.engine_wait_for(handle, _WAIT_SLICE_S):
+            pass
+    except RuntimeError:
+        # The failure is reported here, once: the handle is released rather than kept for
+        # a result that will never come (a second synchronize says it is unknown).
+        _C.engine_forget(handle)
+        with _pending_lock:
+            _pending.pop(handle, None)
+            _alltoall_handles.discard(handle)
+        raise
     with _pending_lock:
         in_place = _pending.pop(handle, None)
         received_splits = handle in _alltoall_handles
         _alltoall_handles.discard(handle)
-    _C.engine_wait(handle)
     if received_splits:  # alltoall: (output, the rows received from each rank)
         splits = torch.ops.gradfuse._engine_aux(handle)
         return torch.ops.gradfuse._engine_result(handle), splits
