@@ -209,12 +209,13 @@ def check_autograd():
 
 
 def expect_error(exc_type, fn, *needles):
+    """fn() must raise exc_type with every needle in its message; returns the message."""
     try:
         fn()
     except exc_type as e:
         for needle in needles:
             assert needle in str(e), f"{needle!r} not in {e}"
-        return
+        return str(e)
     raise AssertionError(f"{exc_type.__name__} not raised")
 
 

@@ -13,20 +13,11 @@ import time
 
 import gradfuse as hvd
 import torch
+from engine_worker import expect_error
 from multiproc import checks_of, full, ones, worker_main
 
 # Generous for a loaded 2-core machine; a mismatch used to surface only after timeout_s.
 PROMPT_S = 20
-
-
-def expect_error(exc_type, fn, *needles):
-    try:
-        fn()
-    except exc_type as e:
-        for needle in needles:
-            assert needle in str(e), f"{needle!r} not in {e}"
-        return str(e)
-    raise AssertionError(f"{exc_type.__name__} not raised")
 
 
 _step = iter(range(10**6))

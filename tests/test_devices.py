@@ -166,6 +166,21 @@ def test_join_device_binds_when_nothing_is_bound():
     assert "runs on cuda:2" in out[2]
 
 
+def start_waiter(handle):
+    """A thread waiting on `handle`; the errors its wait raised are collected in the list."""
+    errors = []
+
+    def waiter():
+        try:
+            _C.engine_wait(handle)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    return thread, errors
+
+
 def test_handle_is_done_only_when_its_device_work_is():
     work = T.FakeDeviceWork()
     h = T.handle_with_device_work("dev", work)
@@ -202,16 +217,7 @@ def test_wait_blocks_until_the_device_work_finishes():
 def test_device_failure_reaches_the_waiting_handle():
     work = T.FakeDeviceWork()
     h = T.handle_with_device_work("dev", work)
-    errors = []
-
-    def waiter():
-        try:
-            _C.engine_wait(h)
-        except RuntimeError as exc:
-            errors.append(str(exc))
-
-    thread = threading.Thread(target=waiter, daemon=True)
-    thread.start()
+    thread, errors = start_waiter(h)
     try:
         time.sleep(0.1)
         work.fail("the NCCL transport reported on rank 1 that a peer failed")
@@ -229,16 +235,7 @@ def test_engine_stop_fails_handles_still_waiting_for_the_device():
     finished_work = T.FakeDeviceWork()
     finished_work.finish()
     finished = T.handle_with_device_work("done", finished_work)
-    errors = []
-
-    def waiter():
-        try:
-            _C.engine_wait(waiting)
-        except RuntimeError as exc:
-            errors.append(str(exc))
-
-    thread = threading.Thread(target=waiter, daemon=True)
-    thread.start()
+    thread, errors = start_waiter(waiting)
     try:
         time.sleep(0.1)
         assert _C.engine_poll(finished)  # finished on its device: not failed below
