@@ -61,6 +61,26 @@ def check_settings_must_agree():
     works_named()
 
 
+def check_init_failure_on_one_rank_ends_init_everywhere():
+    r = hvd.rank()
+    hvd.shutdown()
+    # Only rank 0 writes the timeline; its path cannot be opened.
+    bad = "/nonexistent-gradfuse-dir/timeline.json"
+    start = time.monotonic()
+    expect_error(
+        RuntimeError,
+        lambda: hvd.init(timeline=bad),
+        "gradfuse.init() failed on rank 0",
+        "cannot open the timeline file",
+        bad,
+    )
+    took = time.monotonic() - start
+    assert took < 5, f"rank {r} learned of rank 0's init failure after {took:.1f} s"
+    assert not hvd.is_initialized()
+    hvd.init()
+    works_named()
+
+
 def check_blocking_inside_submitted_together():
     n = hvd.size()
     blocking = {

@@ -185,18 +185,35 @@ _AGREED = (
 )
 
 
+def _local_init_error(cfg):
+    """Why this rank's engine would fail to start, found before the ranks part ways (so every
+    rank raises it, instead of the others waiting for this one until timeout_s); None if
+    nothing is known to be wrong."""
+    if cfg.timeline and dist.get_rank() == 0:  # rank 0 writes the timeline
+        try:
+            open(cfg.timeline, "a").close()  # the engine truncates it when it starts
+        except OSError as e:
+            return f"cannot open the timeline file {cfg.timeline!r}: {e.strerror}"
+    return None
+
+
 def _agreed_settings(group, cfg, cuda):
-    """Checks on every rank that the settings in _AGREED and the CUDA transport are the same
-    everywhere, raising the same ValueError on every rank (naming each rank's value) if not.
-    Returns every rank's host name, for _nodes."""
+    """Checks on every rank that no rank already knows it cannot start (raising the same
+    RuntimeError everywhere, naming the rank), and that the settings in _AGREED and the CUDA
+    transport are the same everywhere, raising the same ValueError on every rank (naming each
+    rank's value) if not. Returns every rank's host name, for _nodes."""
     mine = {
         "host": socket.gethostname(),
+        "error": _local_init_error(cfg),
         **{key: getattr(cfg, key) for key in _AGREED},
         # Resolved: a rank without a GPU (or without NCCL) gets no CUDA group at all.
         "CUDA transport": cuda,
     }
     infos = [None] * dist.get_world_size()
     dist.all_gather_object(infos, mine, group=group)
+    failed = [f"on rank {r}: {info['error']}" for r, info in enumerate(infos) if info["error"]]
+    if failed:
+        raise RuntimeError("gradfuse.init() failed " + "; ".join(failed))
     differing = []
     for key in [*_AGREED, "CUDA transport"]:
         if len({repr(info[key]) for info in infos}) > 1:
