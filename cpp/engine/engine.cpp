@@ -172,13 +172,19 @@ Entry Engine::take_entry(const Response& response) {
   if (auto e = queue_.try_take(response.name)) return std::move(*e);
   TORCH_CHECK(joined_in(response, config_.rank), "gradfuse: negotiated tensor '", response.name,
               "' is not in flight on this rank (internal error)");
+  const auto type = static_cast<c10::DeviceType>(response.request.device_type);
+  return joined_placeholder(response, local_device(type));
+}
+
+c10::Device Engine::local_device(c10::DeviceType type) const {
 #ifdef GRADFUSE_WITH_CUDA
-  const c10::DeviceIndex current = cuda_ ? c10::cuda::current_device() : 0;
+  // Asked only when the rank has a CUDA group (or the type is CPU): no CUDA context otherwise.
+  const c10::DeviceIndex current =
+      type == c10::DeviceType::CUDA && cuda_ ? c10::cuda::current_device() : 0;
 #else
   const c10::DeviceIndex current = 0;
 #endif
-  const auto type = static_cast<c10::DeviceType>(response.request.device_type);
-  return joined_placeholder(response, cuda_device_.placeholder_device(type, current));
+  return cuda_device_.placeholder_device(type, current);
 }
 
 at::Tensor Engine::second_output(const Response& response) const {
@@ -368,10 +374,8 @@ void Engine::execute(std::vector<Response> responses) {
       if (on_cuda) {
         finish_in_flight();
         // This rank's own GPU, not rank 0's: the negotiated request carries no device index.
-        const c10::Device device =
-            cuda_device_.placeholder_device(c10::DeviceType::CUDA, c10::cuda::current_device());
         cuda_runner_->run(
-            batch, ctx, device,
+            batch, ctx, local_device(c10::DeviceType::CUDA),
             [this](const Response& r) { return take_entry(r); },
             [this](const Response& r) { return second_output(r); });
         for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();

@@ -78,6 +78,9 @@ class Engine {
   // placeholder (engine/join.h) on this rank's device (for CUDA: under the engine's stream, so
   // the stream that reads the zeros is the one that wrote them).
   Entry take_entry(const Response& response);
+  // This rank's device for a collective on `type`: the CPU, or its bound GPU (engine/devices.h),
+  // or the current GPU when none is bound yet.
+  c10::Device local_device(c10::DeviceType type) const;
   // alltoall's received splits (HandleTable aux); undefined for other operations.
   at::Tensor second_output(const Response& response) const;
   // The message for a transport error: names the dead or stuck ranks when the liveness

@@ -27,6 +27,12 @@ std::string json_string(const std::string& s) {
   return out + "\"";
 }
 
+// The metadata event that names track `tid` in the viewer.
+std::string track_name_event(int tid, const std::string& name) {
+  return "{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": " +
+         std::to_string(tid) + ", \"args\": {\"name\": " + json_string(name) + "}}";
+}
+
 }  // namespace
 
 void Timeline::start(const std::string& path) {
@@ -76,13 +82,10 @@ void Timeline::phase(const std::string& tensor, const char* phase, Clock::time_p
   } else if (static_cast<int>(tids_.size()) < kMaxTracks - 1) {
     tid = static_cast<int>(tids_.size()) + 1;
     tids_.emplace(tensor, tid);
-    events_.push_back("{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": " +
-                      std::to_string(tid) + ", \"args\": {\"name\": " + json_string(tensor) + "}}");
+    events_.push_back(track_name_event(tid, tensor));
   } else if (!overflow_named_) {
     overflow_named_ = true;
-    events_.push_back("{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": " +
-                      std::to_string(kMaxTracks) +
-                      ", \"args\": {\"name\": \"(more tensors: see args.tensor)\"}}");
+    events_.push_back(track_name_event(kMaxTracks, "(more tensors: see args.tensor)"));
   }
   const auto us = [&](Clock::time_point t) {
     return std::chrono::duration_cast<std::chrono::microseconds>(t - origin_).count();
