@@ -36,8 +36,6 @@ from .collectives import (
     broadcast_,
     broadcast_async,
     broadcast_async_,
-    grouped_allreduce,
-    grouped_allreduce_async,
     join,
     poll,
     reducescatter,
@@ -53,6 +51,17 @@ from .functions import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
+from .grouped import (
+    grouped_allgather,
+    grouped_allgather_async,
+    grouped_allreduce,
+    grouped_allreduce_,
+    grouped_allreduce_async,
+    grouped_allreduce_async_,
+    grouped_reducescatter,
+    grouped_reducescatter_async,
+)
+from .sparse import sparse_allreduce_async
 from .timeline import start_timeline, stop_timeline
 
 __all__ = [
@@ -85,8 +94,14 @@ __all__ = [
     "cross_rank",
     "cross_size",
     "data",
+    "grouped_allgather",
+    "grouped_allgather_async",
     "grouped_allreduce",
+    "grouped_allreduce_",
     "grouped_allreduce_async",
+    "grouped_allreduce_async_",
+    "grouped_reducescatter",
+    "grouped_reducescatter_async",
     "init",
     "is_initialized",
     "join",
@@ -100,6 +115,7 @@ __all__ = [
     "reducescatter_async",
     "shutdown",
     "size",
+    "sparse_allreduce_async",
     "start_timeline",
     "stats",
     "stop_timeline",

@@ -4,6 +4,7 @@ torch.ops.gradfuse._enqueue; the returned integer handle is waited on with _C.en
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import threading
@@ -11,6 +12,7 @@ import threading
 import torch
 
 from . import _engine
+from .compression import Compression
 
 # Reduce ops; the values are the engine's ReduceOp enum (cpp/engine/message.h).
 Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
@@ -22,6 +24,20 @@ _ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
 _pending: dict[int, torch.Tensor | None] = {}
 _pending_lock = threading.Lock()
 _auto_names = itertools.count()
+# handle -> the factor synchronize() multiplies the output by: scaling the engine does not do
+# for this kind of collective (reducescatter's postscale; see reducescatter_async).
+_postscales: dict[int, float] = {}
+
+
+def _scaled(tensor, factor):
+    """tensor * factor as a new tensor of tensor's dtype, as the engine scales: floats at
+    their precision, integers in float64 then truncated toward zero. Factor 1: tensor itself."""
+    factor = float(factor)
+    if factor == 1.0:
+        return tensor
+    if tensor.is_floating_point() or tensor.is_complex():
+        return tensor * factor
+    return (tensor.double() * factor).to(tensor.dtype)
 
 
 # Per thread: how deep in submitted_together() blocks it is, and the handles it submitted
@@ -120,22 +136,39 @@ def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale
     return handle
 
 
-def poll(handle: int) -> bool:
+class CompositeHandle(abc.ABC):
+    """What a collective built from several engine operations returns from its *_async form
+    (grouped collectives, sparse allreduce): poll() and synchronize() accept it as they accept
+    an engine handle, and defer to its poll() and wait()."""
+
+    @abc.abstractmethod
+    def poll(self) -> bool: ...
+
+    @abc.abstractmethod
+    def wait(self): ...
+
+
+def poll(handle) -> bool:
     """True when the operation behind `handle` has finished (synchronize() will not block)."""
     from . import _C
 
+    if isinstance(handle, CompositeHandle):
+        return handle.poll()
     return _C.engine_poll(handle)
 
 
 _WAIT_SLICE_S = 0.1  # how long synchronize() waits in C++ before checking for Ctrl-C
 
 
-def synchronize(handle: int) -> torch.Tensor:
+def synchronize(handle):
     """Waits for `handle` (GIL released) and returns its output; raises the operation's error
-    (RuntimeError) if it failed, e.g. on a cross-rank mismatch or shutdown."""
+    (RuntimeError) if it failed, e.g. on a cross-rank mismatch or shutdown. A grouped
+    collective's handle gives the list of outputs, a sparse allreduce's the sparse result."""
     from . import _C
 
-    if not isinstance(handle, int):
+    if isinstance(handle, CompositeHandle):
+        return handle.wait()
+    if isinstance(handle, bool) or not isinstance(handle, int):
         raise TypeError(f"synchronize: handle must be an int from an *_async call, got {handle!r}")
     if getattr(_held, "depth", 0) and handle in _held.handles:
         raise RuntimeError(
@@ -156,15 +189,17 @@ def synchronize(handle: int) -> torch.Tensor:
         with _pending_lock:
             _pending.pop(handle, None)
             _alltoall_handles.discard(handle)
+            _postscales.pop(handle, None)
         raise
     with _pending_lock:
         in_place = _pending.pop(handle, None)
         received_splits = handle in _alltoall_handles
         _alltoall_handles.discard(handle)
+        postscale = _postscales.pop(handle, 1.0)
     if received_splits:  # alltoall: (output, the rows received from each rank)
         splits = torch.ops.gradfuse._engine_aux(handle)
         return torch.ops.gradfuse._engine_result(handle), splits
-    out = torch.ops.gradfuse._engine_result(handle)
+    out = _scaled(torch.ops.gradfuse._engine_result(handle), postscale)
     if in_place is None:
         return out
     if out.data_ptr() != in_place.data_ptr() or not in_place.is_contiguous():
@@ -218,6 +253,14 @@ def allreduce_(
     )
 
 
+def _require_differentiable(op, fn):
+    if op not in (Sum, Average):
+        raise RuntimeError(
+            f"gradfuse.{fn}: no gradient for op {_OP_NAMES[op]} "
+            "(only Sum and Average are differentiable)"
+        )
+
+
 class _Allreduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, name, op, prescale, postscale):
@@ -230,11 +273,7 @@ class _Allreduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.op not in (Sum, Average):
-            raise RuntimeError(
-                f"gradfuse.allreduce: no gradient for op {_OP_NAMES[ctx.op]} "
-                "(only Sum and Average are differentiable)"
-            )
+        _require_differentiable(ctx.op, "allreduce")
         return (
             allreduce(
                 grad, op=ctx.op, prescale_factor=ctx.prescale, postscale_factor=ctx.postscale
@@ -265,33 +304,6 @@ def allreduce(
     return _Allreduce.apply(tensor, _name(name, "allreduce"), op, prescale_factor, postscale_factor)
 
 
-def grouped_allreduce_async(
-    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
-) -> list[int]:
-    op = _resolve_op(average, op, "grouped_allreduce")
-    base = _name(name, "grouped_allreduce")
-    with submitted_together():
-        return [
-            allreduce_async(
-                t,
-                name=f"{base}.{i}",
-                op=op,
-                prescale_factor=prescale_factor,
-                postscale_factor=postscale_factor,
-            )
-            for i, t in enumerate(tensors)
-        ]
-
-
-def grouped_allreduce(
-    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
-) -> list[torch.Tensor]:
-    """Allreduce of a list of tensors, submitted together so the engine fuses them."""
-    _refuse_inside_hold("grouped_allreduce")
-    handles = grouped_allreduce_async(tensors, average, name, op, prescale_factor, postscale_factor)
-    return [synchronize(h) for h in handles]
-
-
 # ---- allgather -------------------------------------------------------------------------------
 
 
@@ -308,8 +320,8 @@ class _Allgather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Every rank's output feeds the loss: sum the gradients, keep this rank's rows.
-        grad = allreduce(grad, op=Sum)
+        # Horovod's gradient: the ranks' gradients averaged (not summed), this rank's rows.
+        grad = allreduce(grad, op=Average)
         dims = synchronize(allgather_async(torch.tensor([ctx.dim0], dtype=torch.int64)))
         start = int(dims[: _engine.rank()].sum())
         return grad.narrow(0, start, ctx.dim0), None
@@ -371,8 +383,9 @@ class _Broadcast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Only the root's input reached the outputs: it gets the sum of all ranks' gradients.
-        grad = allreduce(grad, op=Sum)
+        # Only the root's input reached the outputs: it gets the ranks' gradients averaged
+        # (Horovod's gradient; not summed), the others zeros.
+        grad = allreduce(grad, op=Average)
         if _engine.rank() != ctx.root:
             grad = torch.zeros_like(grad)
         return grad, None, None
@@ -391,19 +404,85 @@ _REDUCESCATTER, _ALLTOALL, _BARRIER, _JOIN = 3, 4, 5, 6
 _alltoall_handles: set[int] = set()  # synchronize() returns (output, received_splits) for these
 
 
-def reducescatter_async(tensor, op=Average, name=None) -> int:
-    _check_tensor(tensor, "reducescatter_async")
+def _check_compression(compression, fn):
+    if compression is not None and compression is not Compression.none:
+        raise ValueError(
+            f"gradfuse.{fn}: compression is not supported here yet; pass None or "
+            f"Compression.none, got {compression!r}"
+        )
+
+
+def _reducescatter_op(op, fn):
     if op not in (Sum, Average):
-        raise ValueError(f"gradfuse.reducescatter: op must be gradfuse.Sum or Average, got {op!r}")
-    return _enqueue(_name(name, "reducescatter"), _REDUCESCATTER, tensor, None, op=op)
+        raise ValueError(f"gradfuse.{fn}: op must be gradfuse.Sum or Average, got {op!r}")
+    return op
 
 
-def reducescatter(tensor, op=Average, name=None) -> torch.Tensor:
+def reducescatter_async(
+    tensor, name=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+) -> int:
+    """Starts a reducescatter; synchronize(handle) returns this rank's rows of the result."""
+    _check_tensor(tensor, "reducescatter_async")
+    op = _reducescatter_op(op, "reducescatter_async")
+    # The engine's reducescatter takes no scale factors (cpp/engine/reducescatter.cpp packs and
+    # unpacks with 1 and the Average's 1/size only), so they are applied here: the prescale
+    # to a copy of the input before the reduction, the postscale to the output after it (by
+    # synchronize), each at the tensor's precision as the engine would.
+    handle = _enqueue(
+        _name(name, "reducescatter"),
+        _REDUCESCATTER,
+        _scaled(tensor, prescale_factor),
+        None,
+        op=op,
+    )
+    if float(postscale_factor) != 1.0:
+        with _pending_lock:
+            _postscales[handle] = float(postscale_factor)
+    return handle
+
+
+class _Reducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, name, op, prescale, postscale):
+        ctx.op, ctx.scale = op, float(prescale) * float(postscale)
+        return synchronize(
+            reducescatter_async(
+                tensor, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+            )
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (
+            allgather(_reducescatter_grad_scaled(grad, ctx.op, ctx.scale)),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _reducescatter_grad_scaled(grad, op, scale):
+    """Horovod's reducescatter gradient, before the allgather that returns every rank's rows:
+    times size() for Sum (1 for Average), times the prescale and postscale."""
+    return _scaled(grad, scale * (_engine.size() if op == Sum else 1))
+
+
+def reducescatter(
+    tensor, name=None, compression=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+) -> torch.Tensor:
     """Reduces `tensor` (same shape on every rank) over all ranks and returns this rank's rows
     of the result. Dim 0 is split as evenly as possible; the first (dim0 % size) ranks get one
-    row more (Horovod's split). op: Sum or Average."""
+    row more (Horovod's split). op: Sum or Average (default). prescale_factor multiplies the
+    input before the reduction, postscale_factor the output after it. Differentiable
+    (Horovod's gradient: the allgather of the output's gradient, times size() for Sum)."""
     _refuse_inside_hold("reducescatter")
-    return synchronize(reducescatter_async(tensor, op=op, name=name))
+    _check_tensor(tensor, "reducescatter")
+    _check_compression(compression, "reducescatter")
+    op = _reducescatter_op(op, "reducescatter")
+    return _Reducescatter.apply(
+        tensor, _name(name, "reducescatter"), op, prescale_factor, postscale_factor
+    )
 
 
 def _splits_list(splits):
@@ -440,13 +519,30 @@ def alltoall_async(tensor, splits=None, name=None) -> int:
     return handle
 
 
+class _Alltoall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, splits, name):
+        output, received = synchronize(alltoall_async(tensor, splits, name))
+        ctx.received = received
+        ctx.mark_non_differentiable(received)
+        return output, received
+
+    @staticmethod
+    def backward(ctx, grad, _received_grad):
+        # Every row goes back to the rank it came from: an alltoall with the received splits.
+        back, _ = synchronize(alltoall_async(grad, ctx.received))
+        return back, None, None
+
+
 def alltoall(tensor, splits=None, name=None):
     """Sends rows of `tensor` to every rank and returns what every rank sent here, concatenated
     in rank order along dim 0. `splits[k]` rows (consecutive, in rank order) go to rank k; they
     must sum to dim 0 and may differ per rank. With splits, returns (output, received_splits);
-    without, dim 0 is split evenly (it must divide by size()) and the output is returned."""
+    without, dim 0 is split evenly (it must divide by size()) and the output is returned.
+    Differentiable: the gradient rows return to the ranks they came from."""
     _refuse_inside_hold("alltoall")
-    output, received = synchronize(alltoall_async(tensor, splits, name))
+    _check_tensor(tensor, "alltoall")
+    output, received = _Alltoall.apply(tensor, splits, _name(name, "alltoall"))
     return output if splits is None else (output, received)
 
 

@@ -32,6 +32,7 @@ import torch
 from . import collectives, ops
 from ._engine import size
 from .compression import Compression, TopKCompressor
+from .sparse import sparse_allreduce_async
 
 
 class _DistributedOptimizer:
@@ -221,6 +222,11 @@ class _DistributedOptimizer:
 
     def _gf_reduce_async(self, p):
         name = self._gf_names[p]
+        if p.grad.is_sparse:  # Horovod's sparse path (no compression, no predivide)
+            self._gf_sparse_dims[p] = p.grad.sparse_dim()
+            if not self._gf_sparse_as_dense:
+                return ("sparse", (sparse_allreduce_async(p.grad, name, self._gf_op),), None)
+            p.grad = p.grad.to_dense()
         compression = self._gf_compression
         op, prescale, postscale = self._gf_scales()
         if isinstance(compression, TopKCompressor):
@@ -272,6 +278,8 @@ class _DistributedOptimizer:
         if kind == "cast":
             wire, postscale = context
             self._gf_compression.decompress(wire, p.grad, postscale)
+        elif kind == "sparse":
+            p.grad = results[0]
         elif kind == "topk_dense":
             p.grad.copy_(results[0])
         elif kind == "topk":
@@ -291,7 +299,7 @@ class _DistributedOptimizer:
         for p in missing:
             self._gf_restore_view(p)
             if p.grad is None:
-                p.grad = torch.zeros_like(p)
+                p.grad = self._gf_zero_grad(p)
         self._gf_submit(missing)
         pending, self._gf_pending = self._gf_pending, {}
         errors = []
@@ -304,6 +312,17 @@ class _DistributedOptimizer:
         if errors:
             raise errors[0]
         self._gf_synchronized = True
+
+    def _gf_zero_grad(self, p):
+        """The zero gradient this rank reduces for a parameter it computed none for: sparse
+        (no nonzeros) where the parameter's gradient was sparse before, so that it meets the
+        other ranks' sparse reduction (a parameter's first gradient must come on every rank)."""
+        sparse_dim = self._gf_sparse_dims.get(p)
+        if sparse_dim is None or self._gf_sparse_as_dense:
+            return torch.zeros_like(p)
+        indices = torch.empty((sparse_dim, 0), dtype=torch.int64, device=p.device)
+        values = p.new_empty((0, *p.shape[sparse_dim:]))
+        return torch.sparse_coo_tensor(indices, values, p.shape)
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -377,6 +396,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     gradient_predivide_factor: float = 1.0,
     bucket_cap_mb: float = 25,
     gradient_as_bucket_view: bool = False,
+    sparse_as_dense: bool = False,
 ):
     """Wrap ``optimizer`` so ``step()`` applies gradients reduced over all ranks.
 
@@ -394,6 +414,9 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     ``gradient_as_bucket_view``: each ``.grad`` becomes a view of one flat buffer, so buckets
     are reduced in place with no fusion copies; ``zero_grad()`` then zeroes gradients instead
     of setting them to None (DDP's option of the same name).
+    ``sparse_as_dense``: sparse gradients (e.g. ``nn.Embedding(sparse=True)``) are made dense
+    and allreduced; by default they are reduced sparse, Horovod's way (every rank's nonzeros
+    allgathered, ``sparse_allreduce_async``; op Average or Sum), and ``.grad`` stays sparse.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -406,8 +429,12 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
         if k not in ("__dict__", "__weakref__", "__doc__")
     }
     cls = type(base.__name__, (base, _DistributedOptimizer), {**methods, "_gf_base": base})
+    if not isinstance(sparse_as_dense, bool):
+        raise TypeError(f"sparse_as_dense must be a bool, got {sparse_as_dense!r}")
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)
+    wrapped._gf_sparse_as_dense = sparse_as_dense
+    wrapped._gf_sparse_dims = {}  # param -> sparse_dim of its sparse gradients
     wrapped._gf_setup(
         named_parameters,
         compression,

@@ -1,0 +1,242 @@
+"""Grouped collectives (Horovod's grouped_* names): one collective per tensor of a list, all
+submitted together (collectives.submitted_together) so the engine negotiates them as one and
+fuses what fits. The *_async forms return one GroupedHandle, which synchronize() turns into
+the list of outputs and poll() reports on, as Horovod's single grouped handle. The blocking
+forms are differentiable with Horovod's gradients (those of the single-tensor collectives,
+applied tensor by tensor)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _engine
+from .collectives import (
+    Average,
+    CompositeHandle,
+    _check_compression,
+    _name,
+    _reducescatter_grad_scaled,
+    _reducescatter_op,
+    _refuse_inside_hold,
+    _require_differentiable,
+    _resolve_op,
+    allgather,
+    allgather_async,
+    allreduce_async,
+    allreduce_async_,
+    poll,
+    reducescatter_async,
+    submitted_together,
+    synchronize,
+)
+
+
+class GroupedHandle(CompositeHandle):
+    """The handles of one grouped collective, one per tensor, in the list's order."""
+
+    def __init__(self, handles):
+        self.handles = list(handles)
+
+    def poll(self) -> bool:
+        return all(poll(h) for h in self.handles)
+
+    def wait(self) -> list:
+        # Every handle is waited for even when one fails, so none is left dangling; the
+        # first failure is then raised.
+        outputs, error = [], None
+        for h in self.handles:
+            try:
+                outputs.append(synchronize(h))
+            except RuntimeError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return outputs
+
+
+def _check_tensors(tensors, fn, min_dim=0):
+    """The list of tensors, checked before anything is submitted (a group half submitted on
+    one rank would leave the others waiting)."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(
+            f"gradfuse.{fn}: tensors must be a list of torch.Tensor, got {type(tensors).__name__}"
+        )
+    if not tensors:
+        raise ValueError(f"gradfuse.{fn}: tensors must be a non-empty list, got an empty one")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gradfuse.{fn}: tensors[{i}] must be a torch.Tensor, got {type(t)}")
+        if t.dim() < min_dim:
+            raise ValueError(
+                f"gradfuse.{fn}: tensors[{i}] must have at least one dimension (the one split "
+                f"or gathered along), got a {t.dim()}-D tensor"
+            )
+    devices = sorted({str(t.device) for t in tensors})
+    if len(devices) > 1:
+        raise ValueError(f"gradfuse.{fn}: tensors must all be on one device, got {devices}")
+    return list(tensors)
+
+
+def _submit(tensors, name, kind, submit_one):
+    """submit_one(tensor, name) for each tensor, named <base>.<i>, as one group."""
+    base = _name(name, kind)
+    with submitted_together():
+        return GroupedHandle(submit_one(t, f"{base}.{i}") for i, t in enumerate(tensors))
+
+
+# ---- allreduce -------------------------------------------------------------------------------
+
+
+def grouped_allreduce_async(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> GroupedHandle:
+    tensors = _check_tensors(tensors, "grouped_allreduce_async")
+    op = _resolve_op(average, op, "grouped_allreduce_async")
+    return _submit(
+        tensors,
+        name,
+        "grouped_allreduce",
+        lambda t, n: allreduce_async(
+            t, name=n, op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor
+        ),
+    )
+
+
+def grouped_allreduce_async_(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> GroupedHandle:
+    """In place: synchronize(handle) returns `tensors` themselves, reduced."""
+    tensors = _check_tensors(tensors, "grouped_allreduce_async_")
+    op = _resolve_op(average, op, "grouped_allreduce_async_")
+    return _submit(
+        tensors,
+        name,
+        "grouped_allreduce",
+        lambda t, n: allreduce_async_(
+            t, name=n, op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor
+        ),
+    )
+
+
+def grouped_allreduce_(
+    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+) -> list[torch.Tensor]:
+    _refuse_inside_hold("grouped_allreduce_")
+    return synchronize(
+        grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor)
+    )
+
+
+class _GroupedAllreduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, op, prescale, postscale, *tensors):
+        ctx.op, ctx.prescale, ctx.postscale = op, prescale, postscale
+        handle = grouped_allreduce_async(
+            list(tensors), name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+        )
+        return tuple(synchronize(handle))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _require_differentiable(ctx.op, "grouped_allreduce")
+        handle = grouped_allreduce_async(
+            list(grads), op=ctx.op, prescale_factor=ctx.prescale, postscale_factor=ctx.postscale
+        )
+        return (None, None, None, None, *synchronize(handle))
+
+
+def grouped_allreduce(
+    tensors,
+    average=None,
+    name=None,
+    compression=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+) -> list[torch.Tensor]:
+    """Allreduce of each tensor of a list (default op: Average), submitted together so the
+    engine negotiates them at once and fuses them. Returns new tensors; differentiable for
+    Sum and Average (the gradients are grouped-allreduced the same way)."""
+    _refuse_inside_hold("grouped_allreduce")
+    tensors = _check_tensors(tensors, "grouped_allreduce")
+    _check_compression(compression, "grouped_allreduce")
+    op = _resolve_op(average, op, "grouped_allreduce")
+    name = _name(name, "grouped_allreduce")
+    return list(_GroupedAllreduce.apply(name, op, prescale_factor, postscale_factor, *tensors))
+
+
+# ---- allgather -------------------------------------------------------------------------------
+
+
+def grouped_allgather_async(tensors, name=None) -> GroupedHandle:
+    tensors = _check_tensors(tensors, "grouped_allgather_async", min_dim=1)
+    return _submit(tensors, name, "grouped_allgather", lambda t, n: allgather_async(t, name=n))
+
+
+class _GroupedAllgather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, *tensors):
+        ctx.dims = [t.shape[0] for t in tensors]
+        return tuple(synchronize(grouped_allgather_async(list(tensors), name=name)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # Horovod's gradient, as allgather's: the ranks' gradients averaged, this rank's rows.
+        reduced = synchronize(grouped_allreduce_async(list(grads), op=Average))
+        dims = allgather(torch.tensor([ctx.dims], dtype=torch.int64))  # (size, len(tensors))
+        starts = dims[: _engine.rank()].sum(0).tolist()
+        return (None, *(g.narrow(0, s, d) for g, s, d in zip(reduced, starts, ctx.dims)))
+
+
+def grouped_allgather(tensors, name=None) -> list[torch.Tensor]:
+    """Allgather of each tensor of a list (dim 0 may differ per rank and per tensor),
+    submitted together. Differentiable (Horovod's gradient, as allgather's)."""
+    _refuse_inside_hold("grouped_allgather")
+    tensors = _check_tensors(tensors, "grouped_allgather", min_dim=1)
+    return list(_GroupedAllgather.apply(_name(name, "grouped_allgather"), *tensors))
+
+
+# ---- reducescatter ---------------------------------------------------------------------------
+
+
+def grouped_reducescatter_async(
+    tensors, name=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+) -> GroupedHandle:
+    tensors = _check_tensors(tensors, "grouped_reducescatter_async", min_dim=1)
+    op = _reducescatter_op(op, "grouped_reducescatter_async")
+    return _submit(
+        tensors,
+        name,
+        "grouped_reducescatter",
+        lambda t, n: reducescatter_async(
+            t, name=n, op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor
+        ),
+    )
+
+
+class _GroupedReducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, op, prescale, postscale, *tensors):
+        ctx.op, ctx.scale = op, float(prescale) * float(postscale)
+        handle = grouped_reducescatter_async(
+            list(tensors), name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+        )
+        return tuple(synchronize(handle))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        scaled = [_reducescatter_grad_scaled(g, ctx.op, ctx.scale) for g in grads]
+        return (None, None, None, None, *synchronize(grouped_allgather_async(scaled)))
+
+
+def grouped_reducescatter(
+    tensors, name=None, compression=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+) -> list[torch.Tensor]:
+    """Reducescatter of each tensor of a list (op: Sum or Average), submitted together.
+    Differentiable (Horovod's gradient, as reducescatter's)."""
+    _refuse_inside_hold("grouped_reducescatter")
+    tensors = _check_tensors(tensors, "grouped_reducescatter", min_dim=1)
+    _check_compression(compression, "grouped_reducescatter")
+    op = _reducescatter_op(op, "grouped_reducescatter")
+    name = _name(name, "grouped_reducescatter")
+    return list(_GroupedReducescatter.apply(name, op, prescale_factor, postscale_factor, *tensors))
