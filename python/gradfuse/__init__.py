@@ -18,6 +18,7 @@ from ._engine import (
 )
 from ._version import __version__
 from .collectives import (
+    Adasum,
     Average,
     Max,
     Min,
@@ -56,6 +57,7 @@ from .functions import (
 from .timeline import start_timeline, stop_timeline
 
 __all__ = [
+    "Adasum",
     "Average",
     "Compression",
     "DistributedOptimizer",

@@ -14,13 +14,26 @@ from . import _engine
 
 # Reduce ops; the values are the engine's ReduceOp enum (cpp/engine/message.h).
 Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
-_OP_NAMES = {Sum: "Sum", Average: "Average", Min: "Min", Max: "Max", Product: "Product"}
+# Not an engine op: an allgather combined by adasum.py, never sent to the engine as an op.
+Adasum = 5
+_OP_NAMES = {
+    Sum: "Sum",
+    Average: "Average",
+    Min: "Min",
+    Max: "Max",
+    Product: "Product",
+    Adasum: "Adasum",
+}
 _ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
 
 # handle -> the caller's tensor for in-place calls (synchronize returns it), else None. For a
 # non-contiguous in-place tensor the engine works on a contiguous copy, copied back then.
 _pending: dict[int, torch.Tensor | None] = {}
 _pending_lock = threading.Lock()
+# handle -> a function synchronize() applies to the engine's raw result before returning it (or
+# copying it into the in-place tensor): for collectives built on another one (Adasum on an
+# allgather). Set with _set_finisher().
+_finishers: dict = {}
 _auto_names = itertools.count()
 
 
@@ -94,7 +107,8 @@ def _resolve_op(average, op, fn):
         return Average  # Horovod's default
     if op not in _OP_NAMES:
         raise ValueError(
-            f"gradfuse.{fn}: op must be gradfuse.Sum, Average, Min, Max or Product, got {op!r}"
+            f"gradfuse.{fn}: op must be gradfuse.Sum, Average, Min, Max, Product or Adasum, "
+            f"got {op!r}"
         )
     return op
 
@@ -118,6 +132,14 @@ def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale
         _pending[handle] = in_place
     _note_submitted(handle)
     return handle
+
+
+def _set_finisher(handle, finish, into=None):
+    """synchronize(handle) will return finish(raw result), copied into `into` when given
+    (an in-place call), instead of the raw result."""
+    with _pending_lock:
+        _finishers[handle] = finish
+        _pending[handle] = into
 
 
 def poll(handle: int) -> bool:
@@ -155,16 +177,20 @@ def synchronize(handle: int) -> torch.Tensor:
         _C.engine_forget(handle)
         with _pending_lock:
             _pending.pop(handle, None)
+            _finishers.pop(handle, None)
             _alltoall_handles.discard(handle)
         raise
     with _pending_lock:
         in_place = _pending.pop(handle, None)
+        finish = _finishers.pop(handle, None)
         received_splits = handle in _alltoall_handles
         _alltoall_handles.discard(handle)
     if received_splits:  # alltoall: (output, the rows received from each rank)
         splits = torch.ops.gradfuse._engine_aux(handle)
         return torch.ops.gradfuse._engine_result(handle), splits
     out = torch.ops.gradfuse._engine_result(handle)
+    if finish is not None:
+        out = finish(out)
     if in_place is None:
         return out
     if out.data_ptr() != in_place.data_ptr() or not in_place.is_contiguous():
@@ -181,6 +207,8 @@ def allreduce_async(
 ) -> int:
     _check_tensor(tensor, "allreduce_async")
     op = _resolve_op(average, op, "allreduce_async")
+    if op == Adasum:
+        return _adasum_async(tensor, name, None, prescale_factor, postscale_factor, "allreduce")
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     return _enqueue(
         _name(name, "allreduce"),
@@ -198,6 +226,8 @@ def allreduce_async_(
 ) -> int:
     _check_tensor(tensor, "allreduce_async_")
     op = _resolve_op(average, op, "allreduce_async_")
+    if op == Adasum:
+        return _adasum_async(tensor, name, tensor, prescale_factor, postscale_factor, "allreduce_")
     return _enqueue(
         _name(name, "allreduce"),
         _ALLREDUCE,
@@ -207,6 +237,12 @@ def allreduce_async_(
         prescale=prescale_factor,
         postscale=postscale_factor,
     )
+
+
+def _adasum_async(tensor, name, into, prescale, postscale, fn):
+    from . import adasum  # it builds on this module
+
+    return adasum.allreduce_async(tensor, _name(name, "allreduce"), into, prescale, postscale, fn)
 
 
 def allreduce_(
