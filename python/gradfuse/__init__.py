@@ -54,6 +54,7 @@ from .functions import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
+from .sync_batch_norm import SyncBatchNorm
 from .timeline import start_timeline, stop_timeline
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "Min",
     "Product",
     "Sum",
+    "SyncBatchNorm",
     "__version__",
     "allgather",
     "allgather_async",
