@@ -31,10 +31,10 @@ def reference_pair(a, b):
     return ca * a + cb * b
 
 
-def reference_adasum(vectors, prescale=1.0, postscale=1.0):
+def reference_adasum(vectors, prescale=1.0, postscale=1.0, device_type=None):
     """Adasum of per-rank tensors (float64 CPU copies), grouped as gradfuse groups them: per
     rank for CPU tensors, per node (summed, then divided by the node size) for CUDA ones."""
-    groups = rank_groups()
+    groups = rank_groups(device_type or device().type)
     flat = [v.detach().cpu().double().reshape(-1) * prescale for v in vectors]
     level_values = [sum(flat[r] for r in group) for group in groups]
     level = 1
@@ -45,9 +45,9 @@ def reference_adasum(vectors, prescale=1.0, postscale=1.0):
     return level_values[0] * (postscale / len(groups[0]))
 
 
-def rank_groups():
+def rank_groups(device_type=None):
     n = hvd.size()
-    if device().type != "cuda":
+    if (device_type or device().type) != "cuda":
         return [[r] for r in range(n)]
     k = hvd.local_size()  # nodes are runs of consecutive ranks on one test host
     return [list(range(c * k, (c + 1) * k)) for c in range(n // k)]
@@ -177,6 +177,28 @@ def check_known_values():
     assert torch.equal(hvd.allreduce(same, op=hvd.Adasum), same)
     opposite = same * (1 if r == 0 else -1)  # a.b = -|a|^2: both coefficients 1.5, sum 0
     assert torch.equal(hvd.allreduce(opposite, op=hvd.Adasum), torch.zeros(3, device=device()))
+
+
+def check_cuda_grouping_without_a_gpu():
+    # The per-node arithmetic CUDA tensors get, driven on CPU rows (4 ranks: 2 nodes x 2; on 2
+    # or 3 ranks one node, where Adasum is the average).
+    from gradfuse import adasum
+
+    n = hvd.size()
+    inputs = [rank_data(k, 500, (6,), torch.float64).cpu() for k in range(n)]
+    got = adasum._finish(
+        torch.stack(inputs),
+        shape=(6,),
+        dtype=torch.float64,
+        device_type="cuda",
+        prescale=2.0,
+        postscale=0.5,
+        fn="allreduce",
+    )
+    expected = reference_adasum(inputs, 2.0, 0.5, device_type="cuda")
+    assert_close(got.to(device()), expected, torch.float64, "CUDA grouping")
+    if hvd.local_size() == n:
+        assert torch.allclose(got, torch.stack(inputs).mean(0), rtol=1e-12, atol=1e-15)
 
 
 def check_scales():
