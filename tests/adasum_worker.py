@@ -15,7 +15,7 @@ from engine_worker import expect_error
 from multiproc import checks_of, device, worker_main
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-SHAPES = [(1,), (2,), (3,), (7,), (31,), (1009,), (3, 5), ()]
+SHAPES = [(1,), (2,), (3,), (7,), (31,), (1009,), (3, 5), (), (0,), (2, 0)]
 # Tolerance of the result against the float64 reference, relative to its largest entry: one
 # rounding to the dtype (the combination runs in float64).
 RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-12}
@@ -247,6 +247,21 @@ def check_errors_on_every_rank():
     assert torch.equal(
         hvd.allreduce(torch.ones(2, device=device()), op=hvd.Sum).cpu(), torch.full((2,), float(n))
     )
+
+
+def check_joined_rank_is_an_error_on_the_others():
+    if not supported():
+        return
+    n, r = hvd.size(), hvd.rank()
+    # Rank n-1 joins first (the others' allgather runs only once it has), so another is last.
+    if r < n - 1:
+        expect_error(
+            RuntimeError,
+            lambda: hvd.allreduce(torch.ones(3, device=device()), op=hvd.Adasum, name="joined"),
+            "has joined",
+            f"{n - 1} of {n}",
+        )
+    assert hvd.join() in range(n - 1)
 
 
 # ---- DistributedOptimizer(op=Adasum) --------------------------------------------------------

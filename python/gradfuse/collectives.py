@@ -292,7 +292,7 @@ def allreduce(
     postscale_factor=1.0,
 ) -> torch.Tensor:
     """Reduces `tensor` over all ranks (default op: Average) and returns a new tensor.
-    Differentiable for Sum and Average."""
+    Differentiable for Sum and Average. op=Adasum: see gradfuse.adasum."""
     _refuse_inside_hold("allreduce")
     _check_tensor(tensor, "allreduce")
     if compression is not None:
