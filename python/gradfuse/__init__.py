@@ -18,6 +18,7 @@ from ._engine import (
 )
 from ._version import __version__
 from .collectives import (
+    Adasum,
     Average,
     Max,
     Min,
@@ -62,9 +63,11 @@ from .grouped import (
     grouped_reducescatter_async,
 )
 from .sparse import sparse_allreduce_async
+from .sync_batch_norm import SyncBatchNorm
 from .timeline import start_timeline, stop_timeline
 
 __all__ = [
+    "Adasum",
     "Average",
     "Compression",
     "DistributedOptimizer",
@@ -72,6 +75,7 @@ __all__ = [
     "Min",
     "Product",
     "Sum",
+    "SyncBatchNorm",
     "__version__",
     "allgather",
     "allgather_async",

@@ -21,12 +21,13 @@ _forked_from = None  # in a child of os.fork(): the pid of the parent that ran t
 
 
 class _State:
-    def __init__(self, rank, size, local_rank, local_size, cross_rank, cross_size, groups):
+    def __init__(self, rank, size, local_rank, local_size, cross_rank, cross_size, groups, nodes):
         self.pid = os.getpid()  # the process whose threads run the engine
         self.rank, self.size = rank, size
         self.local_rank, self.local_size = local_rank, local_size
         self.cross_rank, self.cross_size = cross_rank, cross_size
         self.groups = groups
+        self.nodes = nodes  # the ranks of each node, nodes in cross_rank order
 
 
 def _C():
@@ -125,7 +126,7 @@ def init(**options) -> None:
             timeline_path=cfg.timeline if rank == 0 else "",
             cache_capacity=cfg.cache_capacity,
         )
-        _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
+        _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups, nodes)
 
 
 def _tcp_store_address():

@@ -16,13 +16,26 @@ from .compression import Compression
 
 # Reduce ops; the values are the engine's ReduceOp enum (cpp/engine/message.h).
 Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
-_OP_NAMES = {Sum: "Sum", Average: "Average", Min: "Min", Max: "Max", Product: "Product"}
+# Not an engine op: an allgather combined by adasum.py, never sent to the engine as an op.
+Adasum = 5
+_OP_NAMES = {
+    Sum: "Sum",
+    Average: "Average",
+    Min: "Min",
+    Max: "Max",
+    Product: "Product",
+    Adasum: "Adasum",
+}
 _ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
 
 # handle -> the caller's tensor for in-place calls (synchronize returns it), else None. For a
 # non-contiguous in-place tensor the engine works on a contiguous copy, copied back then.
 _pending: dict[int, torch.Tensor | None] = {}
 _pending_lock = threading.Lock()
+# handle -> a function synchronize() applies to the engine's raw result before returning it (or
+# copying it into the in-place tensor): for collectives built on another one (Adasum on an
+# allgather). Set with _set_finisher().
+_finishers: dict = {}
 _auto_names = itertools.count()
 # handle -> the factor synchronize() multiplies the output by: scaling the engine does not do
 # for this kind of collective (reducescatter's postscale; see reducescatter_async).
@@ -110,7 +123,8 @@ def _resolve_op(average, op, fn):
         return Average  # Horovod's default
     if op not in _OP_NAMES:
         raise ValueError(
-            f"gradfuse.{fn}: op must be gradfuse.Sum, Average, Min, Max or Product, got {op!r}"
+            f"gradfuse.{fn}: op must be gradfuse.Sum, Average, Min, Max, Product or Adasum, "
+            f"got {op!r}"
         )
     return op
 
@@ -146,6 +160,14 @@ class CompositeHandle(abc.ABC):
 
     @abc.abstractmethod
     def wait(self): ...
+
+
+def _set_finisher(handle, finish, into=None):
+    """synchronize(handle) will return finish(raw result), copied into `into` when given
+    (an in-place call), instead of the raw result."""
+    with _pending_lock:
+        _finishers[handle] = finish
+        _pending[handle] = into
 
 
 def poll(handle) -> bool:
@@ -188,11 +210,13 @@ def synchronize(handle):
         _C.engine_forget(handle)
         with _pending_lock:
             _pending.pop(handle, None)
+            _finishers.pop(handle, None)
             _alltoall_handles.discard(handle)
             _postscales.pop(handle, None)
         raise
     with _pending_lock:
         in_place = _pending.pop(handle, None)
+        finish = _finishers.pop(handle, None)
         received_splits = handle in _alltoall_handles
         _alltoall_handles.discard(handle)
         postscale = _postscales.pop(handle, 1.0)
@@ -200,6 +224,8 @@ def synchronize(handle):
         splits = torch.ops.gradfuse._engine_aux(handle)
         return torch.ops.gradfuse._engine_result(handle), splits
     out = _scaled(torch.ops.gradfuse._engine_result(handle), postscale)
+    if finish is not None:
+        out = finish(out)
     if in_place is None:
         return out
     if out.data_ptr() != in_place.data_ptr() or not in_place.is_contiguous():
@@ -216,6 +242,8 @@ def allreduce_async(
 ) -> int:
     _check_tensor(tensor, "allreduce_async")
     op = _resolve_op(average, op, "allreduce_async")
+    if op == Adasum:
+        return _adasum_async(tensor, name, None, prescale_factor, postscale_factor, "allreduce")
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     return _enqueue(
         _name(name, "allreduce"),
@@ -233,6 +261,8 @@ def allreduce_async_(
 ) -> int:
     _check_tensor(tensor, "allreduce_async_")
     op = _resolve_op(average, op, "allreduce_async_")
+    if op == Adasum:
+        return _adasum_async(tensor, name, tensor, prescale_factor, postscale_factor, "allreduce_")
     return _enqueue(
         _name(name, "allreduce"),
         _ALLREDUCE,
@@ -242,6 +272,12 @@ def allreduce_async_(
         prescale=prescale_factor,
         postscale=postscale_factor,
     )
+
+
+def _adasum_async(tensor, name, into, prescale, postscale, fn):
+    from . import adasum  # it builds on this module
+
+    return adasum.allreduce_async(tensor, _name(name, "allreduce"), into, prescale, postscale, fn)
 
 
 def allreduce_(
@@ -295,7 +331,7 @@ def allreduce(
     postscale_factor=1.0,
 ) -> torch.Tensor:
     """Reduces `tensor` over all ranks (default op: Average) and returns a new tensor.
-    Differentiable for Sum and Average."""
+    Differentiable for Sum and Average. op=Adasum: see gradfuse.adasum."""
     _refuse_inside_hold("allreduce")
     _check_tensor(tensor, "allreduce")
     if compression is not None:

@@ -387,6 +387,19 @@ class _DistributedOptimizer:
             }
 
 
+def _subclass_sharing_state(optimizer, mixin):
+    """An instance of a new subclass of type(optimizer) with `mixin`'s methods, sharing the
+    optimizer's state (param_groups, state); `_gf_base` is the wrapped class."""
+    base = type(optimizer)
+    methods = {
+        k: v for k, v in vars(mixin).items() if k not in ("__dict__", "__weakref__", "__doc__")
+    }
+    cls = type(base.__name__, (base, mixin), {**methods, "_gf_base": base})
+    wrapped = cls.__new__(cls)
+    wrapped.__dict__.update(optimizer.__dict__)
+    return wrapped
+
+
 def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     optimizer: torch.optim.Optimizer,
     named_parameters=None,
@@ -405,7 +418,9 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     names each gradient's reduction; without it, positions in ``param_groups`` are used.
     ``compression``: ``Compression.none`` / ``fp16`` / ``bf16`` / ``topk(ratio, ...)``.
     ``backward_passes_per_step``: gradients accumulate locally over that many backward
-    passes before one reduction. ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``.
+    passes before one reduction. ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, or
+    ``Adasum`` (each rank steps locally and the parameter updates are combined by Adasum; see
+    gradfuse.adasum_optimizer).
     ``gradient_predivide_factor``: with Average, divide by it before the sum and by
     ``size / factor`` after (keeps fp16 sums in range).
     ``bucket_cap_mb``: gradients are submitted in buckets of up to this many MiB (the first
@@ -420,19 +435,22 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-    if isinstance(optimizer, _DistributedOptimizer):
+    if hasattr(optimizer, "_gf_setup"):
         raise TypeError("optimizer is already a gradfuse.DistributedOptimizer")
-    base = type(optimizer)
-    methods = {
-        k: v
-        for k, v in vars(_DistributedOptimizer).items()
-        if k not in ("__dict__", "__weakref__", "__doc__")
-    }
-    cls = type(base.__name__, (base, _DistributedOptimizer), {**methods, "_gf_base": base})
     if not isinstance(sparse_as_dense, bool):
         raise TypeError(f"sparse_as_dense must be a bool, got {sparse_as_dense!r}")
-    wrapped = cls.__new__(cls)
-    wrapped.__dict__.update(optimizer.__dict__)
+    if op == collectives.Adasum:
+        from .adasum_optimizer import adasum_optimizer
+
+        return adasum_optimizer(
+            optimizer,
+            named_parameters,
+            compression,
+            backward_passes_per_step,
+            gradient_predivide_factor,
+            gradient_as_bucket_view,
+        )
+    wrapped = _subclass_sharing_state(optimizer, _DistributedOptimizer)
     wrapped._gf_sparse_as_dense = sparse_as_dense
     wrapped._gf_sparse_dims = {}  # param -> sparse_dim of its sparse gradients
     wrapped._gf_setup(
