@@ -456,6 +456,44 @@ def check_grad_scaler_skips_on_every_rank():
         assert torch.equal(v, before[k]), f"{k} moved although a rank overflowed"
 
 
+def check_user_compressor_errors():
+    # A user's compressor returning something that is not a gradient raises, on every rank
+    # (each compresses its own gradient), and the ranks go on in step.
+    class WrongShape(hvd.compression.Compressor):
+        @staticmethod
+        def compress(tensor):
+            return tensor, None
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            return tensor.view(-1)[:2]
+
+    class NotATensor(WrongShape):
+        @staticmethod
+        def compress(tensor):
+            return tensor.tolist(), None
+
+    w = torch.nn.Parameter(ones(3, 4))
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD([w], lr=0.1), named_parameters=[("w", w)], compression=WrongShape
+    )
+    (w * (hvd.rank() + 1)).sum().backward()
+    try:
+        opt.synchronize()
+        raise AssertionError("no ValueError for a decompressed tensor of the wrong shape")
+    except ValueError as exc:
+        assert "must return a tensor of the gradient's shape [3, 4] for allreduce.w" in str(exc)
+    v = torch.nn.Parameter(ones(3, 4))  # w's optimizer would reduce w again
+    hvd.DistributedOptimizer(
+        torch.optim.SGD([v], lr=0.1), named_parameters=[("w", v)], compression=NotATensor
+    )
+    try:
+        v.sum().backward()
+        raise AssertionError("no TypeError for a compress that returns a list")
+    except TypeError as exc:
+        assert "compress must return (tensor, ctx), got a list for allreduce.w" in str(exc)
+
+
 def check_state_dict_round_trip():
     model = make_model()
     topk = hvd.Compression.topk(0.1, min_numel=64)  # one object, two optimizers
