@@ -29,9 +29,9 @@ import warnings
 
 import torch
 
-from . import collectives, ops
+from . import collectives
 from ._engine import size
-from .compression import Compression, TopKCompressor
+from .compression import CastCompressor, Compression, NoneCompressor, TopKCompressor
 from .sparse import sparse_allreduce_async
 
 
@@ -56,15 +56,12 @@ class _DistributedOptimizer:
             raise ValueError(f"op must be gradfuse.Average, Sum, Min or Max, got {op!r}")
         if gradient_predivide_factor != 1.0 and op != collectives.Average:
             raise ValueError("gradient_predivide_factor is only valid with op=gradfuse.Average")
-        if not isinstance(
-            compression, (TopKCompressor, type(Compression.none), type(Compression.fp16))
-        ):
-            raise TypeError(
-                f"compression must be one of gradfuse.Compression.*, got {compression!r}"
-            )
+        self._gf_check_compression(compression, op)
         if not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb < 0:
             raise ValueError(f"bucket_cap_mb must be a number >= 0, got {bucket_cap_mb!r}")
-        if gradient_as_bucket_view and (bucket_cap_mb == 0 or compression is not Compression.none):
+        if gradient_as_bucket_view and (
+            bucket_cap_mb == 0 or not isinstance(compression, NoneCompressor)
+        ):
             raise ValueError(
                 "gradient_as_bucket_view=True needs bucket_cap_mb > 0 and "
                 f"compression=Compression.none, got bucket_cap_mb={bucket_cap_mb!r} and "
@@ -95,11 +92,29 @@ class _DistributedOptimizer:
         self._gf_synchronized = False
         self._gf_should_synchronize = True
         self._gf_warned_step_after_sync = False
-        self._gf_step = 0
-        self._gf_topk_state = {}  # param -> {"residual": v, "momentum": u}
+        # Top-k's per-parameter state (residuals, velocities), this optimizer's own.
+        is_topk = isinstance(compression, TopKCompressor)
+        self._gf_topk = compression.bind(self) if is_topk else None
         self._gf_hook_handles = [
             p.register_post_accumulate_grad_hook(self._gf_hook) for p in self._gf_params
         ]
+
+    @staticmethod
+    def _gf_check_compression(compression, op):
+        if isinstance(compression, type) and issubclass(compression, TopKCompressor):
+            raise TypeError("compression=Compression.topk must be called: Compression.topk(ratio)")
+        if isinstance(compression, TopKCompressor):
+            if op not in (collectives.Average, collectives.Sum):
+                raise ValueError(
+                    f"Compression.topk needs op=gradfuse.Average or Sum (its sparse "
+                    f"gradients are summed by scatter-add), got op={op!r}"
+                )
+            return
+        if not all(callable(getattr(compression, m, None)) for m in ("compress", "decompress")):
+            raise TypeError(
+                "compression must be a gradfuse.Compression.* or a Compressor (a class or "
+                f"object with compress(tensor) and decompress(tensor, ctx)), got {compression!r}"
+            )
 
     @staticmethod
     def _gf_make_buckets(params, cap_bytes, compression):
@@ -221,6 +236,7 @@ class _DistributedOptimizer:
                 self._gf_pending[p] = self._gf_reduce_async(p)
 
     def _gf_reduce_async(self, p):
+        """Starts p's reduction; returns (kind, handles, context) for _gf_finish."""
         name = self._gf_names[p]
         if p.grad.is_sparse:  # Horovod's sparse path (no compression, no predivide)
             self._gf_sparse_dims[p] = p.grad.sparse_dim()
@@ -228,64 +244,72 @@ class _DistributedOptimizer:
                 return ("sparse", (sparse_allreduce_async(p.grad, name, self._gf_op),), None)
             p.grad = p.grad.to_dense()
         compression = self._gf_compression
-        op, prescale, postscale = self._gf_scales()
-        if isinstance(compression, TopKCompressor):
-            return self._gf_topk_async(p, name, compression)
-        if compression.wire_dtype is not None and p.grad.dtype != compression.wire_dtype:
-            wire = compression.compress(p.grad, prescale)
+        if self._gf_topk is not None:
+            return self._gf_topk_async(p, name)
+        if isinstance(compression, NoneCompressor) or (
+            isinstance(compression, CastCompressor)
+            # Horovod's fp16 casts floating point only; already 16-bit needs no cast.
+            and (not p.grad.is_floating_point() or p.grad.dtype == compression.wire_dtype)
+        ):
+            return ("dense", (self._gf_allreduce(p.grad, name),), None)
+        if isinstance(compression, CastCompressor):  # the cast fused with the scaling
+            op, prescale, postscale = self._gf_scales()
+            wire = compression.pack(p.grad, prescale)
             handle = collectives.allreduce_async_(wire, name=name, op=op)
             return ("cast", (handle,), (wire, postscale))
-        handle = collectives.allreduce_async_(
-            p.grad, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
-        )
-        return ("dense", (handle,), None)
+        wire, ctx = compression.compress(p.grad)  # a user's Compressor, as Horovod calls it
+        if not isinstance(wire, torch.Tensor):
+            raise TypeError(
+                f"{compression!r}.compress must return (tensor, ctx), got a "
+                f"{type(wire).__name__} for {name}"
+            )
+        return ("compressed", (self._gf_allreduce(wire, name),), ctx)
 
-    def _gf_topk_async(self, p, name, compression):
-        grad = p.grad
-        dense = grad.numel() < compression.min_numel
-        if compression.momentum == 0 and dense:  # nothing to remember for this tensor
-            send = grad.clone()
-            handle = collectives.allreduce_async_(send, name=name, op=collectives.Average)
-            return ("topk_dense", (handle,), send)
-        state = self._gf_topk_state.setdefault(p, {})
-        if compression.momentum > 0:  # momentum correction: compress the velocity
-            u = state.setdefault("momentum", torch.zeros_like(grad, dtype=torch.float32))
-            u.mul_(compression.momentum).add_(grad)
-            source = u
-        else:
-            source = grad
-        if dense:  # small tensors travel dense
-            send = source.to(grad.dtype, copy=True)
-            handle = collectives.allreduce_async_(send, name=name, op=collectives.Average)
-            return ("topk_dense", (handle,), send)
-        residual = state.setdefault("residual", torch.zeros_like(grad, dtype=torch.float32))
-        values, indices = ops.topk_compress(
-            source.contiguous().view(-1),
-            residual.view(-1),
-            compression.density(self._gf_step),
-            sampled=compression.sampled,
+    def _gf_allreduce(self, tensor, name):
+        """Starts the in-place allreduce of `tensor` with this optimizer's op and scaling."""
+        op, prescale, postscale = self._gf_scales()
+        return collectives.allreduce_async_(
+            tensor, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
         )
-        if compression.momentum > 0:
-            state["momentum"].view(-1)[indices] = 0  # momentum factor masking
+
+    def _gf_topk_async(self, p, name):
+        payload, ctx = self._gf_topk.compress(p.grad, p)
+        if isinstance(payload, torch.Tensor):  # a small tensor, sent dense
+            return ("topk", (self._gf_allreduce(payload, name),), ctx)
+        values, indices = payload
         handles = (
             collectives.allgather_async(values, name=name + ".values"),
             collectives.allgather_async(indices, name=name + ".indices"),
         )
-        return ("topk", handles, None)
+        return ("topk", handles, ctx)
 
     def _gf_finish(self, p, kind, handles, context):
         results = [collectives.synchronize(h) for h in handles]
         if kind == "cast":
             wire, postscale = context
-            self._gf_compression.decompress(wire, p.grad, postscale)
+            self._gf_compression.unpack(wire, p.grad, postscale)
         elif kind == "sparse":
             p.grad = results[0]
-        elif kind == "topk_dense":
-            p.grad.copy_(results[0])
+        elif kind == "compressed":
+            self._gf_set_grad(p, self._gf_compression.decompress(results[0], context))
         elif kind == "topk":
-            values, indices = results
-            dense = ops.topk_decompress(values, indices, p.numel())
-            p.grad.copy_(dense.view_as(p.grad).div_(size()))
+            sparse = len(results) == 2  # (values, indices), gathered: summed by scatter-add
+            reduced = self._gf_topk.decompress(tuple(results) if sparse else results[0], context)
+            if sparse and self._gf_op == collectives.Average:
+                reduced = reduced.div_(size())
+            p.grad.copy_(reduced)
+
+    def _gf_set_grad(self, p, reduced):
+        """Copies a decompressed gradient into p.grad (Horovod set_()s it; a copy keeps the
+        .grad tensor the user and the optimizer hold, and its dtype)."""
+        if not isinstance(reduced, torch.Tensor) or reduced.shape != p.grad.shape:
+            raise ValueError(
+                f"{self._gf_compression!r}.decompress must return a tensor of the gradient's "
+                f"shape {list(p.grad.shape)} for {self._gf_names[p]}, got "
+                f"{list(reduced.shape) if isinstance(reduced, torch.Tensor) else reduced!r}"
+            )
+        if reduced is not p.grad:
+            p.grad.copy_(reduced)
 
     def synchronize(self):
         """Wait for every gradient's reduction (starting those whose hook did not fire on this
@@ -345,8 +369,10 @@ class _DistributedOptimizer:
                 )
             self.synchronize()
         self._gf_synchronized = False
-        self._gf_step += 1
-        return self._gf_base.step(self, closure)
+        if self._gf_topk is None:
+            return self._gf_base.step(self, closure)
+        with self._gf_topk.optimizer_step():  # so SGD's momentum is not applied twice
+            return self._gf_base.step(self, closure)
 
     def zero_grad(self, set_to_none: bool = True):
         if self._gf_pending or self._gf_waiting:
@@ -365,26 +391,22 @@ class _DistributedOptimizer:
 
     def state_dict(self):
         state = self._gf_base.state_dict(self)
-        index = {p: i for i, p in enumerate(self._gf_params)}
-        state["gradfuse"] = {
-            "step": self._gf_step,
-            "topk": {
-                index[p]: {k: v.clone() for k, v in s.items()}
-                for p, s in self._gf_topk_state.items()
-            },
-        }
+        if self._gf_topk is not None:
+            state["gradfuse"] = {"topk": self._gf_topk.state_dict(self._gf_params)}
         return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         extra = state_dict.pop("gradfuse", None)
+        topk = (extra or {}).get("topk")
+        if topk is not None and self._gf_topk is None:
+            raise ValueError(
+                "state_dict holds Compression.topk state (residuals, velocities) but this "
+                f"optimizer's compression is {self._gf_compression!r}"
+            )
         self._gf_base.load_state_dict(self, state_dict)
-        if extra is not None:
-            self._gf_step = extra["step"]
-            self._gf_topk_state = {
-                self._gf_params[i]: {k: v.to(self._gf_params[i].device) for k, v in s.items()}
-                for i, s in extra["topk"].items()
-            }
+        if topk is not None:
+            self._gf_topk.load_state_dict(topk, self._gf_params)
 
 
 def _subclass_sharing_state(optimizer, mixin):
@@ -416,7 +438,11 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     Returns an instance of a subclass of ``type(optimizer)`` sharing its state (use the
     returned object from then on). ``named_parameters`` (e.g. ``model.named_parameters()``)
     names each gradient's reduction; without it, positions in ``param_groups`` are used.
-    ``compression``: ``Compression.none`` / ``fp16`` / ``bf16`` / ``topk(ratio, ...)``.
+    ``compression``: ``Compression.none`` / ``fp16`` / ``bf16`` / ``topk(ratio, ...)``, or a
+    user's ``gradfuse.compression.Compressor`` (class or instance; Horovod's interface: its
+    ``compress`` is applied to each gradient before the allreduce, ``decompress`` after, and
+    the result copied into ``.grad``). ``topk`` with ``torch.optim.SGD(momentum=m)`` takes the
+    momentum over (DGC's momentum correction; see ``TopKCompressor``).
     ``backward_passes_per_step``: gradients accumulate locally over that many backward
     passes before one reduction. ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, or
     ``Adasum`` (each rank steps locally and the parameter updates are combined by Adasum; see
