@@ -16,10 +16,14 @@ def test_exact_mode_selects_the_topk_set(simd, gen, numel, ratio):
     k = expected_k(numel, ratio)
     assert values.shape == indices.shape == (k,)
     assert indices.dtype == torch.int64
-    assert torch.equal(indices, indices.sort().values)  # ascending
+    assert bool((indices[1:] > indices[:-1]).all())  # ascending, no index twice
     acc = check_error_feedback(grad, before, residual, values, indices)
-    reference = torch.topk(acc.abs(), k).indices.sort().values  # random data: no ties
-    assert torch.equal(indices, reference)
+    # A top-k set: nothing left out is larger than anything selected. (Not torch.topk's exact
+    # set: among a million float32 values, two can tie at the k-th magnitude.)
+    selected = torch.zeros(numel, dtype=torch.bool)
+    selected[indices] = True
+    if k < numel:
+        assert acc.abs()[selected].min() >= acc.abs()[~selected].max()
 
 
 @pytest.mark.parametrize("numel", [1, 100, 4097, 100003, 2_000_000])
