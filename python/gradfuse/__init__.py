@@ -17,6 +17,19 @@ from ._engine import (
     stats,
 )
 from ._version import __version__
+from .basics import (
+    ccl_built,
+    cuda_built,
+    ddl_built,
+    gloo_built,
+    gloo_enabled,
+    is_homogeneous,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
+    nccl_built,
+    rocm_built,
+)
 from .collectives import (
     Adasum,
     Average,
@@ -46,6 +59,7 @@ from .collectives import (
 )
 from .compression import Compression
 from .distributed_optimizer import DistributedOptimizer
+from .exceptions import HorovodInternalError
 from .functions import (
     allgather_object,
     broadcast_object,
@@ -71,6 +85,7 @@ __all__ = [
     "Average",
     "Compression",
     "DistributedOptimizer",
+    "HorovodInternalError",
     "Max",
     "Min",
     "Product",
@@ -95,9 +110,14 @@ __all__ = [
     "broadcast_optimizer_state",
     "broadcast_parameters",
     "build_info",
+    "ccl_built",
     "cross_rank",
     "cross_size",
+    "cuda_built",
     "data",
+    "ddl_built",
+    "gloo_built",
+    "gloo_enabled",
     "grouped_allgather",
     "grouped_allgather_async",
     "grouped_allreduce",
@@ -107,16 +127,22 @@ __all__ = [
     "grouped_reducescatter",
     "grouped_reducescatter_async",
     "init",
+    "is_homogeneous",
     "is_initialized",
     "join",
     "local_rank",
     "local_size",
+    "mpi_built",
+    "mpi_enabled",
+    "mpi_threads_supported",
+    "nccl_built",
     "ops",
     "optim",
     "poll",
     "rank",
     "reducescatter",
     "reducescatter_async",
+    "rocm_built",
     "shutdown",
     "size",
     "sparse_allreduce_async",

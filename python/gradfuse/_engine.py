@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-import socket
 import threading
 
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 
 from . import config as _config
 from . import launch as _launch
+from .exceptions import NotInitializedError
 
 _lock = threading.Lock()
 _state = None  # _State while initialized
@@ -21,13 +21,18 @@ _forked_from = None  # in a child of os.fork(): the pid of the parent that ran t
 
 
 class _State:
-    def __init__(self, rank, size, local_rank, local_size, cross_rank, cross_size, groups, nodes):
+    def __init__(self, rank, size, nodes, groups):
         self.pid = os.getpid()  # the process whose threads run the engine
         self.rank, self.size = rank, size
-        self.local_rank, self.local_size = local_rank, local_size
-        self.cross_rank, self.cross_size = cross_rank, cross_size
+        self.nodes = nodes  # the ranks of each node, in local-rank order (launch.node_layout)
+        node = next(n for n in nodes if rank in n)
+        self.local_rank, self.local_size = node.index(rank), len(node)
+        # As Horovod's cross communicator: the ranks with this local rank, one per node that
+        # has it, in rank order (on a node with fewer ranks, the higher local ranks have
+        # fewer peers).
+        peers = sorted(n[self.local_rank] for n in nodes if len(n) > self.local_rank)
+        self.cross_rank, self.cross_size = peers.index(rank), len(peers)
         self.groups = groups
-        self.nodes = nodes  # the ranks of each node, nodes in cross_rank order
 
 
 def _C():
@@ -87,13 +92,10 @@ def init(**options) -> None:
         try:
             # Before any group whose construction depends on them: ranks creating groups of
             # different backends would wait on each other until the timeout.
-            hosts = _agreed_settings(groups["control"], cfg, cuda)
+            placements = _agreed_settings(groups["control"], cfg, cuda)
             if cuda:
                 groups["cuda"] = _new_cuda_group(cuda, timeout=timeout)
-            nodes = _nodes(hosts, cfg)
-            node = next(n for n in nodes if rank in n)
-            local_rank, local_size = node.index(rank), len(node)
-            cross_rank, cross_size = nodes.index(node), len(nodes)
+            nodes = _nodes(placements, cfg)
             if cfg.hierarchical_allreduce:
                 groups.update(_hierarchy_groups(nodes, rank, timeout, cuda))
         except Exception:
@@ -126,7 +128,7 @@ def init(**options) -> None:
             timeline_path=cfg.timeline if rank == 0 else "",
             cache_capacity=cfg.cache_capacity,
         )
-        _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups, nodes)
+        _state = _State(rank, size, nodes, groups)
 
 
 def _tcp_store_address():
@@ -202,10 +204,14 @@ def _agreed_settings(group, cfg, cuda):
     """Checks on every rank that no rank already knows it cannot start (raising the same
     RuntimeError everywhere, naming the rank), and that the settings in _AGREED and the CUDA
     transport are the same everywhere, raising the same ValueError on every rank (naming each
-    rank's value) if not. Returns every rank's host name, for _nodes."""
+    rank's value) if not. Returns every rank's launch.Placement, for _nodes."""
+    try:
+        where, error = _launch.placement(), None
+    except ValueError as e:  # a launcher variable that is not a number: raised everywhere
+        where, error = None, str(e)
     mine = {
-        "host": socket.gethostname(),
-        "error": _local_init_error(cfg),
+        "placement": where,
+        "error": _local_init_error(cfg) or error,
         **{key: getattr(cfg, key) for key in _AGREED},
         # Resolved: a rank without a GPU (or without NCCL) gets no CUDA group at all.
         "CUDA transport": cuda,
@@ -225,13 +231,14 @@ def _agreed_settings(group, cfg, cuda):
             "gradfuse.init(): settings that must be equal on every rank differ: "
             + "; ".join(differing)
         )
-    return [info["host"] for info in infos]
+    return [info["placement"] for info in infos]
 
 
-def _nodes(hosts, cfg):
-    """The ranks of each node (in rank order), nodes in order of their first rank. A node is a
-    host, or with the test-only test_local_size, a run of that many consecutive ranks."""
-    size = len(hosts)
+def _nodes(placements, cfg):
+    """The ranks of each node (in local-rank order), nodes in order of their lowest rank. A
+    node is what the launcher says (launch.node_layout), or with the test-only
+    test_local_size, a run of that many consecutive ranks."""
+    size = len(placements)
     k = cfg.test_local_size
     if k:
         if size % k:
@@ -239,16 +246,17 @@ def _nodes(hosts, cfg):
                 f"GRADFUSE_TEST_LOCAL_SIZE / test_local_size={k} must divide the job size {size}"
             )
         return [list(range(start, start + k)) for start in range(0, size, k)]
-    by_host: dict[str, list[int]] = {}
-    for r, host in enumerate(hosts):
-        by_host.setdefault(host, []).append(r)
-    return list(by_host.values())
+    return _launch.node_layout(placements)
 
 
 def _hierarchy_groups(nodes, rank, timeout, cuda):
     """This rank's local (its node) and cross (same local rank on every node) groups, Gloo for
     CPU tensors and NCCL for CUDA ones. new_group is collective over all ranks: every rank
     creates every group, in the same order, and keeps the ones it belongs to."""
+    # A group orders its members by global rank, and a rank's shard of the buffer is its
+    # position there: the cross groups pair the ranks at the same position, which need not be
+    # the same launcher-reported local rank.
+    nodes = [sorted(node) for node in nodes]
     sizes = sorted({len(n) for n in nodes})
     if len(sizes) > 1:
         raise ValueError(
@@ -334,8 +342,10 @@ def _require():
         if _forked_from is not None:
             raise RuntimeError(_FORKED.format(pid=_forked_from))
         if _was_shut_down:
-            raise RuntimeError("gradfuse has been shut down: call gradfuse.init() again first")
-        raise RuntimeError("gradfuse has not been initialized: call gradfuse.init() first")
+            raise NotInitializedError(
+                "gradfuse has been shut down: call gradfuse.init() again first"
+            )
+        raise NotInitializedError("gradfuse has not been initialized: call gradfuse.init() first")
     return _state
 
 

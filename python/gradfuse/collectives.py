@@ -13,6 +13,7 @@ import torch
 
 from . import _engine
 from .compression import Compression
+from .exceptions import HorovodInternalError
 
 # Reduce ops; the values are the engine's ReduceOp enum (cpp/engine/message.h).
 Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
@@ -134,16 +135,19 @@ def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale
     in_place = output if output is tensor else None
     if output is not None and not output.is_contiguous():
         output = torch.empty_like(output, memory_format=torch.contiguous_format)
-    handle = torch.ops.gradfuse._enqueue(
-        name,
-        kind,
-        tensor.detach(),
-        None if output is None else output.detach(),
-        root,
-        op,
-        float(prescale),
-        float(postscale),
-    )
+    try:
+        handle = torch.ops.gradfuse._enqueue(
+            name,
+            kind,
+            tensor.detach(),
+            None if output is None else output.detach(),
+            root,
+            op,
+            float(prescale),
+            float(postscale),
+        )
+    except RuntimeError as e:  # the engine stopped (a peer failed, shutdown): as Horovod
+        raise _internal_error(e) from e
     with _pending_lock:
         _pending[handle] = in_place
     _note_submitted(handle)
@@ -182,10 +186,19 @@ def poll(handle) -> bool:
 _WAIT_SLICE_S = 0.1  # how long synchronize() waits in C++ before checking for Ctrl-C
 
 
+def _internal_error(e: RuntimeError) -> HorovodInternalError:
+    """The engine's RuntimeError as Horovod reports a failed collective. Errors found before
+    submission (ValueError, TypeError, misuse) are not passed here."""
+    if isinstance(e, HorovodInternalError):
+        return e
+    return HorovodInternalError(str(e))
+
+
 def synchronize(handle):
     """Waits for `handle` (GIL released) and returns its output; raises the operation's error
-    (RuntimeError) if it failed, e.g. on a cross-rank mismatch or shutdown. A grouped
-    collective's handle gives the list of outputs, a sparse allreduce's the sparse result."""
+    as HorovodInternalError (a RuntimeError) if it failed, e.g. a dead peer, a cross-rank
+    mismatch or shutdown. A grouped collective's handle gives the list of outputs, a sparse
+    allreduce's the sparse result."""
     from . import _C
 
     if isinstance(handle, CompositeHandle):
@@ -204,7 +217,7 @@ def synchronize(handle):
         # ends a long wait; the handle stays valid and can be synchronized again.
         while not _C.engine_wait_for(handle, _WAIT_SLICE_S):
             pass
-    except RuntimeError:
+    except RuntimeError as e:
         # The failure is reported here, once: the handle is released rather than kept for
         # a result that will never come (a second synchronize says it is unknown).
         _C.engine_forget(handle)
@@ -213,7 +226,7 @@ def synchronize(handle):
             _finishers.pop(handle, None)
             _alltoall_handles.discard(handle)
             _postscales.pop(handle, None)
-        raise
+        raise _internal_error(e) from e
     with _pending_lock:
         in_place = _pending.pop(handle, None)
         finish = _finishers.pop(handle, None)

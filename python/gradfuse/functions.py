@@ -2,8 +2,8 @@
 
 - :func:`broadcast_parameters` — every parameter/buffer from ``root_rank`` (start of training,
   or after restoring a checkpoint on the root only).
-- :func:`broadcast_optimizer_state` — the whole optimizer state (tensors and Python scalars,
-  types kept) from ``root_rank``.
+- :func:`broadcast_optimizer_state` — the whole optimizer state (tensors, Python scalars and
+  nested state, types kept) from ``root_rank``.
 - :func:`broadcast_object` / :func:`allgather_object` — any picklable object.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from . import collectives
-from ._engine import rank
+from ._engine import rank, size
 
 
 def broadcast_parameters(params, root_rank: int) -> None:
@@ -95,12 +95,21 @@ def allgather_object(obj, name: str | None = None) -> list:
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) -> None:
-    """Make every rank's optimizer state (and hyper-parameters) the root's.
+    """Make every rank's optimizer state and hyper-parameters the root's.
 
-    The root's ``state_dict()`` travels serialized by ``torch.save``, so every state tensor
-    and Python scalar arrives with its type, including state other ranks have not created
-    yet (e.g. Adam before its first step). Works for any torch optimizer whose
-    ``load_state_dict`` accepts its own ``state_dict``.
+    The root's ``state_dict()`` travels serialized by ``torch.save``, so every entry arrives
+    with its type: state other ranks have not created yet (Adam before its first step),
+    hyper-parameters given as tensors (``lr=torch.tensor(0.01)``, kept on each rank's own
+    device), and nested non-tensor state (LBFGS's history lists and counters). Works for any
+    torch optimizer whose ``load_state_dict`` accepts its own ``state_dict``, LBFGS and
+    SparseAdam included (Horovod refuses LBFGS). Unlike Horovod, a root with no state yet
+    sends none (it does not step with zero gradients to create some), and the other ranks'
+    state is cleared to match. For a gradfuse ``DistributedOptimizer``, the wrapped
+    optimizer's state and the step count travel; each rank keeps its own top-k residuals
+    (its unsent gradient, which is not the root's).
+
+    Every rank checks first that its parameters have the root's layout (groups, and the
+    shape of each parameter); if not, every rank raises the same ValueError naming the ranks.
 
     Example::
 
@@ -108,16 +117,79 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) 
             optimizer.load_state_dict(torch.load("checkpoint.pt")["optimizer"])
         gradfuse.broadcast_optimizer_state(optimizer, root_rank=0)
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "broadcast_optimizer_state: optimizer must be a torch.optim.Optimizer, "
+            f"got {type(optimizer).__name__}"
+        )
+    _check_root_rank(root_rank, "broadcast_optimizer_state")
+    _check_same_layout(optimizer, root_rank)
+    blob = None
     if rank() == root_rank:
         buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
+        torch.save(_shared_state(optimizer), buffer)
         blob = buffer.getvalue()
-    else:
-        blob = None
     blob = broadcast_object(blob, root_rank, name="broadcast.optimizer_state")
     if rank() != root_rank:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state)
+        _load_shared_state(optimizer, state)
+
+
+def _check_root_rank(root_rank, fn: str) -> None:
+    if isinstance(root_rank, bool) or not isinstance(root_rank, int):
+        raise TypeError(f"{fn}: root_rank must be an int, got {type(root_rank).__name__}")
+    if not 0 <= root_rank < size():
+        raise ValueError(f"{fn}: root_rank must be in [0, {size()}), got {root_rank}")
+
+
+def _layout(optimizer) -> list[list[tuple]]:
+    return [[tuple(p.shape) for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _check_same_layout(optimizer, root_rank: int) -> None:
+    """The root's state fits only parameters shaped like the root's: compared on every rank
+    (load_state_dict would fail on the odd rank alone, or not at all for a shape)."""
+    layouts = allgather_object(_layout(optimizer), name="broadcast.optimizer_state.layout")
+    root = layouts[root_rank]
+    differing = [r for r, layout in enumerate(layouts) if layout != root]
+    if differing:
+        per_rank = "; ".join(f"rank {r}: {_describe(layouts[r])}" for r in differing)
+        raise ValueError(
+            "broadcast_optimizer_state: the optimizer's parameters differ from the root's, so "
+            f"its state cannot be shared. Root rank {root_rank}: {_describe(root)}; {per_rank}"
+        )
+
+
+def _describe(layout) -> str:
+    groups = ", ".join("[" + ", ".join(str(list(s)) for s in g) + "]" for g in layout)
+    return f"{len(layout)} param group(s) of shapes {groups}"
+
+
+def _shared_state(optimizer) -> dict:
+    """What the other ranks take from the root. A gradfuse DistributedOptimizer shares its
+    wrapped optimizer's state and step count, not its top-k residuals."""
+    base = getattr(optimizer, "_gf_base", None)
+    if base is None:
+        return {"optimizer": optimizer.state_dict()}
+    return {"optimizer": base.state_dict(optimizer), "gradfuse_step": optimizer._gf_step}
+
+
+def _load_shared_state(optimizer, shared: dict) -> None:
+    # Tensor hyper-parameters stay on this rank's device (the root's may be another GPU).
+    devices = [
+        {k: v.device for k, v in group.items() if isinstance(v, torch.Tensor)}
+        for group in optimizer.param_groups
+    ]
+    base = getattr(optimizer, "_gf_base", None)
+    if base is None:
+        optimizer.load_state_dict(shared["optimizer"])
+    else:
+        base.load_state_dict(optimizer, shared["optimizer"])
+        optimizer._gf_step = shared["gradfuse_step"]
+    for group, kept in zip(optimizer.param_groups, devices):
+        for key, device in kept.items():
+            if isinstance(group.get(key), torch.Tensor):
+                group[key] = group[key].to(device)
 
 
 __all__ = [

@@ -1,5 +1,6 @@
-"""Where this process sits in the job: rank, size and the rendezvous address, from whichever
-launcher started it (torchrun, mpiexec/mpirun, Slurm srun, ``python -m gradfuse.run``)."""
+"""Where this process sits in the job: rank, size and the rendezvous address, and which node
+it runs on, from whichever launcher started it (torchrun, mpiexec/mpirun, Slurm srun,
+``python -m gradfuse.run``)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ class LaunchInfo:
     launcher: str  # "torchrun", "mpi", "slurm" or "single"
 
 
-def _int_env(name: str) -> int | None:
-    value = os.environ.get(name)
+def _int_env(name: str, env=os.environ) -> int | None:
+    value = env.get(name)
     if value is None or value == "":
         return None
     try:
@@ -62,19 +63,37 @@ def _mpi_rendezvous(rank: int) -> tuple[str, int]:
     return MPI.COMM_WORLD.bcast(addr, root=0)
 
 
+def _launcher(env) -> str:
+    """Which launcher's variables describe this process, in order of precedence (torchrun
+    started under srun or mpiexec sets its own)."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun and gradfuse.run
+        return "torchrun"
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return "Open MPI"
+    if "PMI_RANK" in env:  # MPICH / Intel MPI (Hydra)
+        return "MPICH"
+    if "SLURM_PROCID" in env:
+        return "Slurm"
+    return "single"
+
+
+# Per launcher: the variables holding the rank and the size.
+_RANK_VARS = {
+    "torchrun": ("RANK", "WORLD_SIZE"),
+    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    "MPICH": ("PMI_RANK", "PMI_SIZE"),
+    "Slurm": ("SLURM_PROCID", "SLURM_NTASKS"),
+}
+
+
 def detect() -> LaunchInfo:
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun and gradfuse.run
-        rank, size, launcher = _int_env("RANK"), _int_env("WORLD_SIZE"), "torchrun"
-    elif "OMPI_COMM_WORLD_RANK" in env:  # Open MPI
-        rank, size = _int_env("OMPI_COMM_WORLD_RANK"), _int_env("OMPI_COMM_WORLD_SIZE")
-        launcher = "mpi"
-    elif "PMI_RANK" in env:  # MPICH / Intel MPI (hydra)
-        rank, size, launcher = _int_env("PMI_RANK"), _int_env("PMI_SIZE"), "mpi"
-    elif "SLURM_PROCID" in env:
-        rank, size, launcher = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), "slurm"
+    found = _launcher(env)
+    if found == "single":
+        rank, size = 0, 1
     else:
-        rank, size, launcher = 0, 1, "single"
+        rank, size = (_int_env(name) for name in _RANK_VARS[found])
+    launcher = {"Open MPI": "mpi", "MPICH": "mpi", "Slurm": "slurm"}.get(found, found)
     if size is None or rank is None or not 0 <= rank < size:
         raise ValueError(f"gradfuse.init(): inconsistent rank {rank} / size {size} from {launcher}")
 
@@ -93,3 +112,119 @@ def detect() -> LaunchInfo:
                 f"gradfuse.init(): {launcher} launch without MASTER_ADDR and MASTER_PORT"
             )
     return LaunchInfo(rank, size, addr, port, launcher)
+
+
+# ---- which node this rank runs on ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank runs, as its launcher reports it. Every rank gathers every rank's
+    placement at init(), and node_layout() turns them into the nodes."""
+
+    host: str
+    node: str | None  # the launcher's node id, or None: the node is the host
+    local_rank: int | None  # None where the launcher does not say
+    local_size: int | None
+    source: str  # whose variables: "torchrun", "Open MPI", "MPICH", "Slurm" or "host name"
+
+
+def _slurm_tasks_on_node(spec: str | None, node: int | None) -> int | None:
+    """Tasks on node `node` from SLURM_STEP_TASKS_PER_NODE-style text: '2(x3),1' means 2
+    tasks on each of nodes 0-2 and 1 on node 3. None when unknown or unparsable."""
+    if spec is None or node is None:
+        return None
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return None
+        count = int(m.group(2) or 1)
+        if node < count:
+            return int(m.group(1))
+        node -= count
+    return None
+
+
+def placement(env=os.environ) -> Placement:
+    """This rank's node and local rank from the launcher's variables: torchrun's GROUP_RANK
+    (its node rank: two agents on one host are two nodes), LOCAL_RANK and LOCAL_WORLD_SIZE;
+    Open MPI's OMPI_COMM_WORLD_LOCAL_RANK / _LOCAL_SIZE; MPICH/Hydra's MPI_LOCALRANKID /
+    MPI_LOCALNRANKS; Slurm's SLURM_NODEID, SLURM_LOCALID and tasks per node. Without them the
+    node is the host and local ranks follow the global rank order."""
+    host = socket.gethostname()
+    found = _launcher(env)
+    local_vars = {
+        "torchrun": ("LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+        "Open MPI": ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        "MPICH": ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        "Slurm": ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    }.get(found)
+    if local_vars is None or local_vars[0] not in env:
+        return Placement(host, None, None, None, "host name")
+    local_rank, local_size = (_int_env(name, env) for name in local_vars)
+    node = None
+    if found == "torchrun" and "GROUP_RANK" in env:
+        node = f"torchrun node {_int_env('GROUP_RANK', env)}"
+    elif found == "Slurm" and "SLURM_NODEID" in env:
+        node_id = _int_env("SLURM_NODEID", env)
+        node = f"Slurm node {node_id}"
+        if local_size is None:  # set only with --ntasks-per-node
+            spec = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE"))
+            local_size = _slurm_tasks_on_node(spec, node_id)
+    return Placement(host, node, local_rank, local_size, found)
+
+
+def _ranks_text(ranks) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2, 5'."""
+    ranks = sorted(ranks)
+    runs, start = [], 0
+    for i in range(1, len(ranks) + 1):
+        if i == len(ranks) or ranks[i] != ranks[i - 1] + 1:
+            a, b = ranks[start], ranks[i - 1]
+            runs.append(str(a) if a == b else f"{a}-{b}")
+            start = i
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(runs)
+
+
+def node_layout(placements: list[Placement]) -> list[list[int]]:
+    """The ranks of each node, each node's ranks in local-rank order, nodes in order of their
+    lowest rank. Raises ValueError (the same on every rank, which all pass the same list) when
+    the launchers' reports contradict each other."""
+    sources: dict[str, list[int]] = {}
+    by_node: dict[str, list[int]] = {}
+    for r, p in enumerate(placements):
+        sources.setdefault(p.source, []).append(r)
+        by_node.setdefault(p.node if p.node is not None else f"host {p.host!r}", []).append(r)
+    if len(sources) > 1:
+        per_source = "; ".join(f"{src} on {_ranks_text(rs)}" for src, rs in sources.items())
+        raise ValueError(
+            "gradfuse.init(): the ranks were started differently, so their nodes cannot be "
+            f"compared: local ranks come from {per_source}"
+        )
+    nodes = []
+    for name, ranks in by_node.items():
+        _check_node(name, ranks, placements)
+        if placements[ranks[0]].local_rank is not None:
+            ranks = sorted(ranks, key=lambda r: placements[r].local_rank)
+        nodes.append(ranks)
+    return nodes
+
+
+def _check_node(name: str, ranks: list[int], placements: list[Placement]) -> None:
+    """A node's reported local ranks must be 0..n-1, once each, and its reported local sizes
+    n, where n is the number of ranks that report this node."""
+    where = f"{name} ({_ranks_text(ranks)}, {placements[0].source})"
+    local_ranks = [placements[r].local_rank for r in ranks]
+    if local_ranks[0] is not None and sorted(local_ranks) != list(range(len(ranks))):
+        per_rank = ", ".join(f"rank {r}: {lr}" for r, lr in zip(ranks, local_ranks))
+        raise ValueError(
+            f"gradfuse.init(): inconsistent node layout: {where} should have local ranks 0 to "
+            f"{len(ranks) - 1}, once each, but they report {per_rank}"
+        )
+    wrong = [r for r in ranks if placements[r].local_size not in (None, len(ranks))]
+    if wrong:
+        per_rank = ", ".join(f"rank {r}: {placements[r].local_size}" for r in wrong)
+        raise ValueError(
+            f"gradfuse.init(): inconsistent node layout: {where} has {len(ranks)} ranks, but "
+            f"the local sizes reported are {per_rank}"
+        )

@@ -5,19 +5,31 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from . import _engine
 
 
-def start_timeline(path) -> None:
+def start_timeline(file_path, mark_cycles: bool = False) -> None:
     """Rank 0 writes a timeline of every tensor's phases (negotiate, queue, pack, collective,
-    unpack) to `path`, replacing the file; other ranks do nothing."""
-    if _engine._require().rank == 0:
-        _engine._C().engine_start_timeline(os.fspath(path))
+    unpack) to `file_path`, replacing the file; other ranks do nothing. Horovod's signature:
+    `mark_cycles=True` (Horovod's marks of each negotiation cycle) warns that gradfuse's
+    timeline has no cycle marks, and the timeline is written without them. Raises ValueError
+    before init(), as Horovod does."""
+    state = _engine._require()
+    if mark_cycles:
+        warnings.warn(
+            "gradfuse.start_timeline(mark_cycles=True): gradfuse's timeline does not mark "
+            "negotiation cycles; it is written without them (the engine's cycle counts are in "
+            "gradfuse.stats())",
+            stacklevel=2,
+        )
+    if state.rank == 0:
+        _engine._C().engine_start_timeline(os.fspath(file_path))
 
 
 def stop_timeline() -> None:
-    """Closes the timeline file (also done by shutdown())."""
+    """Closes the timeline file (also done by shutdown()). Raises ValueError before init()."""
     if _engine._require().rank == 0:
         _engine._C().engine_stop_timeline()
 
