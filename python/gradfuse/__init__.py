@@ -53,6 +53,7 @@ from .functions import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
+from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
 from .timeline import start_timeline, stop_timeline
 
 __all__ = [
@@ -61,9 +62,11 @@ __all__ = [
     "DistributedOptimizer",
     "Max",
     "Min",
+    "ProcessSet",
     "Product",
     "Sum",
     "__version__",
+    "add_process_set",
     "allgather",
     "allgather_async",
     "allgather_object",
@@ -85,6 +88,7 @@ __all__ = [
     "cross_rank",
     "cross_size",
     "data",
+    "global_process_set",
     "grouped_allreduce",
     "grouped_allreduce_async",
     "init",
@@ -98,6 +102,7 @@ __all__ = [
     "rank",
     "reducescatter",
     "reducescatter_async",
+    "remove_process_set",
     "shutdown",
     "size",
     "start_timeline",

@@ -5,23 +5,32 @@ torch.ops.gradfuse._enqueue; the returned integer handle is waited on with _C.en
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 
 import torch
 
 from . import _engine
+from . import process_sets as _sets
+from .process_sets import global_process_set
 
 # Reduce ops; the values are the engine's ReduceOp enum (cpp/engine/message.h).
 Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
 _OP_NAMES = {Sum: "Sum", Average: "Average", Min: "Min", Max: "Max", Product: "Product"}
 _ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
+_KIND_NAMES = [
+    "allreduce",
+    "allgather",
+    "broadcast",
+    "reducescatter",
+    "alltoall",
+    "barrier",
+    "join",
+]
 
 # handle -> the caller's tensor for in-place calls (synchronize returns it), else None. For a
 # non-contiguous in-place tensor the engine works on a contiguous copy, copied back then.
 _pending: dict[int, torch.Tensor | None] = {}
 _pending_lock = threading.Lock()
-_auto_names = itertools.count()
 
 
 # Per thread: how deep in submitted_together() blocks it is, and the handles it submitted
@@ -71,10 +80,10 @@ def _note_submitted(handle):
         _held.handles.add(handle)
 
 
-def _name(name, kind):
+def _name(name, kind, process_set=None):
+    """`name`, checked, or (None) the next automatic name of `kind` in `process_set`."""
     if name is None:
-        # Ranks calling the same unnamed collectives in the same order get the same names.
-        return f"{kind}.noname.{next(_auto_names)}"
+        return _sets._auto_name(kind, _sets._check(process_set, kind))
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string or None, got {name!r}")
     return name
@@ -99,8 +108,26 @@ def _resolve_op(average, op, fn):
     return op
 
 
-def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale=1.0):
+def _enqueue(
+    name,
+    kind,
+    tensor,
+    output,
+    root=0,
+    op=Sum,
+    prescale=1.0,
+    postscale=1.0,
+    splits=(),
+    process_set=global_process_set,
+):
+    """Submits one collective to `process_set`'s engine and returns its handle. `name` is the
+    user's (None: named automatically, per set); `root` is a global rank; a rank outside the
+    set gets a ValueError here, before anything is submitted."""
     _engine._require()
+    ps = _sets._check(process_set, _KIND_NAMES[kind])
+    name = _name(name, _KIND_NAMES[kind], ps)
+    if kind == _BROADCAST:
+        root = _sets._set_rank(ps, root, "broadcast")
     in_place = output if output is tensor else None
     if output is not None and not output.is_contiguous():
         output = torch.empty_like(output, memory_format=torch.contiguous_format)
@@ -113,9 +140,13 @@ def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale
         op,
         float(prescale),
         float(postscale),
+        list(splits),
+        ps.process_set_id,
     )
     with _pending_lock:
         _pending[handle] = in_place
+        if kind == _ALLTOALL:
+            _alltoall_handles.add(handle)
     _note_submitted(handle)
     return handle
 
@@ -177,54 +208,82 @@ def synchronize(handle: int) -> torch.Tensor:
 
 
 def allreduce_async(
-    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> int:
     _check_tensor(tensor, "allreduce_async")
     op = _resolve_op(average, op, "allreduce_async")
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     return _enqueue(
-        _name(name, "allreduce"),
+        name,
         _ALLREDUCE,
         tensor,
         output,
         op=op,
         prescale=prescale_factor,
         postscale=postscale_factor,
+        process_set=process_set,
     )
 
 
 def allreduce_async_(
-    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> int:
     _check_tensor(tensor, "allreduce_async_")
     op = _resolve_op(average, op, "allreduce_async_")
     return _enqueue(
-        _name(name, "allreduce"),
+        name,
         _ALLREDUCE,
         tensor,
         tensor,
         op=op,
         prescale=prescale_factor,
         postscale=postscale_factor,
+        process_set=process_set,
     )
 
 
 def allreduce_(
-    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> torch.Tensor:
     _refuse_inside_hold("allreduce_")
     return synchronize(
-        allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor)
+        allreduce_async_(
+            tensor, average, name, op, prescale_factor, postscale_factor, process_set=process_set
+        )
     )
 
 
 class _Allreduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name, op, prescale, postscale):
+    def forward(ctx, tensor, name, op, prescale, postscale, process_set):
         ctx.op, ctx.prescale, ctx.postscale = op, prescale, postscale
+        ctx.process_set = process_set
         return synchronize(
             allreduce_async(
-                tensor, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+                tensor,
+                name=name,
+                op=op,
+                prescale_factor=prescale,
+                postscale_factor=postscale,
+                process_set=process_set,
             )
         )
 
@@ -235,15 +294,14 @@ class _Allreduce(torch.autograd.Function):
                 f"gradfuse.allreduce: no gradient for op {_OP_NAMES[ctx.op]} "
                 "(only Sum and Average are differentiable)"
             )
-        return (
-            allreduce(
-                grad, op=ctx.op, prescale_factor=ctx.prescale, postscale_factor=ctx.postscale
-            ),
-            None,
-            None,
-            None,
-            None,
+        reduced = allreduce(
+            grad,
+            op=ctx.op,
+            prescale_factor=ctx.prescale,
+            postscale_factor=ctx.postscale,
+            process_set=ctx.process_set,
         )
+        return reduced, None, None, None, None, None
 
 
 def allreduce(
@@ -254,22 +312,31 @@ def allreduce(
     op=None,
     prescale_factor=1.0,
     postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> torch.Tensor:
-    """Reduces `tensor` over all ranks (default op: Average) and returns a new tensor.
-    Differentiable for Sum and Average."""
+    """Reduces `tensor` over the ranks of `process_set` (default: all; op default: Average,
+    which divides by the set's size) and returns a new tensor. Differentiable for Sum and
+    Average."""
     _refuse_inside_hold("allreduce")
     _check_tensor(tensor, "allreduce")
     if compression is not None:
         raise ValueError("gradfuse.allreduce: compression is not supported yet; pass None")
     op = _resolve_op(average, op, "allreduce")
-    return _Allreduce.apply(tensor, _name(name, "allreduce"), op, prescale_factor, postscale_factor)
+    name = _name(name, "allreduce", process_set)
+    return _Allreduce.apply(tensor, name, op, prescale_factor, postscale_factor, process_set)
 
 
 def grouped_allreduce_async(
-    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensors,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> list[int]:
     op = _resolve_op(average, op, "grouped_allreduce")
-    base = _name(name, "grouped_allreduce")
+    base = _name(name, "grouped_allreduce", process_set)
     with submitted_together():
         return [
             allreduce_async(
@@ -278,52 +345,65 @@ def grouped_allreduce_async(
                 op=op,
                 prescale_factor=prescale_factor,
                 postscale_factor=postscale_factor,
+                process_set=process_set,
             )
             for i, t in enumerate(tensors)
         ]
 
 
 def grouped_allreduce(
-    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensors,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> list[torch.Tensor]:
     """Allreduce of a list of tensors, submitted together so the engine fuses them."""
     _refuse_inside_hold("grouped_allreduce")
-    handles = grouped_allreduce_async(tensors, average, name, op, prescale_factor, postscale_factor)
+    handles = grouped_allreduce_async(
+        tensors, average, name, op, prescale_factor, postscale_factor, process_set=process_set
+    )
     return [synchronize(h) for h in handles]
 
 
 # ---- allgather -------------------------------------------------------------------------------
 
 
-def allgather_async(tensor, name=None) -> int:
+def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "allgather_async")
-    return _enqueue(_name(name, "allgather"), _ALLGATHER, tensor, None)
+    return _enqueue(name, _ALLGATHER, tensor, None, process_set=process_set)
 
 
 class _Allgather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name):
-        ctx.dim0 = tensor.shape[0]
-        return synchronize(allgather_async(tensor, name=name))
+    def forward(ctx, tensor, name, process_set):
+        ctx.dim0, ctx.process_set = tensor.shape[0], process_set
+        return synchronize(allgather_async(tensor, name=name, process_set=process_set))
 
     @staticmethod
     def backward(ctx, grad):
         # Every rank's output feeds the loss: sum the gradients, keep this rank's rows.
-        grad = allreduce(grad, op=Sum)
-        dims = synchronize(allgather_async(torch.tensor([ctx.dim0], dtype=torch.int64)))
-        start = int(dims[: _engine.rank()].sum())
-        return grad.narrow(0, start, ctx.dim0), None
+        ps = ctx.process_set
+        grad = allreduce(grad, op=Sum, process_set=ps)
+        dims = synchronize(
+            allgather_async(torch.tensor([ctx.dim0], dtype=torch.int64), process_set=ps)
+        )
+        start = int(dims[: _sets._set_rank(ps, _engine.rank(), "allgather", "rank")].sum())
+        return grad.narrow(0, start, ctx.dim0), None, None
 
 
-def allgather(tensor, name=None) -> torch.Tensor:
-    """Concatenates every rank's tensor along dim 0 (its size may differ per rank)."""
+def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor:
+    """Concatenates the tensors of `process_set`'s ranks (default: all) along dim 0, in rank
+    order (its size may differ per rank)."""
     _refuse_inside_hold("allgather")
     _check_tensor(tensor, "allgather")
     if tensor.dim() == 0:
         raise ValueError(
             "gradfuse.allgather: tensor must have at least one dimension (the one gathered along)"
         )
-    return _Allgather.apply(tensor, _name(name, "allgather"))
+    return _Allgather.apply(tensor, _name(name, "allgather", process_set), process_set)
 
 
 # ---- broadcast -------------------------------------------------------------------------------
@@ -335,54 +415,62 @@ def _check_root(root_rank, fn):
     return root_rank
 
 
-def broadcast_async(tensor, root_rank, name=None) -> int:
+def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "broadcast_async")
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     return _enqueue(
-        _name(name, "broadcast"),
+        name,
         _BROADCAST,
         tensor,
         output,
         root=_check_root(root_rank, "broadcast_async"),
+        process_set=process_set,
     )
 
 
-def broadcast_async_(tensor, root_rank, name=None) -> int:
+def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "broadcast_async_")
     return _enqueue(
-        _name(name, "broadcast"),
+        name,
         _BROADCAST,
         tensor,
         tensor,
         root=_check_root(root_rank, "broadcast_async_"),
+        process_set=process_set,
     )
 
 
-def broadcast_(tensor, root_rank, name=None) -> torch.Tensor:
+def broadcast_(tensor, root_rank, name=None, process_set=global_process_set) -> torch.Tensor:
     _refuse_inside_hold("broadcast_")
-    return synchronize(broadcast_async_(tensor, root_rank, name))
+    return synchronize(broadcast_async_(tensor, root_rank, name, process_set=process_set))
 
 
 class _Broadcast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, root_rank, name):
-        ctx.root = root_rank
-        return synchronize(broadcast_async(tensor, root_rank, name=name))
+    def forward(ctx, tensor, root_rank, name, process_set):
+        ctx.root, ctx.process_set = root_rank, process_set
+        return synchronize(broadcast_async(tensor, root_rank, name=name, process_set=process_set))
 
     @staticmethod
     def backward(ctx, grad):
         # Only the root's input reached the outputs: it gets the sum of all ranks' gradients.
-        grad = allreduce(grad, op=Sum)
+        grad = allreduce(grad, op=Sum, process_set=ctx.process_set)
         if _engine.rank() != ctx.root:
             grad = torch.zeros_like(grad)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def broadcast(tensor, root_rank, name=None) -> torch.Tensor:
-    """Returns root_rank's tensor on every rank; `tensor` itself is left untouched."""
+def broadcast(tensor, root_rank, name=None, process_set=global_process_set) -> torch.Tensor:
+    """Returns root_rank's tensor on every rank of `process_set` (default: all; root_rank is a
+    global rank, a member of the set); `tensor` itself is left untouched."""
     _refuse_inside_hold("broadcast")
     _check_tensor(tensor, "broadcast")
-    return _Broadcast.apply(tensor, _check_root(root_rank, "broadcast"), _name(name, "broadcast"))
+    return _Broadcast.apply(
+        tensor,
+        _check_root(root_rank, "broadcast"),
+        _name(name, "broadcast", process_set),
+        process_set,
+    )
 
 
 # ---- reducescatter, alltoall, barrier, join --------------------------------------------------
@@ -391,19 +479,19 @@ _REDUCESCATTER, _ALLTOALL, _BARRIER, _JOIN = 3, 4, 5, 6
 _alltoall_handles: set[int] = set()  # synchronize() returns (output, received_splits) for these
 
 
-def reducescatter_async(tensor, op=Average, name=None) -> int:
+def reducescatter_async(tensor, op=Average, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "reducescatter_async")
     if op not in (Sum, Average):
         raise ValueError(f"gradfuse.reducescatter: op must be gradfuse.Sum or Average, got {op!r}")
-    return _enqueue(_name(name, "reducescatter"), _REDUCESCATTER, tensor, None, op=op)
+    return _enqueue(name, _REDUCESCATTER, tensor, None, op=op, process_set=process_set)
 
 
-def reducescatter(tensor, op=Average, name=None) -> torch.Tensor:
-    """Reduces `tensor` (same shape on every rank) over all ranks and returns this rank's rows
-    of the result. Dim 0 is split as evenly as possible; the first (dim0 % size) ranks get one
-    row more (Horovod's split). op: Sum or Average."""
+def reducescatter(tensor, op=Average, name=None, process_set=global_process_set) -> torch.Tensor:
+    """Reduces `tensor` (same shape on every rank) over the ranks of `process_set` and returns
+    this rank's rows of the result. Dim 0 is split as evenly as possible over the set; the first
+    (dim0 % size) ranks get one row more (Horovod's split). op: Sum or Average."""
     _refuse_inside_hold("reducescatter")
-    return synchronize(reducescatter_async(tensor, op=op, name=name))
+    return synchronize(reducescatter_async(tensor, op=op, name=name, process_set=process_set))
 
 
 def _splits_list(splits):
@@ -425,46 +513,41 @@ def _splits_list(splits):
     return values
 
 
-def alltoall_async(tensor, splits=None, name=None) -> int:
+def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> int:
     """Starts an alltoall; synchronize(handle) returns (output, received_splits)."""
     _check_tensor(tensor, "alltoall_async")
-    _engine._require()
     split_list = [] if splits is None else _splits_list(splits)
-    handle = torch.ops.gradfuse._enqueue(
-        _name(name, "alltoall"), _ALLTOALL, tensor.detach(), None, 0, Sum, 1.0, 1.0, split_list
-    )
-    with _pending_lock:
-        _pending[handle] = None
-        _alltoall_handles.add(handle)
-    _note_submitted(handle)
-    return handle
+    return _enqueue(name, _ALLTOALL, tensor, None, splits=split_list, process_set=process_set)
 
 
-def alltoall(tensor, splits=None, name=None):
-    """Sends rows of `tensor` to every rank and returns what every rank sent here, concatenated
-    in rank order along dim 0. `splits[k]` rows (consecutive, in rank order) go to rank k; they
-    must sum to dim 0 and may differ per rank. With splits, returns (output, received_splits);
-    without, dim 0 is split evenly (it must divide by size()) and the output is returned."""
+def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
+    """Sends rows of `tensor` to every rank of `process_set` (default: all) and returns what
+    each sent here, concatenated in rank order along dim 0. `splits[k]` rows (consecutive, in
+    rank order) go to the set's k-th rank; they must sum to dim 0 and may differ per rank. With
+    splits, returns (output, received_splits); without, dim 0 is split evenly (it must divide
+    by the set's size) and the output is returned."""
     _refuse_inside_hold("alltoall")
-    output, received = synchronize(alltoall_async(tensor, splits, name))
+    output, received = synchronize(alltoall_async(tensor, splits, name, process_set=process_set))
     return output if splits is None else (output, received)
 
 
-def barrier() -> None:
-    """Returns once every rank has called barrier() (negotiation only: no data moves)."""
+def barrier(process_set=global_process_set) -> None:
+    """Returns once every rank of `process_set` (default: all) has called barrier()
+    (negotiation only: no data moves)."""
     _refuse_inside_hold("barrier")
     _engine._require()
-    synchronize(_enqueue(_name(None, "barrier"), _BARRIER, torch.empty(0), None))
+    synchronize(_enqueue(None, _BARRIER, torch.empty(0), None, process_set=process_set))
 
 
-def join(device=None) -> int:
-    """Called by a rank that has run out of data: blocks until every rank has called join(),
-    and returns the rank that joined last. Meanwhile the other ranks' allreduces (Sum, Average)
-    go on with this rank contributing zeros (Average still divides by size(), as in Horovod)
-    and their allgathers with it contributing no rows; other collectives fail while a rank has
-    joined. `device` (Horovod's argument: a CUDA device index, or -1 / None for the CPU) says
-    where this rank makes the zeros for CUDA collectives when it has not run one yet; once it
-    has, they go on the GPU its tensors used."""
+def join(device=None, process_set=global_process_set) -> int:
+    """Called by a rank that has run out of data: blocks until every rank (of `process_set`,
+    default: all) has called join(), and returns the (global) rank that joined last.
+    Meanwhile the other ranks' allreduces (Sum, Average) go on with this rank contributing
+    zeros (Average still divides by size(), as in Horovod) and their allgathers with it
+    contributing no rows; other collectives fail while a rank has joined. `device` (Horovod's
+    argument: a CUDA device index, or -1 / None for the CPU) says where this rank makes the
+    zeros for CUDA collectives when it has not run one yet; once it has, they go on the GPU its
+    tensors used."""
     _refuse_inside_hold("join")
     _engine._require()
     marker = torch.empty(0)
@@ -475,4 +558,6 @@ def join(device=None) -> int:
             if isinstance(device, int)
             else torch.device(device),
         )
-    return int(synchronize(_enqueue("gradfuse.join", _JOIN, marker, None)).item())
+    handle = _enqueue("gradfuse.join", _JOIN, marker, None, process_set=process_set)
+    last = int(synchronize(handle).item())
+    return _sets._global_rank(_sets._check(process_set, "join"), last)

@@ -30,8 +30,9 @@ import warnings
 import torch
 
 from . import collectives, ops
-from ._engine import size
+from . import process_sets as _sets
 from .compression import Compression, TopKCompressor
+from .process_sets import ProcessSet, global_process_set
 
 
 class _DistributedOptimizer:
@@ -46,7 +47,11 @@ class _DistributedOptimizer:
         gradient_predivide_factor,
         bucket_cap_mb,
         gradient_as_bucket_view,
+        process_set,
     ):
+        if not isinstance(process_set, ProcessSet):
+            raise TypeError(f"process_set must be a gradfuse.ProcessSet, got {process_set!r}")
+        self._gf_process_set = process_set
         if backward_passes_per_step < 1:
             raise ValueError(
                 f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}"
@@ -96,8 +101,11 @@ class _DistributedOptimizer:
         self._gf_warned_step_after_sync = False
         self._gf_step = 0
         self._gf_topk_state = {}  # param -> {"residual": v, "momentum": u}
+        # A rank outside the process set steps on its own gradients (Horovod): no hooks.
         self._gf_hook_handles = [
-            p.register_post_accumulate_grad_hook(self._gf_hook) for p in self._gf_params
+            p.register_post_accumulate_grad_hook(self._gf_hook)
+            for p in self._gf_params
+            if process_set.included()
         ]
 
     @staticmethod
@@ -172,9 +180,11 @@ class _DistributedOptimizer:
     # ---- reduction -------------------------------------------------------------------------
 
     def _gf_scales(self):
-        """(engine op, prescale, postscale). Average = Sum with 1/size split around it."""
+        """(engine op, prescale, postscale). Average = Sum with 1/size (the process set's) split
+        around it."""
         if self._gf_op == collectives.Average:
-            return collectives.Sum, 1.0 / self._gf_predivide, self._gf_predivide / size()
+            size = _sets._size(self._gf_process_set)
+            return collectives.Sum, 1.0 / self._gf_predivide, self._gf_predivide / size
         return self._gf_op, 1.0, 1.0
 
     def _gf_hook(self, p):
@@ -227,10 +237,17 @@ class _DistributedOptimizer:
             return self._gf_topk_async(p, name, compression)
         if compression.wire_dtype is not None and p.grad.dtype != compression.wire_dtype:
             wire = compression.compress(p.grad, prescale)
-            handle = collectives.allreduce_async_(wire, name=name, op=op)
+            handle = collectives.allreduce_async_(
+                wire, name=name, op=op, process_set=self._gf_process_set
+            )
             return ("cast", (handle,), (wire, postscale))
         handle = collectives.allreduce_async_(
-            p.grad, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+            p.grad,
+            name=name,
+            op=op,
+            prescale_factor=prescale,
+            postscale_factor=postscale,
+            process_set=self._gf_process_set,
         )
         return ("dense", (handle,), None)
 
@@ -239,7 +256,9 @@ class _DistributedOptimizer:
         dense = grad.numel() < compression.min_numel
         if compression.momentum == 0 and dense:  # nothing to remember for this tensor
             send = grad.clone()
-            handle = collectives.allreduce_async_(send, name=name, op=collectives.Average)
+            handle = collectives.allreduce_async_(
+                send, name=name, op=collectives.Average, process_set=self._gf_process_set
+            )
             return ("topk_dense", (handle,), send)
         state = self._gf_topk_state.setdefault(p, {})
         if compression.momentum > 0:  # momentum correction: compress the velocity
@@ -250,7 +269,9 @@ class _DistributedOptimizer:
             source = grad
         if dense:  # small tensors travel dense
             send = source.to(grad.dtype, copy=True)
-            handle = collectives.allreduce_async_(send, name=name, op=collectives.Average)
+            handle = collectives.allreduce_async_(
+                send, name=name, op=collectives.Average, process_set=self._gf_process_set
+            )
             return ("topk_dense", (handle,), send)
         residual = state.setdefault("residual", torch.zeros_like(grad, dtype=torch.float32))
         values, indices = ops.topk_compress(
@@ -261,9 +282,10 @@ class _DistributedOptimizer:
         )
         if compression.momentum > 0:
             state["momentum"].view(-1)[indices] = 0  # momentum factor masking
+        ps = self._gf_process_set
         handles = (
-            collectives.allgather_async(values, name=name + ".values"),
-            collectives.allgather_async(indices, name=name + ".indices"),
+            collectives.allgather_async(values, name=name + ".values", process_set=ps),
+            collectives.allgather_async(indices, name=name + ".indices", process_set=ps),
         )
         return ("topk", handles, None)
 
@@ -277,12 +299,15 @@ class _DistributedOptimizer:
         elif kind == "topk":
             values, indices = results
             dense = ops.topk_decompress(values, indices, p.numel())
-            p.grad.copy_(dense.view_as(p.grad).div_(size()))
+            p.grad.copy_(dense.view_as(p.grad).div_(_sets._size(self._gf_process_set)))
 
     def synchronize(self):
         """Wait for every gradient's reduction (starting those whose hook did not fire on this
         rank, with zero gradients, so ranks using different parts of the model never hang)."""
         if self._gf_synchronized:
+            return
+        if not self._gf_process_set.included():
+            self._gf_synchronized = True  # nothing to reduce outside the process set
             return
         # Buckets this rank did not complete (some gradients unused here, or fewer backward
         # passes than backward_passes_per_step) and gradients never computed go now.
@@ -377,6 +402,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     gradient_predivide_factor: float = 1.0,
     bucket_cap_mb: float = 25,
     gradient_as_bucket_view: bool = False,
+    process_set: ProcessSet = global_process_set,
 ):
     """Wrap ``optimizer`` so ``step()`` applies gradients reduced over all ranks.
 
@@ -394,6 +420,8 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     ``gradient_as_bucket_view``: each ``.grad`` becomes a view of one flat buffer, so buckets
     are reduced in place with no fusion copies; ``zero_grad()`` then zeroes gradients instead
     of setting them to None (DDP's option of the same name).
+    ``process_set``: reduce over that set's ranks only (Average divides by its size); on a
+    rank outside it, ``step()`` applies the local gradients (as Horovod).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -416,6 +444,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
         gradient_predivide_factor,
         bucket_cap_mb,
         gradient_as_bucket_view,
+        process_set,
     )
     return wrapped
 
