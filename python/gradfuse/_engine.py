@@ -387,12 +387,12 @@ def cross_size() -> int:
 
 
 def stats(process_set=None) -> dict:
-    """Counters of this rank's engine since init() (or, with process_set, of that set's engine
-    since add_process_set): negotiation cycles (and those with work),
-    tensors and bytes reduced, collectives launched, fusion ratio (tensors per collective),
-    seconds spent negotiating, stalled tensors given up on, and the response cache's hits
-    (requests this rank announced as a cache index), misses (announced in full) and hit rate, and
-    in_place: allreduce batches reduced in their tensors' own memory, with no fusion buffer."""
+    """Counters of this rank's engine since init() (with process_set: that set's engine since
+    add_process_set): negotiation cycles (and those with work), tensors and bytes reduced,
+    collectives launched, fusion ratio (tensors per collective), seconds spent negotiating,
+    stalled tensors given up on, and the response cache's hits (requests this rank announced as
+    a cache index), misses (announced in full) and hit rate, and in_place: allreduce batches
+    reduced in their tensors' own memory, with no fusion buffer."""
     _require()
     ps = _process_sets._check(process_set, "stats")
     raw = _C().engine_stats(ps.process_set_id)

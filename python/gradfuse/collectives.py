@@ -122,7 +122,8 @@ def _enqueue(
 ):
     """Submits one collective to `process_set`'s engine and returns its handle. `name` is the
     user's (None: named automatically, per set); `root` is a global rank; a rank outside the
-    set gets a ValueError here, before anything is submitted."""
+    set gets a ValueError here, before anything is submitted. A new collective supports process
+    sets by taking `process_set=global_process_set` and passing it on here."""
     _engine._require()
     ps = _sets._check(process_set, _KIND_NAMES[kind])
     name = _name(name, _KIND_NAMES[kind], ps)
