@@ -247,17 +247,20 @@ def check_optimizer_state_distributed_optimizer():
     )
     train(opt, model, x, steps=1)  # every rank steps: the reductions pair up
     if hvd.rank() == 0:  # as if the root had restored a checkpoint
-        opt._gf_step = 7
-        for state in opt.state.values():
-            state["momentum_buffer"].mul_(2)
-    residuals = {p: s["residual"].clone() for p, s in opt._gf_topk_state.items()}
-    assert residuals, "top-k compression keeps residuals"
+        opt._gf_topk.step = 7
+        for group in opt.param_groups:
+            group["lr"] = 0.05
+    # Each rank's own unsent gradient and velocity (DGC's local accumulation).
+    memory = {p: {k: v.clone() for k, v in s.items()} for p, s in opt._gf_topk.memory.items()}
+    assert any("residual" in s for s in memory.values()), "top-k compression keeps residuals"
     hvd.broadcast_optimizer_state(opt, root_rank=0)
-    assert opt._gf_step == 7
+    assert opt._gf_topk.step == 7
+    assert all(group["lr"] == 0.05 for group in opt.param_groups)
     base = to_cpu(opt._gf_base.state_dict(opt))
     assert_same(base, hvd.broadcast_object(base, 0, name="root.base"), "wrapped state")
-    for p, s in opt._gf_topk_state.items():  # each rank keeps its own unsent gradient
-        assert torch.equal(s["residual"], residuals[p])
+    for p, s in opt._gf_topk.memory.items():  # each rank keeps its own
+        assert s.keys() == memory[p].keys()
+        assert all(torch.equal(v, memory[p][k]) for k, v in s.items())
 
 
 def check_optimizer_state_layout_mismatch_raises_everywhere():

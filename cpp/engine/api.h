@@ -9,10 +9,14 @@
 
 namespace gradfuse::engine {
 
+// One engine per process set (config.process_set_id; 0: the global set). stop_engine() stops
+// them all; stop_process_set_engine() one process set's (never the global one's).
 void start_engine(const EngineConfig& config);
 void stop_engine();
+void stop_process_set_engine(int process_set_id);
+// Whether the global set's engine runs.
 bool engine_running();
-// Starts (truncating `path`) / stops the running engine's timeline.
+// Starts (truncating `path`) / stops the global set engine's timeline.
 void start_timeline(const std::string& path);
 void stop_timeline();
 bool poll_handle(int64_t handle);
@@ -25,9 +29,10 @@ void forget_handle(int64_t handle);
 // How many handles the table holds (tests: nothing leaks).
 int64_t handle_count();
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
-// cache_misses, in_place} of the running engine.
-std::vector<int64_t> engine_stats();
-// Requests enqueued between hold and release are negotiated together (TensorQueue::hold).
+// cache_misses, in_place} of that process set's engine.
+std::vector<int64_t> engine_stats(int process_set_id = 0);
+// Requests enqueued between hold and release (in every engine) are negotiated together
+// (TensorQueue::hold).
 void hold_submissions();
 void release_submissions();
 

@@ -8,6 +8,14 @@ void validate(const EngineConfig& c) {
   TORCH_CHECK_VALUE(c.size >= 1, "gradfuse: size must be >= 1, got ", c.size);
   TORCH_CHECK_VALUE(c.rank >= 0 && c.rank < c.size, "gradfuse: rank must be in [0, ", c.size,
                     "), got ", c.rank);
+  TORCH_CHECK_VALUE(c.process_set_id >= 0, "gradfuse: process_set_id must be >= 0, got ",
+                    c.process_set_id);
+  TORCH_CHECK_VALUE(c.global_ranks.empty() || static_cast<int>(c.global_ranks.size()) == c.size,
+                    "gradfuse: global_ranks must be empty or hold size=", c.size, " ranks, got ",
+                    c.global_ranks.size());
+  TORCH_CHECK_VALUE(c.process_set_id == 0 || (c.local_group.empty() && c.cuda_local_group.empty()),
+                    "gradfuse: hierarchical allreduce is only supported on the global process "
+                    "set (id 0), got process_set_id=", c.process_set_id);
   TORCH_CHECK_VALUE(!c.control_group.empty(), "gradfuse: control_group must name a group");
   TORCH_CHECK_VALUE(!c.cpu_group.empty(), "gradfuse: cpu_group must name a group");
   TORCH_CHECK_VALUE(c.local_group.empty() == c.cross_group.empty(),

@@ -4,10 +4,16 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace gradfuse::engine {
 
 struct EngineConfig {
+  // The process set this engine serves (0: the global set). rank and size are this rank's
+  // place in the set and the set's size; global_ranks[r] is set rank r's global rank (empty:
+  // the identity), so messages name ranks as the user knows them.
+  int process_set_id = 0;
+  std::vector<int> global_ranks;
   int rank = 0;
   int size = 1;
   // Process groups by name (torch.distributed.new_group(...).group_name), resolved in C++ with

@@ -1,6 +1,7 @@
-// The engine: one per process, between gradfuse.init() and shutdown(). Callers enqueue named
-// tensors; a background thread negotiates with the other ranks which are ready everywhere,
-// fuses them and runs the collectives, then completes the handles.
+// The engine: one per process set this rank is in (the global set's between gradfuse.init()
+// and shutdown()). Callers enqueue named tensors; a background thread negotiates with the set's
+// other ranks which are ready everywhere, fuses them and runs the collectives, then completes
+// the handles.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -113,19 +114,28 @@ class Engine {
   std::unique_ptr<LivenessMonitor> liveness_;
 };
 
-// The process-wide engine. start() fails if one is running; stop() is a no-op when none is.
+// The engines of this process, one per process set (config.process_set_id; 0 is the global set,
+// started by init()). start fails if that set's engine runs (or, for a process set, if the
+// global one does not); stop_engine() stops them all and is a no-op when none runs.
 void start_engine(const EngineConfig& config);
 void stop_engine();
+// remove_process_set: stops that set's engine (no-op where this rank has none); never id 0.
+void stop_process_set_engine(int process_set_id);
+// Whether the global set's engine runs.
 bool engine_running();
-// Engine::hold() / release() of the running engine.
+// Engine::hold() / release() of every running engine.
 void hold_submissions();
 void release_submissions();
+// The global set's timeline.
 void start_timeline(const std::string& path);
 void stop_timeline();
-// The running engine, or a RuntimeError saying init() was not called / shutdown() was.
+// The global set's engine, or a RuntimeError saying init() was not called / shutdown() was.
 std::shared_ptr<Engine> current_engine();
+// That process set's engine on this rank; a ValueError when it has none (removed, unknown, or
+// this rank is not a member).
+std::shared_ptr<Engine> process_set_engine(int process_set_id);
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
-// cache_misses, in_place} of the running engine.
-std::vector<int64_t> engine_stats();
+// cache_misses, in_place} of that process set's engine.
+std::vector<int64_t> engine_stats(int process_set_id);
 
 }  // namespace gradfuse::engine

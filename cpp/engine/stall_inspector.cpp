@@ -5,16 +5,14 @@
 
 namespace gradfuse::engine {
 
-namespace {
-
-std::string rank_list(const std::vector<int>& ranks) {
+std::string StallInspector::rank_list(const std::vector<int>& ranks) const {
   std::ostringstream s;
   s << "rank" << (ranks.size() > 1 ? "s " : " ");
-  for (size_t i = 0; i < ranks.size(); ++i) s << (i ? ", " : "") << ranks[i];
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    s << (i ? ", " : "") << (global_ranks_.empty() ? ranks[i] : global_ranks_[ranks[i]]);
+  }
   return s.str();
 }
-
-}  // namespace
 
 void StallInspector::check(Controller& controller, int64_t now_ms, std::vector<Response>& out) {
   const auto& table = controller.pending_table();
@@ -38,7 +36,9 @@ void StallInspector::check(Controller& controller, int64_t now_ms, std::vector<R
       (per_rank[r] ? ready : missing).push_back(static_cast<int>(r));
     }
     std::ostringstream what;
-    what << "tensor '" << name << "' waited " << age / 1000.0 << " s: submitted by "
+    what << "tensor '" << name << "'";
+    if (process_set_id_ > 0) what << " (process set " << process_set_id_ << ")";
+    what << " waited " << age / 1000.0 << " s: submitted by "
          << rank_list(ready) << ", missing on " << rank_list(missing);
     if (shutdown_ms_ > 0 && age >= shutdown_ms_) {
       Response resp;
@@ -55,7 +55,8 @@ void StallInspector::check(Controller& controller, int64_t now_ms, std::vector<R
     auto warned = warned_ms_.find(name);
     if (warned != warned_ms_.end() && now_ms - warned->second < warning_ms_) continue;
     warned_ms_[name] = now_ms;
-    log << "gradfuse[rank " << rank_ << "]: stall warning: " << what.str() << "\n";
+    const int me = global_ranks_.empty() ? rank_ : global_ranks_[rank_];
+    log << "gradfuse[rank " << me << "]: stall warning: " << what.str() << "\n";
   }
   for (const std::string& name : given_up) {
     controller.drop(name);

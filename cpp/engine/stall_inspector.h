@@ -16,10 +16,15 @@ namespace gradfuse::engine {
 
 class StallInspector {
  public:
-  StallInspector(int rank, double warning_s, double shutdown_s)
+  // `global_ranks` (empty: the identity) maps the engine's ranks to the global ranks that
+  // reports name; `process_set_id` > 0 says which process set the tensor is in.
+  StallInspector(int rank, double warning_s, double shutdown_s,
+                 std::vector<int> global_ranks = {}, int process_set_id = 0)
       : rank_(rank),
         warning_ms_(static_cast<int64_t>(warning_s * 1000)),
-        shutdown_ms_(static_cast<int64_t>(shutdown_s * 1000)) {}
+        shutdown_ms_(static_cast<int64_t>(shutdown_s * 1000)),
+        global_ranks_(std::move(global_ranks)),
+        process_set_id_(process_set_id) {}
 
   // Once per cycle, after the controller has seen every rank's requests. `now_ms` is rank 0's
   // clock, carried in the negotiation, so every rank ages names identically and gives up on
@@ -31,6 +36,10 @@ class StallInspector {
   int rank_;
   int64_t warning_ms_;
   int64_t shutdown_ms_;
+  std::vector<int> global_ranks_;
+  int process_set_id_;
+  // "rank 3" / "ranks 0, 2" in global ranks.
+  std::string rank_list(const std::vector<int>& ranks) const;
   std::unordered_map<std::string, int64_t> first_seen_ms_;
   std::unordered_map<std::string, int64_t> warned_ms_;  // last warning per name
 };

@@ -49,8 +49,11 @@ PYBIND11_MODULE(_C, m) {
          const std::string& cuda_local_group, const std::string& cuda_cross_group,
          double timeout_s, const std::string& store_host, int store_port,
          const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
-         const std::string& timeline_path, int64_t cache_capacity) {
+         const std::string& timeline_path, int64_t cache_capacity, int process_set_id,
+         const std::vector<int>& global_ranks) {
         gradfuse::engine::EngineConfig c;
+        c.process_set_id = process_set_id;
+        c.global_ranks = global_ranks;
         c.rank = rank;
         c.size = size;
         c.control_group = control_group;
@@ -79,15 +82,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
       py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
       py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
-      py::arg("cache_capacity") = 1024,
-      "Start the engine's background thread on the named process groups.");
+      py::arg("cache_capacity") = 1024, py::arg("process_set_id") = 0,
+      py::arg("global_ranks") = std::vector<int>{},
+      "Start the engine of process set `process_set_id` (0: the global set, by init(); others "
+      "by add_process_set on their members, rank and size within the set, global_ranks its "
+      "members) with its background thread on the named process groups.");
   // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
-        "Stop the engine on every rank; pending handles fail.");
+        "Stop every process set's engine on every rank; pending handles fail.");
+  m.def("engine_stop_process_set", &gradfuse::engine::stop_process_set_engine,
+        py::arg("process_set_id"), py::call_guard<py::gil_scoped_release>(),
+        "Stop one process set's engine on its members (remove_process_set); its pending "
+        "handles fail. No-op where this rank has none.");
   m.def("engine_running", &gradfuse::engine::engine_running);
   m.def("engine_hold", &gradfuse::engine::hold_submissions,
-        "Hold what is enqueued from now on until engine_release(), so it is negotiated as one "
-        "group (gradfuse.collectives.submitted_together).");
+        "Hold what is enqueued (in every process set) from now on until engine_release(), so it "
+        "is negotiated as one group (gradfuse.collectives.submitted_together).");
   m.def("engine_release", &gradfuse::engine::release_submissions,
         "End an engine_hold(): the held requests go out in the next negotiation.");
   m.def("engine_start_timeline", &gradfuse::engine::start_timeline, py::arg("path"),
@@ -96,8 +106,8 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(), "Close the timeline file.");
   m.def(
       "engine_stats",
-      [] {
-        const auto v = gradfuse::engine::engine_stats();
+      [](int process_set_id) {
+        const auto v = gradfuse::engine::engine_stats(process_set_id);
         py::dict d;
         const char* keys[] = {"cycles",       "busy_cycles", "tensors",
                               "collectives",  "bytes",       "negotiate_ns",
@@ -106,9 +116,11 @@ PYBIND11_MODULE(_C, m) {
         for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
         return d;
       },
-      "Counters of the running engine: negotiation cycles, busy cycles, tensors, collectives, "
-      "bytes, negotiation time (ns), stalled tensors given up on, requests sent as response "
-      "cache indices and in full, allreduce batches reduced in place (no fusion buffer).");
+      py::arg("process_set_id") = 0,
+      "Counters of a process set's engine (default: the global set's): negotiation cycles, "
+      "busy cycles, tensors, collectives, bytes, negotiation time (ns), stalled tensors given "
+      "up on, requests sent as response cache indices and in full, allreduce batches reduced "
+      "in place (no fusion buffer).");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait_for", &gradfuse::engine::wait_handle_for, py::arg("handle"),

@@ -76,6 +76,7 @@ from .grouped import (
     grouped_reducescatter,
     grouped_reducescatter_async,
 )
+from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
 from .sparse import sparse_allreduce_async
 from .sync_batch_norm import SyncBatchNorm
 from .timeline import start_timeline, stop_timeline
@@ -88,10 +89,12 @@ __all__ = [
     "HorovodInternalError",
     "Max",
     "Min",
+    "ProcessSet",
     "Product",
     "Sum",
     "SyncBatchNorm",
     "__version__",
+    "add_process_set",
     "allgather",
     "allgather_async",
     "allgather_object",
@@ -116,6 +119,7 @@ __all__ = [
     "cuda_built",
     "data",
     "ddl_built",
+    "global_process_set",
     "gloo_built",
     "gloo_enabled",
     "grouped_allgather",
@@ -142,6 +146,7 @@ __all__ = [
     "rank",
     "reducescatter",
     "reducescatter_async",
+    "remove_process_set",
     "rocm_built",
     "shutdown",
     "size",

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from . import config as _config
 from . import launch as _launch
+from . import process_sets as _process_sets
 from .exceptions import NotInitializedError
 
 _lock = threading.Lock()
@@ -51,16 +52,19 @@ def init(**options) -> None:
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
     node), cuda_backend ("nccl", the default, one GPU per rank; or "gloo", which lets several
     ranks share one GPU, for tests) and test_local_size (tests only: consecutive ranks act as
-    nodes of that size).
+    nodes of that size). process_sets (Horovod's): ProcessSets (or rank lists) to add right
+    away, as add_process_set() does, in order.
 
     Calling init() while initialized does nothing; after shutdown() it starts again."""
     global _state, _created_default_group
     if _forked_from is not None:
         raise RuntimeError(_FORKED.format(pid=_forked_from))
+    process_sets = options.pop("process_sets", None)
     cfg = _config.resolve(**options)
     with _lock:
         if _state is not None and _C().engine_running():
             return
+        process_sets = process_sets if _state is None else None
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         cuda = _cuda_backend(cfg)
         if not dist.is_initialized():
@@ -88,6 +92,8 @@ def init(**options) -> None:
         groups = {
             "control": dist.new_group(backend="gloo", timeout=timeout),
             "cpu": dist.new_group(backend="gloo", timeout=timeout),
+            # add_process_set / remove_process_set check on it that every rank agrees.
+            "sets": dist.new_group(backend="gloo", timeout=timeout),
         }
         try:
             # Before any group whose construction depends on them: ranks creating groups of
@@ -104,31 +110,48 @@ def init(**options) -> None:
             for group in groups.values():
                 dist.destroy_process_group(group)
             raise
-        store_host, store_port = _tcp_store_address()
-        _C().engine_start(
-            rank=rank,
-            size=size,
-            control_group=groups["control"].group_name,
-            cpu_group=groups["cpu"].group_name,
-            cuda_group=groups["cuda"].group_name if "cuda" in groups else "",
-            fusion_threshold_bytes=cfg.fusion_threshold_bytes,
-            cycle_time_ms=cfg.cycle_time_ms,
-            local_group=_group_name(groups, "local"),
-            cross_group=_group_name(groups, "cross"),
-            cuda_local_group=_group_name(groups, "cuda_local"),
-            cuda_cross_group=_group_name(groups, "cuda_cross"),
-            timeout_s=cfg.timeout_s,
-            store_host=store_host,
-            store_port=store_port,
-            # The control group's name is new at every init(), so a restarted engine never
-            # reads the heartbeats of the previous one.
-            heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
-            stall_warning_s=cfg.stall_warning_s,
-            stall_shutdown_s=cfg.stall_shutdown_s,
-            timeline_path=cfg.timeline if rank == 0 else "",
-            cache_capacity=cfg.cache_capacity,
-        )
+        _start_engine(cfg, groups, rank=rank, size=size)
         _state = _State(rank, size, nodes, groups)
+        _state.cfg, _state.cuda = cfg, cuda  # what process sets' engines are started with
+        _process_sets._on_init(size)
+    if process_sets:
+        try:
+            _process_sets._add_at_init(process_sets)
+        except BaseException:
+            shutdown()  # every rank fails alike (add_process_set agrees first)
+            raise
+
+
+def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
+    """Starts the engine of a process set (0: the global set) on its groups; rank and size are
+    this rank's within the set."""
+    store_host, store_port = _tcp_store_address()
+    _C().engine_start(
+        rank=rank,
+        size=size,
+        control_group=groups["control"].group_name,
+        cpu_group=groups["cpu"].group_name,
+        cuda_group=_group_name(groups, "cuda"),
+        fusion_threshold_bytes=cfg.fusion_threshold_bytes,
+        cycle_time_ms=cfg.cycle_time_ms,
+        local_group=_group_name(groups, "local"),
+        cross_group=_group_name(groups, "cross"),
+        cuda_local_group=_group_name(groups, "cuda_local"),
+        cuda_cross_group=_group_name(groups, "cuda_cross"),
+        timeout_s=cfg.timeout_s,
+        store_host=store_host,
+        store_port=store_port,
+        # The control group's name is new for every engine, so a restarted engine never reads
+        # the heartbeats of the previous one, and no two process sets share keys.
+        heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
+        stall_warning_s=cfg.stall_warning_s,
+        stall_shutdown_s=cfg.stall_shutdown_s,
+        # One timeline: the global set's, written by rank 0.
+        timeline_path=cfg.timeline if rank == 0 and process_set_id == 0 else "",
+        cache_capacity=cfg.cache_capacity,
+        process_set_id=process_set_id,
+        global_ranks=list(global_ranks),
+    )
 
 
 def _tcp_store_address():
@@ -291,7 +314,8 @@ def shutdown() -> None:
     with _lock:
         if _state is None:
             return
-        _C().engine_stop()  # releases the GIL while the thread finishes
+        _C().engine_stop()  # every process set's; releases the GIL while the threads finish
+        _process_sets._on_shutdown()
         for group in _state.groups.values():
             dist.destroy_process_group(group)
         # The default group is kept so that init() can be called again.
@@ -373,14 +397,16 @@ def cross_size() -> int:
     return _require().cross_size
 
 
-def stats() -> dict:
-    """Counters of this rank's engine since init(): negotiation cycles (and those with work),
-    tensors and bytes reduced, collectives launched, fusion ratio (tensors per collective),
-    seconds spent negotiating, stalled tensors given up on, and the response cache's hits
-    (requests this rank announced as a cache index), misses (announced in full) and hit rate, and
-    in_place: allreduce batches reduced in their tensors' own memory, with no fusion buffer."""
+def stats(process_set=None) -> dict:
+    """Counters of this rank's engine since init() (with process_set: that set's engine since
+    add_process_set): negotiation cycles (and those with work), tensors and bytes reduced,
+    collectives launched, fusion ratio (tensors per collective), seconds spent negotiating,
+    stalled tensors given up on, and the response cache's hits (requests this rank announced as
+    a cache index), misses (announced in full) and hit rate, and in_place: allreduce batches
+    reduced in their tensors' own memory, with no fusion buffer."""
     _require()
-    raw = _C().engine_stats()
+    ps = _process_sets._check(process_set, "stats")
+    raw = _C().engine_stats(ps.process_set_id)
     out = {k: v for k, v in raw.items() if k != "negotiate_ns"}
     out["negotiation_s"] = raw["negotiate_ns"] / 1e9
     out["fusion_ratio"] = raw["tensors"] / raw["collectives"] if raw["collectives"] else 0.0

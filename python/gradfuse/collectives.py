@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import itertools
 import threading
 
 import torch
 
 from . import _engine
+from . import process_sets as _sets
 from .compression import Compression
 from .exceptions import HorovodInternalError
+from .process_sets import global_process_set
 
 # Reduce ops; the values are the engine's ReduceOp enum (cpp/engine/message.h).
 Sum, Average, Min, Max, Product = 0, 1, 2, 3, 4
@@ -28,6 +29,15 @@ _OP_NAMES = {
     Adasum: "Adasum",
 }
 _ALLREDUCE, _ALLGATHER, _BROADCAST = 0, 1, 2
+_KIND_NAMES = [
+    "allreduce",
+    "allgather",
+    "broadcast",
+    "reducescatter",
+    "alltoall",
+    "barrier",
+    "join",
+]
 
 # handle -> the caller's tensor for in-place calls (synchronize returns it), else None. For a
 # non-contiguous in-place tensor the engine works on a contiguous copy, copied back then.
@@ -37,7 +47,6 @@ _pending_lock = threading.Lock()
 # copying it into the in-place tensor): for collectives built on another one (Adasum on an
 # allgather). Set with _set_finisher().
 _finishers: dict = {}
-_auto_names = itertools.count()
 # handle -> the factor synchronize() multiplies the output by: scaling the engine does not do
 # for this kind of collective (reducescatter's postscale; see reducescatter_async).
 _postscales: dict[int, float] = {}
@@ -101,10 +110,10 @@ def _note_submitted(handle):
         _held.handles.add(handle)
 
 
-def _name(name, kind):
+def _name(name, kind, process_set=None):
+    """`name`, checked, or (None) the next automatic name of `kind` in `process_set`."""
     if name is None:
-        # Ranks calling the same unnamed collectives in the same order get the same names.
-        return f"{kind}.noname.{next(_auto_names)}"
+        return _sets._auto_name(kind, _sets._check(process_set, kind))
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string or None, got {name!r}")
     return name
@@ -130,8 +139,27 @@ def _resolve_op(average, op, fn):
     return op
 
 
-def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale=1.0):
+def _enqueue(
+    name,
+    kind,
+    tensor,
+    output,
+    root=0,
+    op=Sum,
+    prescale=1.0,
+    postscale=1.0,
+    splits=(),
+    process_set=global_process_set,
+):
+    """Submits one collective to `process_set`'s engine and returns its handle. `name` is the
+    user's (None: named automatically, per set); `root` is a global rank; a rank outside the
+    set gets a ValueError here, before anything is submitted. A new collective supports process
+    sets by taking `process_set=global_process_set` and passing it on here."""
     _engine._require()
+    ps = _sets._check(process_set, _KIND_NAMES[kind])
+    name = _name(name, _KIND_NAMES[kind], ps)
+    if kind == _BROADCAST:
+        root = _sets._set_rank(ps, root, "broadcast")
     in_place = output if output is tensor else None
     if output is not None and not output.is_contiguous():
         output = torch.empty_like(output, memory_format=torch.contiguous_format)
@@ -145,11 +173,15 @@ def _enqueue(name, kind, tensor, output, root=0, op=Sum, prescale=1.0, postscale
             op,
             float(prescale),
             float(postscale),
+            list(splits),
+            ps.process_set_id,
         )
     except RuntimeError as e:  # the engine stopped (a peer failed, shutdown): as Horovod
         raise _internal_error(e) from e
     with _pending_lock:
         _pending[handle] = in_place
+        if kind == _ALLTOALL:
+            _alltoall_handles.add(handle)
     _note_submitted(handle)
     return handle
 
@@ -251,54 +283,85 @@ def synchronize(handle):
 
 
 def allreduce_async(
-    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> int:
     _check_tensor(tensor, "allreduce_async")
     op = _resolve_op(average, op, "allreduce_async")
     if op == Adasum:
-        return _adasum_async(tensor, name, None, prescale_factor, postscale_factor, "allreduce")
+        return _adasum_async(
+            tensor, name, None, prescale_factor, postscale_factor, process_set, "allreduce"
+        )
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     return _enqueue(
-        _name(name, "allreduce"),
+        name,
         _ALLREDUCE,
         tensor,
         output,
         op=op,
         prescale=prescale_factor,
         postscale=postscale_factor,
+        process_set=process_set,
     )
 
 
 def allreduce_async_(
-    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> int:
     _check_tensor(tensor, "allreduce_async_")
     op = _resolve_op(average, op, "allreduce_async_")
     if op == Adasum:
-        return _adasum_async(tensor, name, tensor, prescale_factor, postscale_factor, "allreduce_")
+        return _adasum_async(
+            tensor, name, tensor, prescale_factor, postscale_factor, process_set, "allreduce_"
+        )
     return _enqueue(
-        _name(name, "allreduce"),
+        name,
         _ALLREDUCE,
         tensor,
         tensor,
         op=op,
         prescale=prescale_factor,
         postscale=postscale_factor,
+        process_set=process_set,
     )
 
 
-def _adasum_async(tensor, name, into, prescale, postscale, fn):
+def _adasum_async(tensor, name, into, prescale, postscale, process_set, fn):
     from . import adasum  # it builds on this module
 
+    if _sets._check(process_set, fn).process_set_id != 0:
+        raise NotImplementedError(
+            f"gradfuse.{fn}: op=Adasum works on the global process set only (as in Horovod), "
+            f"got {process_set}"
+        )
     return adasum.allreduce_async(tensor, _name(name, "allreduce"), into, prescale, postscale, fn)
 
 
 def allreduce_(
-    tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> torch.Tensor:
     _refuse_inside_hold("allreduce_")
     return synchronize(
-        allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor)
+        allreduce_async_(
+            tensor, average, name, op, prescale_factor, postscale_factor, process_set=process_set
+        )
     )
 
 
@@ -312,26 +375,31 @@ def _require_differentiable(op, fn):
 
 class _Allreduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name, op, prescale, postscale):
+    def forward(ctx, tensor, name, op, prescale, postscale, process_set):
         ctx.op, ctx.prescale, ctx.postscale = op, prescale, postscale
+        ctx.process_set = process_set
         return synchronize(
             allreduce_async(
-                tensor, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+                tensor,
+                name=name,
+                op=op,
+                prescale_factor=prescale,
+                postscale_factor=postscale,
+                process_set=process_set,
             )
         )
 
     @staticmethod
     def backward(ctx, grad):
         _require_differentiable(ctx.op, "allreduce")
-        return (
-            allreduce(
-                grad, op=ctx.op, prescale_factor=ctx.prescale, postscale_factor=ctx.postscale
-            ),
-            None,
-            None,
-            None,
-            None,
+        reduced = allreduce(
+            grad,
+            op=ctx.op,
+            prescale_factor=ctx.prescale,
+            postscale_factor=ctx.postscale,
+            process_set=ctx.process_set,
         )
+        return reduced, None, None, None, None, None
 
 
 def allreduce(
@@ -342,49 +410,56 @@ def allreduce(
     op=None,
     prescale_factor=1.0,
     postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> torch.Tensor:
-    """Reduces `tensor` over all ranks (default op: Average) and returns a new tensor.
-    Differentiable for Sum and Average. op=Adasum: see gradfuse.adasum."""
+    """Reduces `tensor` over the ranks of `process_set` (default: all; op default: Average,
+    which divides by the set's size) and returns a new tensor. Differentiable for Sum and
+    Average. op=Adasum: see gradfuse.adasum."""
     _refuse_inside_hold("allreduce")
     _check_tensor(tensor, "allreduce")
     if compression is not None:
         raise ValueError("gradfuse.allreduce: compression is not supported yet; pass None")
     op = _resolve_op(average, op, "allreduce")
-    return _Allreduce.apply(tensor, _name(name, "allreduce"), op, prescale_factor, postscale_factor)
+    name = _name(name, "allreduce", process_set)
+    return _Allreduce.apply(tensor, name, op, prescale_factor, postscale_factor, process_set)
 
 
 # ---- allgather -------------------------------------------------------------------------------
 
 
-def allgather_async(tensor, name=None) -> int:
+def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "allgather_async")
-    return _enqueue(_name(name, "allgather"), _ALLGATHER, tensor, None)
+    return _enqueue(name, _ALLGATHER, tensor, None, process_set=process_set)
 
 
 class _Allgather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name):
-        ctx.dim0 = tensor.shape[0]
-        return synchronize(allgather_async(tensor, name=name))
+    def forward(ctx, tensor, name, process_set):
+        ctx.dim0, ctx.process_set = tensor.shape[0], process_set
+        return synchronize(allgather_async(tensor, name=name, process_set=process_set))
 
     @staticmethod
     def backward(ctx, grad):
-        # Horovod's gradient: the ranks' gradients averaged (not summed), this rank's rows.
-        grad = allreduce(grad, op=Average)
-        dims = synchronize(allgather_async(torch.tensor([ctx.dim0], dtype=torch.int64)))
-        start = int(dims[: _engine.rank()].sum())
-        return grad.narrow(0, start, ctx.dim0), None
+        # Horovod's gradient: the set's gradients averaged (not summed), this rank's rows.
+        ps = ctx.process_set
+        grad = allreduce(grad, op=Average, process_set=ps)
+        dims = synchronize(
+            allgather_async(torch.tensor([ctx.dim0], dtype=torch.int64), process_set=ps)
+        )
+        start = int(dims[: _sets._set_rank(ps, _engine.rank(), "allgather", "rank")].sum())
+        return grad.narrow(0, start, ctx.dim0), None, None
 
 
-def allgather(tensor, name=None) -> torch.Tensor:
-    """Concatenates every rank's tensor along dim 0 (its size may differ per rank)."""
+def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor:
+    """Concatenates the tensors of `process_set`'s ranks (default: all) along dim 0, in rank
+    order (its size may differ per rank)."""
     _refuse_inside_hold("allgather")
     _check_tensor(tensor, "allgather")
     if tensor.dim() == 0:
         raise ValueError(
             "gradfuse.allgather: tensor must have at least one dimension (the one gathered along)"
         )
-    return _Allgather.apply(tensor, _name(name, "allgather"))
+    return _Allgather.apply(tensor, _name(name, "allgather", process_set), process_set)
 
 
 # ---- broadcast -------------------------------------------------------------------------------
@@ -396,55 +471,63 @@ def _check_root(root_rank, fn):
     return root_rank
 
 
-def broadcast_async(tensor, root_rank, name=None) -> int:
+def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "broadcast_async")
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     return _enqueue(
-        _name(name, "broadcast"),
+        name,
         _BROADCAST,
         tensor,
         output,
         root=_check_root(root_rank, "broadcast_async"),
+        process_set=process_set,
     )
 
 
-def broadcast_async_(tensor, root_rank, name=None) -> int:
+def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "broadcast_async_")
     return _enqueue(
-        _name(name, "broadcast"),
+        name,
         _BROADCAST,
         tensor,
         tensor,
         root=_check_root(root_rank, "broadcast_async_"),
+        process_set=process_set,
     )
 
 
-def broadcast_(tensor, root_rank, name=None) -> torch.Tensor:
+def broadcast_(tensor, root_rank, name=None, process_set=global_process_set) -> torch.Tensor:
     _refuse_inside_hold("broadcast_")
-    return synchronize(broadcast_async_(tensor, root_rank, name))
+    return synchronize(broadcast_async_(tensor, root_rank, name, process_set=process_set))
 
 
 class _Broadcast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, root_rank, name):
-        ctx.root = root_rank
-        return synchronize(broadcast_async(tensor, root_rank, name=name))
+    def forward(ctx, tensor, root_rank, name, process_set):
+        ctx.root, ctx.process_set = root_rank, process_set
+        return synchronize(broadcast_async(tensor, root_rank, name=name, process_set=process_set))
 
     @staticmethod
     def backward(ctx, grad):
         # Only the root's input reached the outputs: it gets the ranks' gradients averaged
         # (Horovod's gradient; not summed), the others zeros.
-        grad = allreduce(grad, op=Average)
+        grad = allreduce(grad, op=Average, process_set=ctx.process_set)
         if _engine.rank() != ctx.root:
             grad = torch.zeros_like(grad)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def broadcast(tensor, root_rank, name=None) -> torch.Tensor:
-    """Returns root_rank's tensor on every rank; `tensor` itself is left untouched."""
+def broadcast(tensor, root_rank, name=None, process_set=global_process_set) -> torch.Tensor:
+    """Returns root_rank's tensor on every rank of `process_set` (default: all; root_rank is a
+    global rank, a member of the set); `tensor` itself is left untouched."""
     _refuse_inside_hold("broadcast")
     _check_tensor(tensor, "broadcast")
-    return _Broadcast.apply(tensor, _check_root(root_rank, "broadcast"), _name(name, "broadcast"))
+    return _Broadcast.apply(
+        tensor,
+        _check_root(root_rank, "broadcast"),
+        _name(name, "broadcast", process_set),
+        process_set,
+    )
 
 
 # ---- reducescatter, alltoall, barrier, join --------------------------------------------------
@@ -468,7 +551,12 @@ def _reducescatter_op(op, fn):
 
 
 def reducescatter_async(
-    tensor, name=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    name=None,
+    op=Average,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> int:
     """Starts a reducescatter; synchronize(handle) returns this rank's rows of the result."""
     _check_tensor(tensor, "reducescatter_async")
@@ -478,11 +566,12 @@ def reducescatter_async(
     # to a copy of the input before the reduction, the postscale to the output after it (by
     # synchronize), each at the tensor's precision as the engine would.
     handle = _enqueue(
-        _name(name, "reducescatter"),
+        name,
         _REDUCESCATTER,
         _scaled(tensor, prescale_factor),
         None,
         op=op,
+        process_set=process_set,
     )
     if float(postscale_factor) != 1.0:
         with _pending_lock:
@@ -492,46 +581,53 @@ def reducescatter_async(
 
 class _Reducescatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name, op, prescale, postscale):
+    def forward(ctx, tensor, name, op, prescale, postscale, process_set):
         ctx.op, ctx.scale = op, float(prescale) * float(postscale)
+        ctx.process_set = process_set
         return synchronize(
             reducescatter_async(
-                tensor, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+                tensor,
+                name=name,
+                op=op,
+                prescale_factor=prescale,
+                postscale_factor=postscale,
+                process_set=process_set,
             )
         )
 
     @staticmethod
     def backward(ctx, grad):
-        return (
-            allgather(_reducescatter_grad_scaled(grad, ctx.op, ctx.scale)),
-            None,
-            None,
-            None,
-            None,
-        )
+        ps = ctx.process_set
+        scaled = _reducescatter_grad_scaled(grad, ctx.op, ctx.scale, ps)
+        return allgather(scaled, process_set=ps), None, None, None, None, None
 
 
-def _reducescatter_grad_scaled(grad, op, scale):
+def _reducescatter_grad_scaled(grad, op, scale, process_set):
     """Horovod's reducescatter gradient, before the allgather that returns every rank's rows:
-    times size() for Sum (1 for Average), times the prescale and postscale."""
-    return _scaled(grad, scale * (_engine.size() if op == Sum else 1))
+    times the set's size for Sum (1 for Average), times the prescale and postscale."""
+    return _scaled(grad, scale * (_sets._size(process_set) if op == Sum else 1))
 
 
 def reducescatter(
-    tensor, name=None, compression=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+    tensor,
+    name=None,
+    compression=None,
+    op=Average,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> torch.Tensor:
-    """Reduces `tensor` (same shape on every rank) over all ranks and returns this rank's rows
-    of the result. Dim 0 is split as evenly as possible; the first (dim0 % size) ranks get one
-    row more (Horovod's split). op: Sum or Average (default). prescale_factor multiplies the
+    """Reduces `tensor` (same shape on every rank) over the ranks of `process_set` (default:
+    all) and returns this rank's rows of the result. Dim 0 is split as evenly as possible over
+    the set; the first (dim0 % size) ranks get one row more (Horovod's split). op: Sum or Average (default). prescale_factor multiplies the
     input before the reduction, postscale_factor the output after it. Differentiable
     (Horovod's gradient: the allgather of the output's gradient, times size() for Sum)."""
     _refuse_inside_hold("reducescatter")
     _check_tensor(tensor, "reducescatter")
     _check_compression(compression, "reducescatter")
     op = _reducescatter_op(op, "reducescatter")
-    return _Reducescatter.apply(
-        tensor, _name(name, "reducescatter"), op, prescale_factor, postscale_factor
-    )
+    name = _name(name, "reducescatter", process_set)
+    return _Reducescatter.apply(tensor, name, op, prescale_factor, postscale_factor, process_set)
 
 
 def _splits_list(splits):
@@ -553,63 +649,59 @@ def _splits_list(splits):
     return values
 
 
-def alltoall_async(tensor, splits=None, name=None) -> int:
+def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> int:
     """Starts an alltoall; synchronize(handle) returns (output, received_splits)."""
     _check_tensor(tensor, "alltoall_async")
-    _engine._require()
     split_list = [] if splits is None else _splits_list(splits)
-    handle = torch.ops.gradfuse._enqueue(
-        _name(name, "alltoall"), _ALLTOALL, tensor.detach(), None, 0, Sum, 1.0, 1.0, split_list
-    )
-    with _pending_lock:
-        _pending[handle] = None
-        _alltoall_handles.add(handle)
-    _note_submitted(handle)
-    return handle
+    return _enqueue(name, _ALLTOALL, tensor, None, splits=split_list, process_set=process_set)
 
 
 class _Alltoall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, splits, name):
-        output, received = synchronize(alltoall_async(tensor, splits, name))
-        ctx.received = received
+    def forward(ctx, tensor, splits, name, process_set):
+        output, received = synchronize(alltoall_async(tensor, splits, name, process_set))
+        ctx.received, ctx.process_set = received, process_set
         ctx.mark_non_differentiable(received)
         return output, received
 
     @staticmethod
     def backward(ctx, grad, _received_grad):
         # Every row goes back to the rank it came from: an alltoall with the received splits.
-        back, _ = synchronize(alltoall_async(grad, ctx.received))
-        return back, None, None
+        back, _ = synchronize(alltoall_async(grad, ctx.received, process_set=ctx.process_set))
+        return back, None, None, None
 
 
-def alltoall(tensor, splits=None, name=None):
-    """Sends rows of `tensor` to every rank and returns what every rank sent here, concatenated
-    in rank order along dim 0. `splits[k]` rows (consecutive, in rank order) go to rank k; they
-    must sum to dim 0 and may differ per rank. With splits, returns (output, received_splits);
-    without, dim 0 is split evenly (it must divide by size()) and the output is returned.
+def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
+    """Sends rows of `tensor` to every rank of `process_set` (default: all) and returns what
+    each sent here, concatenated in rank order along dim 0. `splits[k]` rows (consecutive, in
+    rank order) go to the set's k-th rank; they must sum to dim 0 and may differ per rank. With
+    splits, returns (output, received_splits); without, dim 0 is split evenly (it must divide
+    by the set's size) and the output is returned.
     Differentiable: the gradient rows return to the ranks they came from."""
     _refuse_inside_hold("alltoall")
     _check_tensor(tensor, "alltoall")
-    output, received = _Alltoall.apply(tensor, splits, _name(name, "alltoall"))
+    name = _name(name, "alltoall", process_set)
+    output, received = _Alltoall.apply(tensor, splits, name, process_set)
     return output if splits is None else (output, received)
 
 
-def barrier() -> None:
-    """Returns once every rank has called barrier() (negotiation only: no data moves)."""
+def barrier(process_set=global_process_set) -> None:
+    """Returns once every rank of `process_set` (default: all) has called barrier()
+    (negotiation only: no data moves)."""
     _refuse_inside_hold("barrier")
     _engine._require()
-    synchronize(_enqueue(_name(None, "barrier"), _BARRIER, torch.empty(0), None))
+    synchronize(_enqueue(None, _BARRIER, torch.empty(0), None, process_set=process_set))
 
 
-def join(device=None) -> int:
-    """Called by a rank that has run out of data: blocks until every rank has called join(),
-    and returns the rank that joined last. Meanwhile the other ranks' allreduces (Sum, Average)
-    go on with this rank contributing zeros (Average still divides by size(), as in Horovod)
-    and their allgathers with it contributing no rows; other collectives fail while a rank has
-    joined. `device` (Horovod's argument: a CUDA device index, or -1 / None for the CPU) says
-    where this rank makes the zeros for CUDA collectives when it has not run one yet; once it
-    has, they go on the GPU its tensors used."""
+def join(device=None, process_set=global_process_set) -> int:
+    """Called by a rank that has run out of data: blocks until every rank (of `process_set`,
+    default: all) has called join(), and returns the (global) rank that joined last.
+    Meanwhile the other ranks' allreduces (Sum, Average) go on with this rank contributing
+    zeros (Average still divides by size(), as in Horovod) and their allgathers with it
+    contributing no rows; other collectives fail while a rank has joined. `device` (Horovod's
+    argument: a CUDA device index, or -1 / None for the CPU) says where this rank makes the
+    zeros for CUDA collectives when it has not run one yet; once it has, they go on the GPU its
+    tensors used."""
     _refuse_inside_hold("join")
     _engine._require()
     marker = torch.empty(0)
@@ -620,4 +712,6 @@ def join(device=None) -> int:
             if isinstance(device, int)
             else torch.device(device),
         )
-    return int(synchronize(_enqueue("gradfuse.join", _JOIN, marker, None)).item())
+    handle = _enqueue("gradfuse.join", _JOIN, marker, None, process_set=process_set)
+    last = int(synchronize(handle).item())
+    return _sets._global_rank(_sets._check(process_set, "join"), last)

@@ -30,8 +30,9 @@ import warnings
 import torch
 
 from . import collectives
-from ._engine import size
+from . import process_sets as _sets
 from .compression import CastCompressor, Compression, NoneCompressor, TopKCompressor
+from .process_sets import ProcessSet, global_process_set
 from .sparse import sparse_allreduce_async
 
 
@@ -47,7 +48,11 @@ class _DistributedOptimizer:
         gradient_predivide_factor,
         bucket_cap_mb,
         gradient_as_bucket_view,
+        process_set,
     ):
+        if not isinstance(process_set, ProcessSet):
+            raise TypeError(f"process_set must be a gradfuse.ProcessSet, got {process_set!r}")
+        self._gf_process_set = process_set
         if backward_passes_per_step < 1:
             raise ValueError(
                 f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}"
@@ -95,8 +100,11 @@ class _DistributedOptimizer:
         # Top-k's per-parameter state (residuals, velocities), this optimizer's own.
         is_topk = isinstance(compression, TopKCompressor)
         self._gf_topk = compression.bind(self) if is_topk else None
+        # A rank outside the process set steps on its own gradients (Horovod): no hooks.
         self._gf_hook_handles = [
-            p.register_post_accumulate_grad_hook(self._gf_hook) for p in self._gf_params
+            p.register_post_accumulate_grad_hook(self._gf_hook)
+            for p in self._gf_params
+            if process_set.included()
         ]
 
     @staticmethod
@@ -188,9 +196,11 @@ class _DistributedOptimizer:
     # ---- reduction -------------------------------------------------------------------------
 
     def _gf_scales(self):
-        """(engine op, prescale, postscale). Average = Sum with 1/size split around it."""
+        """(engine op, prescale, postscale). Average = Sum with 1/size (the process set's) split
+        around it."""
         if self._gf_op == collectives.Average:
-            return collectives.Sum, 1.0 / self._gf_predivide, self._gf_predivide / size()
+            size = _sets._size(self._gf_process_set)
+            return collectives.Sum, 1.0 / self._gf_predivide, self._gf_predivide / size
         return self._gf_op, 1.0, 1.0
 
     def _gf_hook(self, p):
@@ -241,7 +251,8 @@ class _DistributedOptimizer:
         if p.grad.is_sparse:  # Horovod's sparse path (no compression, no predivide)
             self._gf_sparse_dims[p] = p.grad.sparse_dim()
             if not self._gf_sparse_as_dense:
-                return ("sparse", (sparse_allreduce_async(p.grad, name, self._gf_op),), None)
+                handle = sparse_allreduce_async(p.grad, name, self._gf_op, self._gf_process_set)
+                return ("sparse", (handle,), None)
             p.grad = p.grad.to_dense()
         compression = self._gf_compression
         if self._gf_topk is not None:
@@ -255,7 +266,9 @@ class _DistributedOptimizer:
         if isinstance(compression, CastCompressor):  # the cast fused with the scaling
             op, prescale, postscale = self._gf_scales()
             wire = compression.pack(p.grad, prescale)
-            handle = collectives.allreduce_async_(wire, name=name, op=op)
+            handle = collectives.allreduce_async_(
+                wire, name=name, op=op, process_set=self._gf_process_set
+            )
             return ("cast", (handle,), (wire, postscale))
         wire, ctx = compression.compress(p.grad)  # a user's Compressor, as Horovod calls it
         if not isinstance(wire, torch.Tensor):
@@ -269,7 +282,12 @@ class _DistributedOptimizer:
         """Starts the in-place allreduce of `tensor` with this optimizer's op and scaling."""
         op, prescale, postscale = self._gf_scales()
         return collectives.allreduce_async_(
-            tensor, name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+            tensor,
+            name=name,
+            op=op,
+            prescale_factor=prescale,
+            postscale_factor=postscale,
+            process_set=self._gf_process_set,
         )
 
     def _gf_topk_async(self, p, name):
@@ -277,9 +295,10 @@ class _DistributedOptimizer:
         if isinstance(payload, torch.Tensor):  # a small tensor, sent dense
             return ("topk", (self._gf_allreduce(payload, name),), ctx)
         values, indices = payload
+        ps = self._gf_process_set
         handles = (
-            collectives.allgather_async(values, name=name + ".values"),
-            collectives.allgather_async(indices, name=name + ".indices"),
+            collectives.allgather_async(values, name=name + ".values", process_set=ps),
+            collectives.allgather_async(indices, name=name + ".indices", process_set=ps),
         )
         return ("topk", handles, ctx)
 
@@ -296,7 +315,7 @@ class _DistributedOptimizer:
             sparse = len(results) == 2  # (values, indices), gathered: summed by scatter-add
             reduced = self._gf_topk.decompress(tuple(results) if sparse else results[0], context)
             if sparse and self._gf_op == collectives.Average:
-                reduced = reduced.div_(size())
+                reduced = reduced.div_(_sets._size(self._gf_process_set))
             p.grad.copy_(reduced)
 
     def _gf_set_grad(self, p, reduced):
@@ -315,6 +334,9 @@ class _DistributedOptimizer:
         """Wait for every gradient's reduction (starting those whose hook did not fire on this
         rank, with zero gradients, so ranks using different parts of the model never hang)."""
         if self._gf_synchronized:
+            return
+        if not self._gf_process_set.included():
+            self._gf_synchronized = True  # nothing to reduce outside the process set
             return
         # Buckets this rank did not complete (some gradients unused here, or fewer backward
         # passes than backward_passes_per_step) and gradients never computed go now.
@@ -432,6 +454,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     bucket_cap_mb: float = 25,
     gradient_as_bucket_view: bool = False,
     sparse_as_dense: bool = False,
+    process_set: ProcessSet = global_process_set,
 ):
     """Wrap ``optimizer`` so ``step()`` applies gradients reduced over all ranks.
 
@@ -458,6 +481,8 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     ``sparse_as_dense``: sparse gradients (e.g. ``nn.Embedding(sparse=True)``) are made dense
     and allreduced; by default they are reduced sparse, Horovod's way (every rank's nonzeros
     allgathered, ``sparse_allreduce_async``; op Average or Sum), and ``.grad`` stays sparse.
+    ``process_set``: reduce over that set's ranks only (Average divides by its size); on a
+    rank outside it, ``step()`` applies the local gradients (as Horovod).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -487,6 +512,7 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
         gradient_predivide_factor,
         bucket_cap_mb,
         gradient_as_bucket_view,
+        process_set,
     )
     return wrapped
 

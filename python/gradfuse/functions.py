@@ -16,11 +16,13 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from . import collectives
+from . import process_sets as _sets
 from ._engine import rank, size
+from .process_sets import global_process_set
 
 
-def broadcast_parameters(params, root_rank: int) -> None:
-    """Overwrite ``params`` on every rank with the root's values, in place.
+def broadcast_parameters(params, root_rank: int, process_set=global_process_set) -> None:
+    """Overwrite ``params`` on every rank (of ``process_set``) with the root's values, in place.
 
     ``params``: a ``state_dict()`` (mapping name -> tensor) or an iterable of ``(name,
     tensor)`` pairs such as ``model.named_parameters()``.
@@ -49,44 +51,54 @@ def broadcast_parameters(params, root_rank: int) -> None:
         # .data: parameters are leaves that require grad; this is not a differentiable op.
         target = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
         handles.append(
-            collectives.broadcast_async_(target, root_rank, name=f"broadcast.param.{name}")
+            collectives.broadcast_async_(
+                target, root_rank, name=f"broadcast.param.{name}", process_set=process_set
+            )
         )
     for handle in handles:
         collectives.synchronize(handle)
 
 
-def broadcast_object(obj=None, root_rank: int = 0, name: str | None = None):
-    """The root's ``obj`` on every rank (pickled; other ranks' ``obj`` is ignored).
+def broadcast_object(
+    obj=None, root_rank: int = 0, name: str | None = None, process_set=global_process_set
+):
+    """The root's ``obj`` on every rank of ``process_set`` (pickled; other ranks' ``obj`` is
+    ignored; ``root_rank`` is a global rank).
 
     Example::
 
         epoch = gradfuse.broadcast_object(checkpoint_epoch if rank == 0 else None, 0)
     """
     name = name or "broadcast_object"
+    _sets._set_rank(_sets._check(process_set, "broadcast_object"), root_rank, "broadcast_object")
     payload = pickle.dumps(obj) if rank() == root_rank else b""
     length = torch.tensor([len(payload)], dtype=torch.int64)
-    collectives.broadcast_(length, root_rank, name=f"{name}.length")
+    collectives.broadcast_(length, root_rank, name=f"{name}.length", process_set=process_set)
     data = torch.zeros(int(length.item()), dtype=torch.uint8)
     if rank() == root_rank:
         data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    collectives.broadcast_(data, root_rank, name=f"{name}.data")
+    collectives.broadcast_(data, root_rank, name=f"{name}.data", process_set=process_set)
     return obj if rank() == root_rank else pickle.loads(data.numpy().tobytes())
 
 
-def allgather_object(obj, name: str | None = None) -> list:
-    """Every rank's ``obj``, as a list indexed by rank.
+def allgather_object(obj, name: str | None = None, process_set=global_process_set) -> list:
+    """Every rank's ``obj``, as a list indexed by rank (with ``process_set``: its ranks', by
+    their place in the set).
 
     Example::
 
         losses = gradfuse.allgather_object(epoch_loss)   # [loss of rank 0, rank 1, ...]
     """
     name = name or "allgather_object"
+    _sets._check(process_set, "allgather_object")
     payload = pickle.dumps(obj)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     lengths = collectives.allgather(
-        torch.tensor([len(payload)], dtype=torch.int64), name=f"{name}.length"
+        torch.tensor([len(payload)], dtype=torch.int64),
+        name=f"{name}.length",
+        process_set=process_set,
     )
-    gathered = collectives.allgather(data, name=f"{name}.data")
+    gathered = collectives.allgather(data, name=f"{name}.data", process_set=process_set)
     out, offset = [], 0
     for n in lengths.tolist():
         out.append(pickle.loads(gathered[offset : offset + n].numpy().tobytes()))
@@ -94,8 +106,10 @@ def allgather_object(obj, name: str | None = None) -> list:
     return out
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) -> None:
-    """Make every rank's optimizer state and hyper-parameters the root's.
+def broadcast_optimizer_state(
+    optimizer: torch.optim.Optimizer, root_rank: int, process_set=global_process_set
+) -> None:
+    """Make every rank's (of ``process_set``) optimizer state and hyper-parameters the root's.
 
     The root's ``state_dict()`` travels serialized by ``torch.save``, so every entry arrives
     with its type: state other ranks have not created yet (Adam before its first step),
@@ -123,13 +137,17 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) 
             f"got {type(optimizer).__name__}"
         )
     _check_root_rank(root_rank, "broadcast_optimizer_state")
-    _check_same_layout(optimizer, root_rank)
+    process_set = _sets._check(process_set, "broadcast_optimizer_state")
+    _sets._set_rank(process_set, root_rank, "broadcast_optimizer_state")
+    _check_same_layout(optimizer, root_rank, process_set)
     blob = None
     if rank() == root_rank:
         buffer = io.BytesIO()
         torch.save(_shared_state(optimizer), buffer)
         blob = buffer.getvalue()
-    blob = broadcast_object(blob, root_rank, name="broadcast.optimizer_state")
+    blob = broadcast_object(
+        blob, root_rank, name="broadcast.optimizer_state", process_set=process_set
+    )
     if rank() != root_rank:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
         _load_shared_state(optimizer, state)
@@ -146,12 +164,16 @@ def _layout(optimizer) -> list[list[tuple]]:
     return [[tuple(p.shape) for p in group["params"]] for group in optimizer.param_groups]
 
 
-def _check_same_layout(optimizer, root_rank: int) -> None:
+def _check_same_layout(optimizer, root_rank: int, process_set) -> None:
     """The root's state fits only parameters shaped like the root's: compared on every rank
-    (load_state_dict would fail on the odd rank alone, or not at all for a shape)."""
-    layouts = allgather_object(_layout(optimizer), name="broadcast.optimizer_state.layout")
+    of the set (load_state_dict would fail on the odd rank alone, or not at all for a shape)."""
+    gathered = allgather_object(
+        _layout(optimizer), name="broadcast.optimizer_state.layout", process_set=process_set
+    )
+    ranks = range(size()) if process_set.process_set_id == 0 else process_set.ranks
+    layouts = dict(zip(ranks, gathered))  # global rank -> its layout
     root = layouts[root_rank]
-    differing = [r for r, layout in enumerate(layouts) if layout != root]
+    differing = [r for r, layout in layouts.items() if layout != root]
     if differing:
         per_rank = "; ".join(f"rank {r}: {_describe(layouts[r])}" for r in differing)
         raise ValueError(
@@ -171,7 +193,8 @@ def _shared_state(optimizer) -> dict:
     base = getattr(optimizer, "_gf_base", None)
     if base is None:
         return {"optimizer": optimizer.state_dict()}
-    return {"optimizer": base.state_dict(optimizer), "gradfuse_step": optimizer._gf_step}
+    topk = getattr(optimizer, "_gf_topk", None)  # its warm-up step count is shared
+    return {"optimizer": base.state_dict(optimizer), "topk_step": topk.step if topk else None}
 
 
 def _load_shared_state(optimizer, shared: dict) -> None:
@@ -185,7 +208,8 @@ def _load_shared_state(optimizer, shared: dict) -> None:
         optimizer.load_state_dict(shared["optimizer"])
     else:
         base.load_state_dict(optimizer, shared["optimizer"])
-        optimizer._gf_step = shared["gradfuse_step"]
+        if shared["topk_step"] is not None and optimizer._gf_topk is not None:
+            optimizer._gf_topk.step = shared["topk_step"]
     for group, kept in zip(optimizer.param_groups, devices):
         for key, device in kept.items():
             if isinstance(group.get(key), torch.Tensor):
