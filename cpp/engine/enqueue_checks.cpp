@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace gradfuse::engine {
 
 namespace {
@@ -29,6 +31,12 @@ std::vector<int64_t> check_enqueue(const EnqueueArgs& a, int size) {
   const char* op = op_name(a.op);
   TORCH_CHECK_VALUE(!a.name.empty(), "gradfuse.", op, ": name must not be empty");
   TORCH_CHECK_VALUE(a.tensor.defined(), "gradfuse.", op, ": tensor is undefined");
+  // The engine scales inside its fusion kernels, which reject a non-finite scale: caught here,
+  // on the calling rank, rather than failing the engine after negotiation.
+  TORCH_CHECK_VALUE(std::isfinite(a.prescale), "gradfuse.", op,
+                    ": prescale_factor must be a finite number, got ", a.prescale);
+  TORCH_CHECK_VALUE(std::isfinite(a.postscale), "gradfuse.", op,
+                    ": postscale_factor must be a finite number, got ", a.postscale);
   TORCH_CHECK_VALUE(supported_dtype(a.tensor.scalar_type()), "gradfuse.", op, ": tensor has dtype ",
                     a.tensor.scalar_type(),
                     "; supported: uint8, int8, int16, int32, int64, float16, bfloat16, float32, "

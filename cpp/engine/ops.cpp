@@ -25,6 +25,10 @@ int64_t enqueue_op(c10::string_view name, int64_t op, const at::Tensor& tensor,
   args.op = static_cast<OpType>(op);
   args.tensor = tensor;
   args.output = output;
+  // Checked before the cast: 2**32 must not become rank 0.
+  TORCH_CHECK_VALUE(root >= std::numeric_limits<int>::min() &&
+                        root <= std::numeric_limits<int>::max(), "gradfuse._enqueue: root ", root,
+                    " is not a rank");
   args.root = static_cast<int>(root);
   args.reduce_op = static_cast<ReduceOp>(reduce_op);
   TORCH_CHECK_VALUE(reduce_op >= 0 && reduce_op <= static_cast<int64_t>(ReduceOp::kProduct),

@@ -95,6 +95,19 @@ void check_lars_args(at::TensorList params, at::TensorList grads, at::TensorList
   }
   if (grad_scale.has_value()) check_scalar_flag(kOp, "grad_scale", *grad_scale, device);
   if (found_inf.has_value()) check_scalar_flag(kOp, "found_inf", *found_inf, device);
+  std::vector<MemoryUse> uses;
+  for (size_t i = 0; i < n; ++i) {
+    const auto idx = static_cast<int64_t>(i);
+    uses.push_back({arg_name("params", idx), &params[i], true});
+    uses.push_back({arg_name("grads", idx), &grads[i], false});
+    uses.push_back({arg_name("momentum_bufs", idx), &momentum_bufs[i], true});
+    if (!model_copies.empty()) {
+      uses.push_back({arg_name("model_copies", idx), &model_copies[i], true});
+    }
+  }
+  if (grad_scale.has_value()) uses.push_back({"grad_scale", &*grad_scale, false});
+  if (found_inf.has_value()) uses.push_back({"found_inf", &*found_inf, false});
+  check_no_overlap(kOp, uses);
 }
 
 namespace {

@@ -10,8 +10,10 @@
 namespace gradfuse::ops {
 
 // Returns each tensor's offset in `out` (size tensors.size() + 1; the last is the total).
+// pack_ writes `flat` (named "out"), unpack_ writes `tensors`.
 std::vector<int64_t> check_pack_args(const char* op, at::TensorList tensors, const at::Tensor& flat,
-                                     const char* flat_name, const std::optional<at::Tensor>& nonfinite);
+                                     const char* flat_name, const std::optional<at::Tensor>& nonfinite,
+                                     double scale, bool flat_written);
 
 void check_lars_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_bufs,
                      at::TensorList model_copies, const c10::List<bool>& use_lars,

@@ -15,7 +15,9 @@ namespace gradfuse::ops {
 
 std::vector<int64_t> check_pack_args(const char* op, at::TensorList tensors, const at::Tensor& flat,
                                      const char* flat_name,
-                                     const std::optional<at::Tensor>& nonfinite) {
+                                     const std::optional<at::Tensor>& nonfinite, double scale,
+                                     bool flat_written) {
+  check_finite(op, "scale", scale);
   check_defined(op, flat_name, flat);
   check_float(op, flat_name, flat);
   check_contiguous(op, flat_name, flat);
@@ -32,6 +34,12 @@ std::vector<int64_t> check_pack_args(const char* op, at::TensorList tensors, con
   TORCH_CHECK_VALUE(offsets.back() <= flat.numel(), op, ": ", flat_name, " has ", flat.numel(),
                     " elements but the tensors hold ", offsets.back(), " in all");
   if (nonfinite.has_value()) check_scalar_flag(op, "nonfinite", *nonfinite, flat.device());
+  std::vector<MemoryUse> uses{{flat_name, &flat, flat_written}};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    uses.push_back({arg_name("tensors", static_cast<int64_t>(i)), &tensors[i], !flat_written});
+  }
+  if (nonfinite.has_value()) uses.push_back({"nonfinite", &*nonfinite, true});
+  check_no_overlap(op, uses, /*writes_may_overlap=*/!flat_written);
   return offsets;
 }
 
@@ -68,14 +76,14 @@ bool convert_all_cpu(at::TensorList tensors, const at::Tensor& flat,
 
 void pack_cpu(at::TensorList tensors, const at::Tensor& out, double scale,
               const std::optional<at::Tensor>& nonfinite) {
-  const auto offsets = check_pack_args("pack_", tensors, out, "out", nonfinite);
+  const auto offsets = check_pack_args("pack_", tensors, out, "out", nonfinite, scale, true);
   const bool bad = convert_all_cpu(tensors, out, offsets, scale, /*to_flat=*/true, false);
   if (bad && nonfinite.has_value()) nonfinite->fill_(1.0);
 }
 
 void unpack_cpu(const at::Tensor& flat, at::TensorList tensors, double scale, bool accumulate,
                 const std::optional<at::Tensor>& nonfinite) {
-  const auto offsets = check_pack_args("unpack_", tensors, flat, "flat", nonfinite);
+  const auto offsets = check_pack_args("unpack_", tensors, flat, "flat", nonfinite, scale, false);
   const bool bad = convert_all_cpu(tensors, flat, offsets, scale, /*to_flat=*/false, accumulate);
   if (bad && nonfinite.has_value()) nonfinite->fill_(1.0);
 }
@@ -86,5 +94,6 @@ TORCH_LIBRARY_IMPL(gradfuse, CPU, m) {
   m.impl("pack_", &pack_cpu);
   m.impl("unpack_", &unpack_cpu);
 }
+
 
 }  // namespace gradfuse::ops

@@ -48,6 +48,7 @@ int64_t check_topk_args(const at::Tensor& grad, const at::Tensor& residual, doub
   TORCH_CHECK_VALUE(grad.sizes() == residual.sizes(), kCompress,
                     ": residual must have the shape of grad ", grad.sizes(), ", got ",
                     residual.sizes());
+  check_no_overlap(kCompress, {{"grad", &grad, false}, {"residual", &residual, true}});
   TORCH_CHECK_VALUE(std::isfinite(ratio) && ratio > 0.0 && ratio <= 1.0, kCompress,
                     ": ratio must be in (0, 1], got ", ratio);
   if (index_dtype.has_value()) {
@@ -192,6 +193,9 @@ at::Tensor topk_decompress(const at::Tensor& values, const at::Tensor& indices, 
   check_same_numel(kDecompress, "values", values, "indices", indices);
   check_device(kDecompress, "indices", indices, values.device(), "values");
   TORCH_CHECK_VALUE(numel >= 0, kDecompress, ": numel must be >= 0, got ", numel);
+  // Past this the allocation's byte count overflows (torch would say so without naming numel).
+  TORCH_CHECK_VALUE(numel <= INT64_MAX / values.element_size(), kDecompress, ": numel ", numel,
+                    " is too large for a ", values.scalar_type(), " tensor");
   if (indices.numel() > 0) {
     const auto [lo, hi] = at::aminmax(indices);
     const int64_t min_index = lo.item<int64_t>(), max_index = hi.item<int64_t>();

@@ -8,6 +8,22 @@ import torch
 from . import _build  # noqa: F401  (the ops must be registered before register_fake)
 
 
+def _check_one_device(op, named):
+    """The real kernels' device check (a meta tensor among real ones dispatches here); sizes
+    are left alone, as they may be symbolic while tracing."""
+    (first_name, first), *rest = [(n, t) for n, t in named if t is not None]
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: all tensors must be on one device; {name} is on {t.device} but "
+                f"{first_name} is on {first.device}"
+            )
+
+
+def _named(name, tensors):
+    return [(f"{name}[{i}]", t) for i, t in enumerate(tensors)]
+
+
 @torch.library.register_fake("gradfuse::lars_update_")
 def _lars_update_fake(
     params,
@@ -26,17 +42,29 @@ def _lars_update_fake(
     grad_scale=None,
     found_inf=None,
 ):
-    return None
+    if params:
+        _check_one_device(
+            "lars_update_",
+            _named("params", params)
+            + _named("grads", grads)
+            + _named("momentum_bufs", momentum_bufs)
+            + _named("model_copies", model_copies)
+            + [("grad_scale", grad_scale), ("found_inf", found_inf)],
+        )
 
 
 @torch.library.register_fake("gradfuse::pack_")
 def _pack_fake(tensors, out, scale=1.0, nonfinite=None):
-    return None
+    _check_one_device(
+        "pack_", [("out", out)] + _named("tensors", tensors) + [("nonfinite", nonfinite)]
+    )
 
 
 @torch.library.register_fake("gradfuse::unpack_")
 def _unpack_fake(flat, tensors, scale=1.0, accumulate=False, nonfinite=None):
-    return None
+    _check_one_device(
+        "unpack_", [("flat", flat)] + _named("tensors", tensors) + [("nonfinite", nonfinite)]
+    )
 
 
 @torch.library.register_fake("gradfuse::topk_compress")
@@ -50,4 +78,5 @@ def _topk_compress_fake(grad, residual, ratio, sampled=False, index_dtype=None, 
 
 @torch.library.register_fake("gradfuse::topk_decompress")
 def _topk_decompress_fake(values, indices, numel):
+    _check_one_device("topk_decompress", [("values", values), ("indices", indices)])
     return values.new_empty((numel,))

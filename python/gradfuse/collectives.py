@@ -122,6 +122,28 @@ def _name(name, kind, process_set=None):
 def _check_tensor(tensor, fn):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"gradfuse.{fn}: tensor must be a torch.Tensor, got {type(tensor)}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"gradfuse.{fn}: tensor must be dense (strided), got {tensor.layout}")
+
+
+def _check_writable(tensor, fn):
+    """An in-place collective writes every element: an expanded view (elements sharing memory)
+    would fail only after the collective ran on every rank, so it is refused at the call."""
+    if any(stride == 0 and n > 1 for stride, n in zip(tensor.stride(), tensor.shape)):
+        raise ValueError(
+            f"gradfuse.{fn}: tensor has elements that share memory (an expanded view, strides "
+            f"{tensor.stride()}); an in-place collective needs its own storage: .clone() it"
+        )
+
+
+def _factor(value, arg, fn):
+    """A scale factor as a float (its finiteness is checked by the engine)."""
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"gradfuse.{fn}: {arg} must be a number, got {value!r}")
 
 
 def _resolve_op(average, op, fn):
@@ -131,7 +153,7 @@ def _resolve_op(average, op, fn):
         return Average if average else Sum
     if op is None:
         return Average  # Horovod's default
-    if op not in _OP_NAMES:
+    if isinstance(op, bool) or not isinstance(op, int) or op not in _OP_NAMES:
         raise ValueError(
             f"gradfuse.{fn}: op must be gradfuse.Sum, Average, Min, Max, Product or Adasum, "
             f"got {op!r}"
@@ -157,6 +179,8 @@ def _enqueue(
     sets by taking `process_set=global_process_set` and passing it on here."""
     _engine._require()
     ps = _sets._check(process_set, _KIND_NAMES[kind])
+    prescale = _factor(prescale, "prescale_factor", _KIND_NAMES[kind])
+    postscale = _factor(postscale, "postscale_factor", _KIND_NAMES[kind])
     name = _name(name, _KIND_NAMES[kind], ps)
     if kind == _BROADCAST:
         root = _sets._set_rank(ps, root, "broadcast")
@@ -171,8 +195,8 @@ def _enqueue(
             None if output is None else output.detach(),
             root,
             op,
-            float(prescale),
-            float(postscale),
+            prescale,
+            postscale,
             list(splits),
             ps.process_set_id,
         )
@@ -206,12 +230,20 @@ def _set_finisher(handle, finish, into=None):
         _pending[handle] = into
 
 
+def _check_handle(handle, fn):
+    if isinstance(handle, bool) or not isinstance(handle, int):
+        raise TypeError(f"{fn}: handle must be an int from an *_async call, got {handle!r}")
+    if not -(2**63) <= handle < 2**63:
+        raise ValueError(f"gradfuse: handle {handle} is unknown (never returned by an async call)")
+
+
 def poll(handle) -> bool:
     """True when the operation behind `handle` has finished (synchronize() will not block)."""
     from . import _C
 
     if isinstance(handle, CompositeHandle):
         return handle.poll()
+    _check_handle(handle, "poll")
     return _C.engine_poll(handle)
 
 
@@ -235,8 +267,7 @@ def synchronize(handle):
 
     if isinstance(handle, CompositeHandle):
         return handle.wait()
-    if isinstance(handle, bool) or not isinstance(handle, int):
-        raise TypeError(f"synchronize: handle must be an int from an *_async call, got {handle!r}")
+    _check_handle(handle, "synchronize")
     if getattr(_held, "depth", 0) and handle in _held.handles:
         raise RuntimeError(
             f"gradfuse.synchronize: handle {handle} was submitted inside submitted_together() "
@@ -282,6 +313,28 @@ def synchronize(handle):
 # ---- allreduce -------------------------------------------------------------------------------
 
 
+# The engine's dtypes (cpp/engine/enqueue_checks.cpp) and devices, for the calls that check a
+# list of tensors before submitting any of them.
+_ENGINE_DTYPES = (
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+)  # fmt: skip
+
+
+def _check_submittable(tensor, fn):
+    _check_tensor(tensor, fn)
+    if tensor.dtype not in _ENGINE_DTYPES:
+        raise ValueError(
+            f"gradfuse.{fn}: tensor has dtype {tensor.dtype}; supported: "
+            "uint8, int8, int16, int32, int64, float16, bfloat16, float32, float64"
+        )
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"gradfuse.{fn}: tensor is on {tensor.device}; gradfuse runs "
+            "collectives on CPU and CUDA tensors only"
+        )
+
+
 def allreduce_async(
     tensor,
     average=None,
@@ -320,6 +373,7 @@ def allreduce_async_(
     process_set=global_process_set,
 ) -> int:
     _check_tensor(tensor, "allreduce_async_")
+    _check_writable(tensor, "allreduce_async_")
     op = _resolve_op(average, op, "allreduce_async_")
     if op == Adasum:
         return _adasum_async(
@@ -468,6 +522,10 @@ def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor
 def _check_root(root_rank, fn):
     if isinstance(root_rank, bool) or not isinstance(root_rank, int):
         raise TypeError(f"gradfuse.{fn}: root_rank must be an int, got {root_rank!r}")
+    if not 0 <= root_rank < _engine.size():
+        raise ValueError(
+            f"gradfuse.{fn}: root_rank {root_rank} is not a rank (size {_engine.size()})"
+        )
     return root_rank
 
 
@@ -486,6 +544,7 @@ def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set
 
 def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> int:
     _check_tensor(tensor, "broadcast_async_")
+    _check_writable(tensor, "broadcast_async_")
     return _enqueue(
         name,
         _BROADCAST,
@@ -632,7 +691,14 @@ def reducescatter(
 
 def _splits_list(splits):
     if isinstance(splits, torch.Tensor):
-        if splits.dim() != 1 or splits.is_floating_point() or splits.is_complex():
+        if splits.is_meta:
+            raise ValueError("gradfuse.alltoall: splits is a meta tensor (it holds no values)")
+        if (
+            splits.dim() != 1
+            or splits.is_floating_point()
+            or splits.is_complex()
+            or splits.dtype == torch.bool
+        ):
             raise ValueError(
                 f"gradfuse.alltoall: splits must be a 1-D integer tensor, got {splits.dim()}-D "
                 f"{splits.dtype}"
@@ -685,6 +751,32 @@ def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
     return output if splits is None else (output, received)
 
 
+def _join_device(device):
+    """join()'s device argument as a torch.device: None or -1 (the CPU), a CUDA index, or a
+    torch.device / string naming the CPU or a CUDA device."""
+    if device is None or (type(device) is int and device == -1):
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise TypeError(
+            f"gradfuse.join: device must be None, -1, a CUDA device index or a torch.device, "
+            f"got {device!r}"
+        )
+    if isinstance(device, int) and device < 0:
+        raise ValueError(f"gradfuse.join: device must be -1 or a CUDA device index, got {device}")
+    try:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"gradfuse.join: device {device!r} is not a device: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"gradfuse.join: device must be the CPU or a CUDA device, got {dev}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"gradfuse.join: device is {dev}, but CUDA is not available here "
+            "(torch.cuda.is_available() is False)"
+        )
+    return dev
+
+
 def barrier(process_set=global_process_set) -> None:
     """Returns once every rank of `process_set` (default: all) has called barrier()
     (negotiation only: no data moves)."""
@@ -704,14 +796,7 @@ def join(device=None, process_set=global_process_set) -> int:
     tensors used."""
     _refuse_inside_hold("join")
     _engine._require()
-    marker = torch.empty(0)
-    if device is not None and device != -1:
-        marker = torch.empty(
-            0,
-            device=torch.device("cuda", device)
-            if isinstance(device, int)
-            else torch.device(device),
-        )
+    marker = torch.empty(0, device=_join_device(device))
     handle = _enqueue("gradfuse.join", _JOIN, marker, None, process_set=process_set)
     last = int(synchronize(handle).item())
     return _sets._global_rank(_sets._check(process_set, "join"), last)

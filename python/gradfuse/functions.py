@@ -59,6 +59,18 @@ def broadcast_parameters(params, root_rank: int, process_set=global_process_set)
         collectives.synchronize(handle)
 
 
+def _object_name(name, default):
+    return default if name is None else collectives._name(name, default)
+
+
+def _pickled(obj):
+    """(payload, None), or (b"", why) when obj cannot be pickled."""
+    try:
+        return pickle.dumps(obj), None
+    except Exception as e:  # noqa: BLE001  (pickle raises many types; every rank is told)
+        return b"", f"{type(e).__name__}: {e}"
+
+
 def broadcast_object(
     obj=None, root_rank: int = 0, name: str | None = None, process_set=global_process_set
 ):
@@ -69,11 +81,17 @@ def broadcast_object(
 
         epoch = gradfuse.broadcast_object(checkpoint_epoch if rank == 0 else None, 0)
     """
-    name = name or "broadcast_object"
+    name = _object_name(name, "broadcast_object")
     _sets._set_rank(_sets._check(process_set, "broadcast_object"), root_rank, "broadcast_object")
-    payload = pickle.dumps(obj) if rank() == root_rank else b""
-    length = torch.tensor([len(payload)], dtype=torch.int64)
+    payload, error = _pickled(obj) if rank() == root_rank else (b"", None)
+    # A root that cannot pickle sends length -1, so every rank raises (not only the root).
+    length = torch.tensor([-1 if error else len(payload)], dtype=torch.int64)
     collectives.broadcast_(length, root_rank, name=f"{name}.length", process_set=process_set)
+    if length.item() < 0:
+        raise TypeError(
+            f"gradfuse.broadcast_object: the root (rank {root_rank}) could not pickle obj"
+            + (f": {error}" if error else "")
+        )
     data = torch.zeros(int(length.item()), dtype=torch.uint8)
     if rank() == root_rank:
         data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
@@ -89,15 +107,22 @@ def allgather_object(obj, name: str | None = None, process_set=global_process_se
 
         losses = gradfuse.allgather_object(epoch_loss)   # [loss of rank 0, rank 1, ...]
     """
-    name = name or "allgather_object"
-    _sets._check(process_set, "allgather_object")
-    payload = pickle.dumps(obj)
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    name = _object_name(name, "allgather_object")
+    process_set = _sets._check(process_set, "allgather_object")
+    payload, error = _pickled(obj)
+    # A rank that cannot pickle sends length -1, so every rank raises (not only that one).
     lengths = collectives.allgather(
-        torch.tensor([len(payload)], dtype=torch.int64),
+        torch.tensor([-1 if error else len(payload)], dtype=torch.int64),
         name=f"{name}.length",
         process_set=process_set,
     )
+    failed = [_sets._global_rank(process_set, r) for r, n in enumerate(lengths.tolist()) if n < 0]
+    if failed:
+        raise TypeError(
+            f"gradfuse.allgather_object: rank(s) {failed} could not pickle obj"
+            + (f"; here: {error}" if error else "")
+        )
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     gathered = collectives.allgather(data, name=f"{name}.data", process_set=process_set)
     out, offset = [], 0
     for n in lengths.tolist():

@@ -12,6 +12,7 @@ must be on one device and contiguous. Bad input raises with a message that names
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,47 @@ from . import (
 )
 
 _ops = torch.ops.gradfuse
+
+
+# The wrappers convert Python scalars themselves, so a wrong type is a TypeError naming the
+# argument rather than float()'s or the dispatcher's message.
+def _float(op, arg, value):
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{op}: {arg} must be a number, got {value!r}")
+
+
+def _int(op, arg, value):
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {arg} must be an int, got {value!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{op}: {arg} must fit in 64 bits, got {value}")
+    return value
+
+
+def _flags(op, arg, values, n):
+    if values is None:
+        return [True] * n
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{op}: {arg} must be a sequence of bools, one per param, got {values!r}")
+    return [bool(x) for x in values]
+
+
+def _tensor_list(op, arg, tensors):
+    if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
+        raise TypeError(f"{op}: {arg} must be a sequence of tensors, got {type(tensors)}")
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {arg}[{i}] must be a tensor, got {type(t)}")
+    return tensors
 
 
 def lars_update_(
@@ -64,23 +106,21 @@ def lars_update_(
         gradfuse.ops.lars_update_(params, grads, bufs, lr=0.1, weight_decay=5e-5,
                                   use_lars=[p.ndim > 1 for p in params])
     """
+    op = "lars_update_"
+    params = _tensor_list(op, "params", params)
     n = len(params)
-    use_lars = [True] * n if use_lars is None else [bool(x) for x in use_lars]
-    use_weight_decay = (
-        [True] * n if use_weight_decay is None else [bool(x) for x in use_weight_decay]
-    )
     _ops.lars_update_(
-        list(params),
-        list(grads),
-        list(momentum_bufs),
-        list(model_copies or []),
-        use_lars,
-        use_weight_decay,
-        float(lr),
-        float(momentum),
-        float(weight_decay),
-        float(trust_coefficient),
-        float(eps),
+        params,
+        _tensor_list(op, "grads", grads),
+        _tensor_list(op, "momentum_bufs", momentum_bufs),
+        _tensor_list(op, "model_copies", model_copies or []),
+        _flags(op, "use_lars", use_lars, n),
+        _flags(op, "use_weight_decay", use_weight_decay, n),
+        _float(op, "lr", lr),
+        _float(op, "momentum", momentum),
+        _float(op, "weight_decay", weight_decay),
+        _float(op, "trust_coefficient", trust_coefficient),
+        _float(op, "eps", eps),
         bool(nesterov),
         bool(lr_in_momentum),
         grad_scale,
@@ -106,7 +146,9 @@ def pack_(
         flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float16)
         gradfuse.ops.pack_(grads, flat, scale=1 / world_size)
     """
-    _ops.pack_(list(tensors), out, float(scale), nonfinite)
+    _ops.pack_(
+        _tensor_list("pack_", "tensors", tensors), out, _float("pack_", "scale", scale), nonfinite
+    )
 
 
 def pack(
@@ -114,9 +156,11 @@ def pack(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Allocate a flat buffer of ``dtype`` (default: the first tensor's) and :func:`pack_`
     into it. Returns ``(flat, nonfinite)`` where ``nonfinite`` is a one-element float32 flag."""
-    tensors = list(tensors)
+    tensors = _tensor_list("pack", "tensors", tensors)
     if not tensors:
         raise ValueError("pack: tensors must not be empty (the buffer's device comes from them)")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"pack: dtype must be a torch.dtype or None, got {dtype!r}")
     first = tensors[0]
     flat = torch.empty(
         sum(t.numel() for t in tensors), dtype=dtype or first.dtype, device=first.device
@@ -140,7 +184,13 @@ def unpack_(
 
         gradfuse.ops.unpack_(flat, grads, scale=1 / world_size)
     """
-    _ops.unpack_(flat, list(tensors), float(scale), bool(accumulate), nonfinite)
+    _ops.unpack_(
+        flat,
+        _tensor_list("unpack_", "tensors", tensors),
+        _float("unpack_", "scale", scale),
+        bool(accumulate),
+        nonfinite,
+    )
 
 
 def topk_compress(
@@ -170,13 +220,25 @@ def topk_compress(
         values, indices = gradfuse.ops.topk_compress(p.grad, residual, 0.01)
         dense = gradfuse.ops.topk_decompress(values, indices, p.numel()).view_as(p)
     """
-    return _ops.topk_compress(grad, residual, float(ratio), bool(sampled), index_dtype, int(seed))
+    op = "topk_compress"
+    if not isinstance(index_dtype, torch.dtype):
+        raise TypeError(
+            f"{op}: index_dtype must be torch.int32 or torch.int64, got {index_dtype!r}"
+        )
+    return _ops.topk_compress(
+        grad,
+        residual,
+        _float(op, "ratio", ratio),
+        bool(sampled),
+        index_dtype,
+        _int(op, "seed", seed),
+    )
 
 
 def topk_decompress(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
     """A dense 1-D tensor of ``numel`` zeros with ``values`` scatter-added at ``indices``
     (duplicate indices add up, as when the top-k sets of several ranks are gathered)."""
-    return _ops.topk_decompress(values, indices, int(numel))
+    return _ops.topk_decompress(values, indices, _int("topk_decompress", "numel", numel))
 
 
 __all__ = [

@@ -31,7 +31,7 @@ float* flag_ptr(const std::optional<at::Tensor>& nonfinite) {
 
 void pack_cuda(at::TensorList tensors, const at::Tensor& out, double scale,
                const std::optional<at::Tensor>& nonfinite) {
-  const auto offsets = check_pack_args("pack_", tensors, out, "out", nonfinite);
+  const auto offsets = check_pack_args("pack_", tensors, out, "out", nonfinite, scale, true);
   if (offsets.back() == 0) return;
   const c10::cuda::CUDAGuard device_guard(out.device());
   const auto segments = segments_of(tensors, offsets);
@@ -45,7 +45,7 @@ void pack_cuda(at::TensorList tensors, const at::Tensor& out, double scale,
 
 void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, bool accumulate,
                  const std::optional<at::Tensor>& nonfinite) {
-  const auto offsets = check_pack_args("unpack_", tensors, flat, "flat", nonfinite);
+  const auto offsets = check_pack_args("unpack_", tensors, flat, "flat", nonfinite, scale, false);
   if (offsets.back() == 0) return;
   const c10::cuda::CUDAGuard device_guard(flat.device());
   const auto segments = segments_of(tensors, offsets);
