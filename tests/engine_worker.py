@@ -219,6 +219,16 @@ def expect_error(exc_type, fn, *needles):
     raise AssertionError(f"{exc_type.__name__} not raised")
 
 
+def finished_within(handle, seconds=60.0):
+    """Waits for handle to finish (completed or failed) without taking its result; an
+    AssertionError instead of a hang when it takes longer."""
+    deadline = time.monotonic() + seconds
+    while not hvd.poll(handle):
+        assert time.monotonic() < deadline, f"handle {handle} still pending after {seconds} s"
+        time.sleep(0.001)
+    return handle
+
+
 def check_mismatch_errors():
     n, r = hvd.size(), hvd.rank()
     last = n - 1  # the rank that disagrees
@@ -469,6 +479,37 @@ def check_local_errors():
     assert (
         hvd.allreduce(full((1,), float(r)), name="after.local", op=hvd.Max).item() == hvd.size() - 1
     )
+
+
+def check_name_free_only_after_completion():
+    # Resubmitting a name races with its negotiation and collective; whenever the second
+    # submission is accepted, the first operation must have completed already.
+    n, r = hvd.size(), hvd.rank()
+    rng = random.Random(r)
+    accepted = 0
+    for i in range(60):
+        first = hvd.allreduce_async(full((3,), float(r + i)), name="reuse", op=hvd.Sum)
+        time.sleep(rng.random() * 0.004)  # land anywhere in negotiation or the collective
+        try:
+            second = hvd.allreduce_async(full((3,), float(r)), name="reuse", op=hvd.Sum)
+        except ValueError as e:
+            assert "'reuse'" in str(e) and "already in flight" in str(e), e
+            second = None
+        else:
+            accepted += 1
+            assert hvd.poll(first), "a name was accepted again before its operation completed"
+        expected = float(sum(range(n)) + n * i)
+        assert torch.equal(hvd.synchronize(finished_within(first)), full((3,), expected))
+        if second is None:  # free now: the first one completed
+            second = hvd.allreduce_async(full((3,), float(r)), name="reuse", op=hvd.Sum)
+        out = hvd.synchronize(finished_within(second))
+        assert torch.equal(out, full((3,), float(sum(range(n)))))
+    # A failed operation frees its name on every rank that submitted it.
+    if n > 1:
+        bad = ones(3 if r == n - 1 else 2)
+        expect_error(RuntimeError, lambda: hvd.allreduce(bad, name="reuse.bad"), "reuse.bad")
+    out = hvd.allreduce(ones(2), name="reuse.bad", op=hvd.Sum)
+    assert torch.equal(out, full((2,), float(n)))
 
 
 def check_shutdown_pending_and_reinit():

@@ -158,4 +158,5 @@ PYBIND11_MODULE(_C, m) {
               py::arg("work"));
   testing.def("fail_device_pending", &t::fail_device_pending, py::arg("error"));
   testing.def("discard_handle", &t::discard_handle, py::arg("handle"));
+  testing.def("name_reuse", &t::name_reuse, py::arg("steps"));
 }
