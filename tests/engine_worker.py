@@ -512,6 +512,52 @@ def check_name_free_only_after_completion():
     assert torch.equal(out, full((2,), float(n)))
 
 
+def check_join_refuses_what_needs_the_joined_rank():
+    # The last rank joins at once; the others submit, before or after it joins (either way the
+    # controller decides when the join arrives), what a joined rank cannot take part in: every
+    # one of them fails on every rank that submitted it, with the same message, and nothing
+    # hangs. allreduce (Sum) and barrier go on.
+    n, r = hvd.size(), hvd.rank()
+    quitter = n - 1
+    messages = {}
+    if r == quitter:
+        last = hvd.join()
+    else:
+        refused = [
+            (
+                "join.r.ag",
+                lambda nm: hvd.allgather_async(full((r + 1, 2), 1.0), name=nm),
+                "allgather",
+            ),
+            ("join.r.bc", lambda nm: hvd.broadcast_async(ones(2), 0, name=nm), "broadcast"),
+            ("join.r.rs", lambda nm: hvd.reducescatter_async(ones(n), name=nm), "reducescatter"),
+            ("join.r.a2a", lambda nm: hvd.alltoall_async(ones(n), name=nm), "alltoall"),
+            ("join.r.min", lambda nm: hvd.allreduce_async(ones(1), name=nm, op=hvd.Min), "Min"),
+        ]
+        handles = [(nm, fn(nm), needle) for nm, fn, needle in refused]
+        total = hvd.allreduce_async(full((2,), float(r + 1)), name="join.r.sum", op=hvd.Sum)
+        for nm, h, needle in handles:
+            messages[nm] = expect_error(
+                RuntimeError,
+                lambda h=h: hvd.synchronize(finished_within(h)),
+                f"'{nm}'",
+                needle,
+                f"rank {quitter} has joined",
+            )
+        expected = float(sum(range(1, n)))  # the joined rank adds zeros
+        assert torch.equal(hvd.synchronize(finished_within(total)), full((2,), expected))
+        hvd.barrier()
+        last = hvd.join()
+    # Every rank agrees on who joined last, and saw the same errors.
+    seen = hvd.allgather_object((last, messages))
+    assert len({s[0] for s in seen}) == 1 and 0 <= last < quitter, seen
+    for nm in seen[0][1]:
+        assert len({s[1][nm] for s in seen[:quitter]}) == 1, [s[1][nm] for s in seen]
+    # Everyone is back: allgather works again, with every rank's rows.
+    rows = hvd.allgather(full((1,), float(r)), name="join.r.after")
+    assert torch.equal(rows, arange(float(n))), rows
+
+
 def check_shutdown_pending_and_reinit():
     n, r = hvd.size(), hvd.rank()
     # Only rank 0 submits "lonely", so it cannot complete; shutdown must fail it, not hang.
@@ -532,6 +578,7 @@ CHECKS = checks_of(globals())
 # Checks that make one rank disagree with, or wait for, another: meaningless at 1 rank, so a
 # 1-rank group (GRADFUSE_TEST_RANKS=1) does not run them.
 NEEDS_TWO_RANKS = {
+    "join_refuses_what_needs_the_joined_rank",
     "local_errors",
     "mismatch_errors",
     "response_cache",

@@ -13,6 +13,9 @@
 
 namespace gradfuse::engine {
 
+// "rank 3" / "ranks 0, 2": how errors and reports list ranks.
+std::string rank_list(const std::vector<int>& ranks);
+
 class Controller {
  public:
   explicit Controller(int size) : size_(size), joined_(size, false) {}

@@ -7,11 +7,13 @@ namespace gradfuse::engine {
 
 namespace {
 
-std::string rank_list(const std::vector<int>& ranks) {
-  std::ostringstream s;
-  s << "rank" << (ranks.size() > 1 ? "s " : " ");
-  for (size_t i = 0; i < ranks.size(); ++i) s << (i ? ", " : "") << ranks[i];
-  return s.str();
+// A join waits, legitimately, as long as the other ranks have data; failing it would leave the
+// controller counting its ranks as joined after their join() raised. It is only reported.
+bool is_join(const std::vector<std::optional<Request>>& per_rank) {
+  for (const auto& request : per_rank) {
+    if (request) return request->op == OpType::kJoin;
+  }
+  return false;
 }
 
 }  // namespace
@@ -40,7 +42,7 @@ void StallInspector::check(Controller& controller, int64_t now_ms, std::vector<R
     std::ostringstream what;
     what << "tensor '" << name << "' waited " << age / 1000.0 << " s: submitted by "
          << rank_list(ready) << ", missing on " << rank_list(missing);
-    if (shutdown_ms_ > 0 && age >= shutdown_ms_) {
+    if (shutdown_ms_ > 0 && age >= shutdown_ms_ && !is_join(per_rank)) {
       Response resp;
       resp.kind = Response::Kind::kError;
       resp.name = name;

@@ -2,7 +2,8 @@
 // requests, so a name pending for a long time is one that some ranks submitted and others did
 // not (a rank stuck elsewhere, or code that skips a collective on some ranks). After
 // `warning_s` every rank logs which ranks are missing which tensors; after `shutdown_s` (when
-// > 0) the tensor fails on the ranks that submitted it instead of waiting forever.
+// > 0) the tensor fails on the ranks that submitted it instead of waiting forever (a join is
+// only reported: it waits for the ranks that still have data, however long they take).
 #pragma once
 
 #include <cstdint>
