@@ -512,6 +512,42 @@ def check_name_free_only_after_completion():
     assert torch.equal(out, full((2,), float(n)))
 
 
+def check_pending_names_limit():
+    # A small limit: rank 0 submits 5 names no other rank has submitted yet. The 2 newest
+    # fail on rank 0 (the only rank holding them); the 3 oldest keep waiting, and complete once
+    # the other ranks submit them.
+    n, r = hvd.size(), hvd.rank()
+    hvd.shutdown()
+    hvd.init(pending_names_limit=3)
+    try:
+        if r == 0:
+            with hvd.submitted_together():
+                handles = [
+                    hvd.allreduce_async(ones(1), name=f"lonely.{i}", op=hvd.Sum) for i in range(5)
+                ]
+            for i in (3, 4):
+                expect_error(
+                    RuntimeError,
+                    lambda h=handles[i]: hvd.synchronize(finished_within(h)),
+                    f"'lonely.{i}'",
+                    "5 tensors were submitted by some ranks",
+                    "pending_names_limit=3",
+                    "the 2 newest fail",
+                    "submitted by rank 0, missing on rank",
+                )
+            assert not any(hvd.poll(h) for h in handles[:3])
+        torch.distributed.barrier()
+        if r != 0:
+            handles = [
+                hvd.allreduce_async(ones(1), name=f"lonely.{i}", op=hvd.Sum) for i in range(3)
+            ]
+        for h in handles[:3]:
+            assert torch.equal(hvd.synchronize(finished_within(h)), full((1,), float(n)))
+    finally:
+        hvd.shutdown()
+        hvd.init()
+
+
 def check_join_refuses_what_needs_the_joined_rank():
     # The last rank joins at once; the others submit, before or after it joins (either way the
     # controller decides when the join arrives), what a joined rank cannot take part in: every
@@ -581,6 +617,7 @@ NEEDS_TWO_RANKS = {
     "join_refuses_what_needs_the_joined_rank",
     "local_errors",
     "mismatch_errors",
+    "pending_names_limit",
     "response_cache",
     "shutdown_pending_and_reinit",
 }

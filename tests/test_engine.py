@@ -56,6 +56,19 @@ def test_engine_check(group, check):
     assert_check_ok(proc, results, check)
 
 
+@pytest.mark.timeout(300)
+def test_pending_names_limit_is_reported_on_every_rank(group):
+    # check_pending_names_limit: the ranks that never held the failed names report them too.
+    n, (proc, _) = group
+    if n == 1:
+        pytest.skip("needs two ranks")
+    out = proc.stdout + proc.stderr
+    for rank in range(n):
+        line = f"gradfuse[rank {rank}]: 5 tensors were submitted by some ranks and not yet by all"
+        assert line in out, out
+    assert "the 2 newest fail: 'lonely.3' (submitted by rank 0, missing on rank" in out, out
+
+
 @pytest.mark.timeout(120)
 def test_run_launcher_propagates_failure(tmp_path):
     script = tmp_path / "fail.py"
@@ -82,6 +95,7 @@ def test_run_launcher_propagates_failure(tmp_path):
         ("GRADFUSE_FUSION_THRESHOLD", "lots", "GRADFUSE_FUSION_THRESHOLD"),
         ("GRADFUSE_CYCLE_TIME", "-1", "GRADFUSE_CYCLE_TIME"),
         ("GRADFUSE_CACHE_CAPACITY", "-1", "GRADFUSE_CACHE_CAPACITY"),
+        ("GRADFUSE_PENDING_NAMES_LIMIT", "-1", "GRADFUSE_PENDING_NAMES_LIMIT"),
     ],
 )
 def test_bad_configuration_is_a_value_error(monkeypatch, var, value, needle):

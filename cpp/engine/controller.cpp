@@ -88,8 +88,12 @@ std::string joined_error(const std::string& name, const Request& request,
 
 void Controller::add(int rank, const std::vector<Request>& requests, std::vector<Response>& out) {
   for (const Request& r : requests) {
-    auto& per_rank = table_[r.name];
-    if (per_rank.empty()) per_rank.resize(size_);
+    Pending& pending = table_[r.name];
+    if (pending.per_rank.empty()) {
+      pending.per_rank.resize(size_);
+      pending.arrival = next_arrival_++;
+    }
+    auto& per_rank = pending.per_rank;
     // The enqueue side rejects a name already in flight, so a rank never sends one twice.
     TORCH_CHECK(!per_rank[rank].has_value(), "gradfuse: rank ", rank, " sent '", r.name, "' twice");
     per_rank[rank] = r;
@@ -125,17 +129,17 @@ void Controller::emit_ready_after_join(std::vector<Response>& out) {
   // (the same on every rank); the join itself goes last, since completing it forgets who joined.
   std::optional<std::string> join_name;
   for (auto it = table_.begin(); it != table_.end();) {
-    if (!ready(it->second)) {
+    if (!ready(it->second.per_rank)) {
       ++it;
-    } else if (is_join(it->second)) {
+    } else if (is_join(it->second.per_rank)) {
       join_name = (it++)->first;
     } else {
-      out.push_back(decide(it->first, it->second));
+      out.push_back(decide(it->first, it->second.per_rank));
       it = table_.erase(it);
     }
   }
   if (join_name) {
-    out.push_back(decide(*join_name, table_[*join_name]));
+    out.push_back(decide(*join_name, table_[*join_name].per_rank));
     table_.erase(*join_name);
   }
 }

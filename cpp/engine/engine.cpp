@@ -29,7 +29,8 @@ struct ExplainedError : std::runtime_error {
 Engine::Engine(EngineConfig config)
     : config_(std::move(config)),
       negotiator_(config_.size, config_.cache_capacity),
-      stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s) {
+      stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s,
+             config_.pending_names_limit) {
   validate(config_);
   control_ = c10d::resolve_process_group(config_.control_group);
   cpu_ = c10d::resolve_process_group(config_.cpu_group);

@@ -4,9 +4,15 @@
 // `warning_s` every rank logs which ranks are missing which tensors; after `shutdown_s` (when
 // > 0) the tensor fails on the ranks that submitted it instead of waiting forever (a join is
 // only reported: it waits for the ranks that still have data, however long they take).
+//
+// It also bounds the controller's table of such names: a rank that keeps submitting names the
+// others never submit would otherwise grow it (and every rank's memory) without end. Past
+// `pending_limit` names (when > 0), the newest ones fail on the ranks that submitted them, and
+// every rank logs which names and ranks they were.
 #pragma once
 
 #include <cstdint>
+#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -17,10 +23,11 @@ namespace gradfuse::engine {
 
 class StallInspector {
  public:
-  StallInspector(int rank, double warning_s, double shutdown_s)
+  StallInspector(int rank, double warning_s, double shutdown_s, int64_t pending_limit)
       : rank_(rank),
         warning_ms_(static_cast<int64_t>(warning_s * 1000)),
-        shutdown_ms_(static_cast<int64_t>(shutdown_s * 1000)) {}
+        shutdown_ms_(static_cast<int64_t>(shutdown_s * 1000)),
+        pending_limit_(pending_limit) {}
 
   // Once per cycle, after the controller has seen every rank's requests. `now_ms` is rank 0's
   // clock, carried in the negotiation, so every rank ages names identically and gives up on
@@ -29,9 +36,14 @@ class StallInspector {
   void check(Controller& controller, int64_t now_ms, std::vector<Response>& out);
 
  private:
+  // Fails the newest names past pending_limit_; returns them.
+  std::vector<std::string> fail_over_limit(const Controller& controller,
+                                           std::vector<Response>& out, std::ostringstream& log);
+
   int rank_;
   int64_t warning_ms_;
   int64_t shutdown_ms_;
+  int64_t pending_limit_;
   std::unordered_map<std::string, int64_t> first_seen_ms_;
   std::unordered_map<std::string, int64_t> warned_ms_;  // last warning per name
 };

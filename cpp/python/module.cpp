@@ -49,7 +49,7 @@ PYBIND11_MODULE(_C, m) {
          const std::string& cuda_local_group, const std::string& cuda_cross_group,
          double timeout_s, const std::string& store_host, int store_port,
          const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
-         const std::string& timeline_path, int64_t cache_capacity) {
+         const std::string& timeline_path, int64_t cache_capacity, int64_t pending_names_limit) {
         gradfuse::engine::EngineConfig c;
         c.rank = rank;
         c.size = size;
@@ -70,6 +70,7 @@ PYBIND11_MODULE(_C, m) {
         c.stall_shutdown_s = stall_shutdown_s;
         c.timeline_path = timeline_path;
         c.cache_capacity = cache_capacity;
+        c.pending_names_limit = pending_names_limit;
         gradfuse::engine::start_engine(c);
       },
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
@@ -79,7 +80,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
       py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
       py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
-      py::arg("cache_capacity") = 1024,
+      py::arg("cache_capacity") = 1024, py::arg("pending_names_limit") = 65536,
       "Start the engine's background thread on the named process groups.");
   // Joining the thread waits for the other ranks' next negotiation: never hold the GIL then.
   m.def("engine_stop", &gradfuse::engine::stop_engine, py::call_guard<py::gil_scoped_release>(),
