@@ -220,6 +220,16 @@ def expect_error(exc_type, fn, *needles):
     raise AssertionError(f"{exc_type.__name__} not raised")
 
 
+def finished_within(handle, seconds=60.0):
+    """Waits for handle to finish (completed or failed) without taking its result; an
+    AssertionError instead of a hang when it takes longer."""
+    deadline = time.monotonic() + seconds
+    while not hvd.poll(handle):
+        assert time.monotonic() < deadline, f"handle {handle} still pending after {seconds} s"
+        time.sleep(0.001)
+    return handle
+
+
 def check_mismatch_errors():
     n, r = hvd.size(), hvd.rank()
     last = n - 1  # the rank that disagrees
@@ -472,6 +482,119 @@ def check_local_errors():
     )
 
 
+def check_name_free_only_after_completion():
+    # Resubmitting a name races with its negotiation and collective; whenever the second
+    # submission is accepted, the first operation must have completed already.
+    n, r = hvd.size(), hvd.rank()
+    rng = random.Random(r)
+    accepted = 0
+    for i in range(60):
+        first = hvd.allreduce_async(full((3,), float(r + i)), name="reuse", op=hvd.Sum)
+        time.sleep(rng.random() * 0.004)  # land anywhere in negotiation or the collective
+        try:
+            second = hvd.allreduce_async(full((3,), float(r)), name="reuse", op=hvd.Sum)
+        except ValueError as e:
+            assert "'reuse'" in str(e) and "already in flight" in str(e), e
+            second = None
+        else:
+            accepted += 1
+            assert hvd.poll(first), "a name was accepted again before its operation completed"
+        expected = float(sum(range(n)) + n * i)
+        assert torch.equal(hvd.synchronize(finished_within(first)), full((3,), expected))
+        if second is None:  # free now: the first one completed
+            second = hvd.allreduce_async(full((3,), float(r)), name="reuse", op=hvd.Sum)
+        out = hvd.synchronize(finished_within(second))
+        assert torch.equal(out, full((3,), float(sum(range(n)))))
+    # A failed operation frees its name on every rank that submitted it.
+    if n > 1:
+        bad = ones(3 if r == n - 1 else 2)
+        expect_error(RuntimeError, lambda: hvd.allreduce(bad, name="reuse.bad"), "reuse.bad")
+    out = hvd.allreduce(ones(2), name="reuse.bad", op=hvd.Sum)
+    assert torch.equal(out, full((2,), float(n)))
+
+
+def check_pending_names_limit():
+    # A small limit: rank 0 submits 5 names no other rank has submitted yet. The 2 newest
+    # fail on rank 0 (the only rank holding them); the 3 oldest keep waiting, and complete once
+    # the other ranks submit them.
+    n, r = hvd.size(), hvd.rank()
+    hvd.shutdown()
+    hvd.init(pending_names_limit=3)
+    try:
+        if r == 0:
+            with hvd.submitted_together():
+                handles = [
+                    hvd.allreduce_async(ones(1), name=f"lonely.{i}", op=hvd.Sum) for i in range(5)
+                ]
+            for i in (3, 4):
+                expect_error(
+                    RuntimeError,
+                    lambda h=handles[i]: hvd.synchronize(finished_within(h)),
+                    f"'lonely.{i}'",
+                    "5 tensors were submitted by some ranks",
+                    "pending_names_limit=3",
+                    "the 2 newest fail",
+                    "submitted by rank 0, missing on rank",
+                )
+            assert not any(hvd.poll(h) for h in handles[:3])
+        torch.distributed.barrier()
+        if r != 0:
+            handles = [
+                hvd.allreduce_async(ones(1), name=f"lonely.{i}", op=hvd.Sum) for i in range(3)
+            ]
+        for h in handles[:3]:
+            assert torch.equal(hvd.synchronize(finished_within(h)), full((1,), float(n)))
+    finally:
+        hvd.shutdown()
+        hvd.init()
+
+
+def check_join_refuses_what_needs_the_joined_rank():
+    # The last rank joins at once; the others submit, before or after it joins (either way the
+    # controller decides when the join arrives), what a joined rank cannot take part in: every
+    # one of them fails on every rank that submitted it, with the same message, and nothing
+    # hangs. allreduce (Sum) and barrier go on.
+    n, r = hvd.size(), hvd.rank()
+    quitter = n - 1
+    messages = {}
+    if r == quitter:
+        last = hvd.join()
+    else:
+        refused = [
+            (
+                "join.r.ag",
+                lambda nm: hvd.allgather_async(full((r + 1, 2), 1.0), name=nm),
+                "allgather",
+            ),
+            ("join.r.bc", lambda nm: hvd.broadcast_async(ones(2), 0, name=nm), "broadcast"),
+            ("join.r.rs", lambda nm: hvd.reducescatter_async(ones(n), name=nm), "reducescatter"),
+            ("join.r.a2a", lambda nm: hvd.alltoall_async(ones(n), name=nm), "alltoall"),
+            ("join.r.min", lambda nm: hvd.allreduce_async(ones(1), name=nm, op=hvd.Min), "Min"),
+        ]
+        handles = [(nm, fn(nm), needle) for nm, fn, needle in refused]
+        total = hvd.allreduce_async(full((2,), float(r + 1)), name="join.r.sum", op=hvd.Sum)
+        for nm, h, needle in handles:
+            messages[nm] = expect_error(
+                RuntimeError,
+                lambda h=h: hvd.synchronize(finished_within(h)),
+                f"'{nm}'",
+                needle,
+                f"rank {quitter} has joined",
+            )
+        expected = float(sum(range(1, n)))  # the joined rank adds zeros
+        assert torch.equal(hvd.synchronize(finished_within(total)), full((2,), expected))
+        hvd.barrier()
+        last = hvd.join()
+    # Every rank agrees on who joined last, and saw the same errors.
+    seen = hvd.allgather_object((last, messages))
+    assert len({s[0] for s in seen}) == 1 and 0 <= last < quitter, seen
+    for nm in seen[0][1]:
+        assert len({s[1][nm] for s in seen[:quitter]}) == 1, [s[1][nm] for s in seen]
+    # Everyone is back: allgather works again, with every rank's rows.
+    rows = hvd.allgather(full((1,), float(r)), name="join.r.after")
+    assert torch.equal(rows, arange(float(n))), rows
+
+
 def check_shutdown_pending_and_reinit():
     n, r = hvd.size(), hvd.rank()
     # Only rank 0 submits "lonely", so it cannot complete; shutdown must fail it, not hang.
@@ -492,8 +615,10 @@ CHECKS = checks_of(globals())
 # Checks that make one rank disagree with, or wait for, another: meaningless at 1 rank, so a
 # 1-rank group (GRADFUSE_TEST_RANKS=1) does not run them.
 NEEDS_TWO_RANKS = {
+    "join_refuses_what_needs_the_joined_rank",
     "local_errors",
     "mismatch_errors",
+    "pending_names_limit",
     "response_cache",
     "shutdown_pending_and_reinit",
 }

@@ -43,6 +43,21 @@ def check_stall():
     assert hvd.stats()["stalled"] == 1  # every rank gave up on it, in the same cycle
 
 
+def check_join_outlives_stall_shutdown():
+    # Rank 2 joins and waits longer than GRADFUSE_STALL_SHUTDOWN_TIME for the others: its join
+    # is only reported, never given up on, so the others' allreduce still gets its zeros.
+    if hvd.rank() == 2:
+        last = hvd.join()
+    else:
+        time.sleep(2.0)  # twice the stall shutdown time
+        out = hvd.allreduce(torch.ones(2), name="after.long.join", op=hvd.Sum)
+        assert torch.equal(out, torch.full((2,), 2.0)), out
+        if hvd.rank() == 0:
+            time.sleep(0.3)  # rank 0 joins last
+        last = hvd.join()
+    assert last == 0, last
+
+
 def check_stats():
     before = hvd.stats()
     hvd.grouped_allreduce([torch.ones(4), torch.ones(4)], name="stats", op=hvd.Sum)
@@ -118,6 +133,7 @@ RESULTS: dict = {}
 CHECKS = {
     "timeline": check_timeline,
     "stall": check_stall,
+    "join_outlives_stall_shutdown": check_join_outlives_stall_shutdown,
     "stats": check_stats,
     "dead_rank": check_dead_rank,
 }

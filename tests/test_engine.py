@@ -56,6 +56,19 @@ def test_engine_check(group, check):
     assert_check_ok(proc, results, check)
 
 
+@pytest.mark.timeout(300)
+def test_pending_names_limit_is_reported_on_every_rank(group):
+    # check_pending_names_limit: the ranks that never held the failed names report them too.
+    n, (proc, _) = group
+    if n == 1:
+        pytest.skip("needs two ranks")
+    out = proc.stdout + proc.stderr
+    for rank in range(n):
+        line = f"gradfuse[rank {rank}]: 5 tensors were submitted by some ranks and not yet by all"
+        assert line in out, out
+    assert "the 2 newest fail: 'lonely.3' (submitted by rank 0, missing on rank" in out, out
+
+
 @pytest.mark.timeout(120)
 def test_run_launcher_propagates_failure(tmp_path):
     script = tmp_path / "fail.py"
@@ -82,6 +95,7 @@ def test_run_launcher_propagates_failure(tmp_path):
         ("GRADFUSE_FUSION_THRESHOLD", "lots", "GRADFUSE_FUSION_THRESHOLD"),
         ("GRADFUSE_CYCLE_TIME", "-1", "GRADFUSE_CYCLE_TIME"),
         ("GRADFUSE_CACHE_CAPACITY", "-1", "GRADFUSE_CACHE_CAPACITY"),
+        ("GRADFUSE_PENDING_NAMES_LIMIT", "-1", "GRADFUSE_PENDING_NAMES_LIMIT"),
     ],
 )
 def test_bad_configuration_is_a_value_error(monkeypatch, var, value, needle):
@@ -108,3 +122,59 @@ def test_bad_init_keyword():
         gradfuse.init(fusion_threshold="big")
     with pytest.raises(ValueError, match="cycle_time_ms"):
         gradfuse.init(cycle_time_ms=0)
+
+
+def _name_reuse(steps):
+    from gradfuse import _C
+
+    return _C._testing.name_reuse(steps)
+
+
+def test_a_name_is_in_use_until_its_operation_completes():
+    # The engine's own TensorQueue and handle table; "complete" leaves device work running (a
+    # CUDA collective queued on the engine's stream) until "finish".
+    steps = [
+        ("push", "w"),
+        ("push", "w"),  # waiting for the other ranks
+        ("negotiate", "w"),
+        ("push", "w"),  # its collective is running
+        ("complete", "w"),
+        ("push", "w"),  # the engine is done, the device is not
+        ("finish", "w"),
+        ("push", "w"),  # completed: free again
+    ]
+    out = _name_reuse(steps)
+    refused = [i for i, msg in enumerate(out) if msg]
+    assert refused == [1, 3, 5], out
+    for i in refused:
+        assert "'w'" in out[i] and "already in flight" in out[i], out[i]
+    assert out[7] == ""
+
+
+@pytest.mark.parametrize(
+    "finish",
+    [
+        ["complete_cpu"],  # CPU work: done when the engine completes it
+        ["fail"],  # a failed operation (mismatch, stall, dead peer) frees its name too
+        ["complete", "fail"],  # device work that failed
+        ["complete_cpu", "release"],  # synchronized: the handle is gone
+    ],
+)
+def test_a_name_is_free_once_its_operation_completed_or_failed(finish):
+    steps = [("push", "x"), ("negotiate", "x"), ("push", "x")]
+    steps += [(action, "x") for action in finish] + [("push", "x")]
+    out = _name_reuse(steps)
+    assert "'x'" in out[2], out
+    assert out[-1] == "", out
+
+
+def test_finished_names_are_forgotten_and_running_ones_kept():
+    # Past 64 negotiated names the queue sweeps the finished ones out of its table; one still
+    # running on the device must stay in use through the sweeps.
+    steps = [("push", "slow"), ("negotiate", "slow"), ("complete", "slow")]
+    for i in range(300):
+        steps += [("push", f"g{i}"), ("negotiate", f"g{i}"), ("complete_cpu", f"g{i}")]
+    steps += [("push", "slow"), ("push", "g0"), ("push", "g299")]
+    out = _name_reuse(steps)
+    assert "'slow'" in out[-3], out[-3]
+    assert out[-2:] == ["", ""], out[-2:]

@@ -31,7 +31,7 @@ def group(tmp_path_factory):
         3,
         "gradfuse.run",
         HERE / "failure_worker.py",
-        ["stats", "timeline", "stall", "dead_rank"],
+        ["stats", "timeline", "stall", "join_outlives_stall_shutdown", "dead_rank"],
         {**ENV, "GRADFUSE_TIMELINE": str(tmp / "from_init.json")},
         timeout=120,
     )
@@ -61,6 +61,11 @@ def test_stall_warning_names_tensor_and_missing_rank(group):
     for rank in range(3):  # every rank reports it
         assert f"gradfuse[rank {rank}]: stall warning: tensor 'withheld'" in out, out
     assert "missing on rank 1" in out
+
+
+@pytest.mark.timeout(180)
+def test_join_is_never_given_up_on_as_stalled(group):
+    _check(group, "join_outlives_stall_shutdown")
 
 
 @pytest.mark.timeout(180)

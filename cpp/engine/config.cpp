@@ -35,6 +35,8 @@ void validate(const EngineConfig& c) {
                     c.stall_warning_s);
   TORCH_CHECK_VALUE(c.stall_shutdown_s >= 0, "gradfuse: stall_shutdown_s must be >= 0, got ",
                     c.stall_shutdown_s);
+  TORCH_CHECK_VALUE(c.pending_names_limit >= 0,
+                    "gradfuse: pending_names_limit must be >= 0, got ", c.pending_names_limit);
 }
 
 }  // namespace gradfuse::engine

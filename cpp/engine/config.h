@@ -42,6 +42,9 @@ struct EngineConfig {
   // stall_shutdown_s (0: never).
   double stall_warning_s = 60.0;
   double stall_shutdown_s = 0.0;
+  // At most this many names submitted by some ranks and not yet by all; past it the newest
+  // fail (engine/stall_inspector.h). 0: no limit.
+  int64_t pending_names_limit = 65536;
   std::string timeline_path;  // non-empty: write a timeline from the start (rank 0 only)
 };
 

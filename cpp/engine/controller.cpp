@@ -7,6 +7,13 @@
 
 namespace gradfuse::engine {
 
+std::string rank_list(const std::vector<int>& ranks) {
+  std::ostringstream s;
+  s << "rank" << (ranks.size() > 1 ? "s " : " ");
+  for (size_t i = 0; i < ranks.size(); ++i) s << (i ? ", " : "") << ranks[i];
+  return s.str();
+}
+
 namespace {
 
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -51,12 +58,42 @@ const Attribute kAttributes[] = {
      }},
 };
 
+// Why `request` cannot run while `joined` ranks wait in join(), or "" when it can. As in
+// Horovod, a joined rank takes part in allreduce with zeros (Average still divides by the full
+// size) and in barrier; allgather, broadcast, alltoall and reducescatter would need data it
+// does not have, and Min / Max / Product would take its zeros for values (Horovod lets those
+// run; here they fail). The controller decides this, so every rank raises the same error.
+std::string joined_error(const std::string& name, const Request& request,
+                         const std::vector<int>& joined) {
+  const OpType op = request.op;
+  const bool sum_like = request.reduce_op == ReduceOp::kSum ||
+                        request.reduce_op == ReduceOp::kAverage;
+  if ((op == OpType::kAllreduce && sum_like) || op == OpType::kBarrier || op == OpType::kJoin) {
+    return "";
+  }
+  std::ostringstream msg;
+  msg << "gradfuse: " << op_name(op);
+  if (op == OpType::kAllreduce) msg << " (" << reduce_op_name(request.reduce_op) << ")";
+  msg << " of '" << name << "' cannot run while " << rank_list(joined)
+      << (joined.size() > 1 ? " have" : " has")
+      << " joined; only allreduce (Sum, Average) and barrier go on after join()";
+  if (op == OpType::kAllgather) {
+    msg << " (DistributedOptimizer's top-k compression allgathers: use another compression "
+           "with join())";
+  }
+  return msg.str();
+}
+
 }  // namespace
 
 void Controller::add(int rank, const std::vector<Request>& requests, std::vector<Response>& out) {
   for (const Request& r : requests) {
-    auto& per_rank = table_[r.name];
-    if (per_rank.empty()) per_rank.resize(size_);
+    Pending& pending = table_[r.name];
+    if (pending.per_rank.empty()) {
+      pending.per_rank.resize(size_);
+      pending.arrival = next_arrival_++;
+    }
+    auto& per_rank = pending.per_rank;
     // The enqueue side rejects a name already in flight, so a rank never sends one twice.
     TORCH_CHECK(!per_rank[rank].has_value(), "gradfuse: rank ", rank, " sent '", r.name, "' twice");
     per_rank[rank] = r;
@@ -92,17 +129,17 @@ void Controller::emit_ready_after_join(std::vector<Response>& out) {
   // (the same on every rank); the join itself goes last, since completing it forgets who joined.
   std::optional<std::string> join_name;
   for (auto it = table_.begin(); it != table_.end();) {
-    if (!ready(it->second)) {
+    if (!ready(it->second.per_rank)) {
       ++it;
-    } else if (is_join(it->second)) {
+    } else if (is_join(it->second.per_rank)) {
       join_name = (it++)->first;
     } else {
-      out.push_back(decide(it->first, it->second));
+      out.push_back(decide(it->first, it->second.per_rank));
       it = table_.erase(it);
     }
   }
   if (join_name) {
-    out.push_back(decide(*join_name, table_[*join_name]));
+    out.push_back(decide(*join_name, table_[*join_name].per_rank));
     table_.erase(*join_name);
   }
 }
@@ -159,22 +196,10 @@ Response Controller::decide(const std::string& name,
     return resp;
   }
   if (!resp.joined.empty()) {
-    // Joined ranks contribute zeros to a sum (Horovod's join) and no rows to an allgather;
-    // anything else would need data they do not have.
-    const bool sum_like =
-        op == OpType::kAllreduce &&
-        (resp.request.reduce_op == ReduceOp::kSum || resp.request.reduce_op == ReduceOp::kAverage);
-    if (!sum_like && op != OpType::kAllgather && op != OpType::kJoin) {
-      std::ostringstream msg;
-      msg << "gradfuse: " << op_name(op);
-      if (op == OpType::kAllreduce) msg << " (" << reduce_op_name(resp.request.reduce_op) << ")";
-      msg << " of '" << name << "' cannot run while rank";
-      msg << (resp.joined.size() > 1 ? "s " : " ");
-      for (size_t i = 0; i < resp.joined.size(); ++i) msg << (i ? ", " : "") << resp.joined[i];
-      msg << (resp.joined.size() > 1 ? " have" : " has")
-          << " joined; only allreduce (Sum, Average) and allgather go on after join()";
+    const std::string why = joined_error(name, resp.request, resp.joined);
+    if (!why.empty()) {
       resp.kind = Response::Kind::kError;
-      resp.error = msg.str();
+      resp.error = why;
       return resp;
     }
   }
@@ -186,8 +211,8 @@ Response Controller::decide(const std::string& name,
     return resp;
   }
   if (op == OpType::kAllgather) {
-    for (int r = 0; r < size_; ++r) {
-      const auto& shape = per_rank[r] ? per_rank[r]->shape : std::vector<int64_t>{0};
+    for (int r = 0; r < size_; ++r) {  // (no rank has joined: joined_error)
+      const auto& shape = per_rank[r]->shape;
       resp.first_dims.push_back(shape.empty() ? 1 : shape[0]);
     }
   }

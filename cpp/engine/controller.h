@@ -13,6 +13,9 @@
 
 namespace gradfuse::engine {
 
+// "rank 3" / "ranks 0, 2": how errors and reports list ranks.
+std::string rank_list(const std::vector<int>& ranks);
+
 class Controller {
  public:
   explicit Controller(int size) : size_(size), joined_(size, false) {}
@@ -22,12 +25,14 @@ class Controller {
   // order the names completed.
   void add(int rank, const std::vector<Request>& requests, std::vector<Response>& out);
 
+  // A name some rank has submitted that is not yet ready everywhere.
+  struct Pending {
+    uint64_t arrival = 0;  // order of first submission, the same on every rank
+    std::vector<std::optional<Request>> per_rank;  // empty where not submitted yet
+  };
   // Names some rank has submitted that are not yet ready everywhere (for shutdown messages).
   size_t pending() const { return table_.size(); }
-  // Names not yet ready everywhere -> each rank's request (empty where not submitted yet).
-  const std::map<std::string, std::vector<std::optional<Request>>>& pending_table() const {
-    return table_;
-  }
+  const std::map<std::string, Pending>& pending_table() const { return table_; }
   // Forgets a pending name (the stall inspector gave up on it).
   void drop(const std::string& name) { table_.erase(name); }
 
@@ -40,8 +45,8 @@ class Controller {
   int size_;
   std::vector<bool> joined_;  // ranks that called join() and wait for the others
   int last_joined_ = -1;
-  // name -> the request of each rank (empty where that rank has not submitted it yet).
-  std::map<std::string, std::vector<std::optional<Request>>> table_;
+  std::map<std::string, Pending> table_;
+  uint64_t next_arrival_ = 0;
 };
 
 }  // namespace gradfuse::engine

@@ -31,7 +31,7 @@ Engine::Engine(EngineConfig config)
     : config_(std::move(config)),
       negotiator_(config_.size, config_.cache_capacity),
       stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s,
-             config_.global_ranks, config_.process_set_id) {
+             config_.pending_names_limit, config_.global_ranks, config_.process_set_id) {
   validate(config_);
   control_ = c10d::resolve_process_group(config_.control_group);
   cpu_ = c10d::resolve_process_group(config_.cpu_group);

@@ -117,6 +117,12 @@ bool HandleTable::poll(int64_t handle) {
   return finished_locked(find_locked(handle));
 }
 
+bool HandleTable::finished(int64_t handle) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = states_.find(handle);
+  return it == states_.end() || finished_locked(it->second);
+}
+
 void HandleTable::wait(int64_t handle) {
   std::unique_lock<std::mutex> lock(mu_);
   find_locked(handle);

@@ -56,6 +56,9 @@ class HandleTable {
   // True once the handle completed (including its device work) or failed. Unknown handle ->
   // c10::ValueError.
   bool poll(int64_t handle);
+  // poll(), but true for a handle no longer held (released or discarded: it finished before).
+  // The tensor queue asks it to know whether a name is free again (engine/tensor_queue.h).
+  bool finished(int64_t handle);
   // Blocks until poll() would be true; throws std::runtime_error with the handle's error when
   // it failed. Device work is waited for by querying it (no blocking CUDA call), so an error
   // that arrives meanwhile (fail_device_pending) still ends the wait.

@@ -10,8 +10,7 @@ namespace gradfuse::engine {
 
 Entry joined_placeholder(const Response& response, c10::Device device) {
   const Request& r = response.request;
-  std::vector<int64_t> shape = r.shape;
-  if (r.op == OpType::kAllgather && !shape.empty()) shape[0] = 0;
+  const std::vector<int64_t>& shape = r.shape;
   TORCH_CHECK(device.type() == static_cast<c10::DeviceType>(r.device_type),
               "gradfuse: placeholder for '", response.name, "' on ", device.str(),
               " for a collective on another device type (internal error)");
@@ -19,7 +18,6 @@ Entry joined_placeholder(const Response& response, c10::Device device) {
   Entry e;
   e.handle = kNoHandle;
   e.request = r;
-  e.request.shape = shape;
   e.tensor = at::zeros(shape, options);
   if (r.op == OpType::kAllreduce) e.output = at::empty(shape, options);
   return e;

@@ -1,7 +1,9 @@
-// join(): a rank out of data calls join() and waits; the other ranks' allreduces go on with it
-// contributing zeros (Horovod's semantics: Average still divides by the full size) and their
-// allgathers with it contributing no rows. The controller treats a joined rank as having
-// submitted every name; on that rank the engine runs the collective on a placeholder.
+// join(): a rank out of data calls join() and waits; the other ranks' allreduces (Sum, Average)
+// go on with it contributing zeros (Horovod's semantics: Average still divides by the full
+// size), and their barriers go on without it. The controller treats a joined rank as having
+// submitted every name, and fails on every rank what a joined rank cannot take part in
+// (engine/controller.cpp, joined_error); on that rank the engine runs the collective on a
+// placeholder.
 #pragma once
 
 #include "engine/message.h"
@@ -10,7 +12,7 @@
 namespace gradfuse::engine {
 
 // The entry a joined rank runs for a negotiated response it never submitted: zeros of the
-// agreed shape (allgather: zero rows) on `device`, this rank's own device of the agreed type
+// agreed shape on `device`, this rank's own device of the agreed type
 // (engine/devices.h), handle 0 (nobody waits on it). Allocated on the current stream.
 Entry joined_placeholder(const Response& response, c10::Device device);
 

@@ -2,6 +2,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
+#include "engine/handles.h"
+
 namespace gradfuse::engine {
 
 void TensorQueue::push(Entry entry) {
@@ -9,9 +13,9 @@ void TensorQueue::push(Entry entry) {
     std::lock_guard<std::mutex> lock(mu_);
     TORCH_CHECK(closed_reason_.empty(), closed_reason_);
     const std::string& name = entry.request.name;
-    TORCH_CHECK_VALUE(in_flight_.find(name) == in_flight_.end(), "gradfuse: a tensor named '", name,
-                      "' is already in flight; synchronize it before submitting the "
-                      "name again, or use another name");
+    TORCH_CHECK_VALUE(!in_use_locked(name), "gradfuse: a tensor named '", name,
+                      "' is already in flight (submitted, and its operation has not completed); "
+                      "synchronize it before submitting the name again, or use another name");
     new_requests_.push_back(entry.request);
     in_flight_.emplace(name, std::move(entry));
     // While held, the background thread would find nothing to take: release() wakes it.
@@ -58,23 +62,41 @@ std::vector<Request> TensorQueue::take_new_requests() {
   return out;
 }
 
+bool TensorQueue::in_use_locked(const std::string& name) {
+  if (in_flight_.count(name)) return true;
+  auto running = running_.find(name);
+  if (running == running_.end()) return false;
+  if (!HandleTable::get().finished(running->second)) return true;
+  running_.erase(running);
+  return false;
+}
+
+Entry TensorQueue::take_locked(std::unordered_map<std::string, Entry>::iterator it) {
+  Entry e = std::move(it->second);
+  in_flight_.erase(it);
+  if (running_.size() >= sweep_at_) {
+    for (auto r = running_.begin(); r != running_.end();) {
+      r = HandleTable::get().finished(r->second) ? running_.erase(r) : std::next(r);
+    }
+    sweep_at_ = std::max<size_t>(64, 2 * running_.size());
+  }
+  running_[e.request.name] = e.handle;
+  return e;
+}
+
 Entry TensorQueue::take(const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = in_flight_.find(name);
   TORCH_CHECK(it != in_flight_.end(), "gradfuse: negotiated tensor '", name,
               "' is not in flight on this rank (internal error)");
-  Entry e = std::move(it->second);
-  in_flight_.erase(it);
-  return e;
+  return take_locked(it);
 }
 
 std::optional<Entry> TensorQueue::try_take(const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = in_flight_.find(name);
   if (it == in_flight_.end()) return std::nullopt;
-  Entry e = std::move(it->second);
-  in_flight_.erase(it);
-  return e;
+  return take_locked(it);
 }
 
 bool TensorQueue::has_in_flight() {
@@ -90,6 +112,7 @@ std::vector<Entry> TensorQueue::close(const std::string& reason) {
   std::vector<Entry> out;
   for (auto& [name, e] : in_flight_) out.push_back(std::move(e));
   in_flight_.clear();
+  running_.clear();
   new_requests_.clear();
   return out;
 }

@@ -29,10 +29,14 @@ struct Entry {
   std::function<void()> wait_for_producer;
 };
 
+// A name is in use from push() until its handle finishes (HandleTable::finished: completed,
+// with any device work done, or failed), as in Horovod, whose handle is done only when the
+// operation is: a second tensor of that name meanwhile would pair with the first one's
+// collective on a rank where negotiation was quick and with its own on a slow one.
 class TensorQueue {
  public:
-  // Adds an entry and wakes the background thread. A name already in flight is a
-  // c10::ValueError (Python ValueError) raised here, on the calling rank only.
+  // Adds an entry and wakes the background thread. A name still in use is a c10::ValueError
+  // (Python ValueError) raised here, on the calling rank only.
   void push(Entry entry);
 
   // Background thread: sleeps until a new entry arrives, wake() is called or `deadline`.
@@ -46,7 +50,8 @@ class TensorQueue {
   // than split across cycles by the background thread waking at the first push. Holds nest.
   void hold();
   void release();
-  // The in-flight entry called `name` (negotiated: it leaves the queue).
+  // The in-flight entry called `name` (negotiated: it leaves the queue; its name stays in use
+  // until its handle finishes).
   Entry take(const std::string& name);
   // take(), or nothing when this rank does not hold `name`: it joined (engine/join.h), or
   // never sent a tensor the stall inspector gave up on.
@@ -63,8 +68,17 @@ class TensorQueue {
   bool woken_ = false;
   int holds_ = 0;
   std::string closed_reason_;  // non-empty once closed
+  // The entry leaves in_flight_; its name moves to running_.
+  Entry take_locked(std::unordered_map<std::string, Entry>::iterator it);
+  // Whether `name` is submitted or running; forgets it when its handle has finished.
+  bool in_use_locked(const std::string& name);
+
   std::vector<Request> new_requests_;
   std::unordered_map<std::string, Entry> in_flight_;
+  // Negotiated names -> their handles, until seen finished. Swept whenever it doubles, so it
+  // stays within twice the number of names really running (CUDA work in flight).
+  std::unordered_map<std::string, int64_t> running_;
+  size_t sweep_at_ = 64;
 };
 
 }  // namespace gradfuse::engine

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 
@@ -12,6 +13,7 @@
 #include "engine/handles.h"
 #include "engine/negotiation.h"
 #include "engine/response_cache.h"
+#include "engine/tensor_queue.h"
 
 namespace gradfuse::engine::testing {
 
@@ -167,5 +169,50 @@ int fail_device_pending(const std::string& error) {
 }
 
 void discard_handle(int64_t handle) { HandleTable::get().discard(handle); }
+
+std::vector<std::string> name_reuse(
+    const std::vector<std::pair<std::string, std::string>>& steps) {
+  TensorQueue queue;
+  std::map<std::string, int64_t> handles;  // name -> its latest handle
+  std::map<std::string, FakeDeviceWork> work;
+  std::vector<std::string> out;
+  for (const auto& [action, name] : steps) {
+    out.emplace_back("");
+    if (action == "push") {
+      Entry e;
+      e.request.name = name;
+      const int64_t handle = HandleTable::get().create(name);
+      e.handle = handle;
+      try {
+        queue.push(std::move(e));
+        handles[name] = handle;
+      } catch (const c10::ValueError& error) {
+        HandleTable::get().discard(handle);
+        out.back() = error.what_without_backtrace();
+      }
+      continue;
+    }
+    TORCH_CHECK_VALUE(handles.count(name), "gradfuse._testing: '", name, "' was never pushed");
+    const int64_t handle = handles[name];
+    if (action == "negotiate") {
+      queue.take(name);
+    } else if (action == "complete") {
+      work[name] = FakeDeviceWork();
+      HandleTable::get().complete(handle, at::Tensor(), {}, {}, work[name].state);
+    } else if (action == "finish") {
+      work.at(name).finish();
+    } else if (action == "complete_cpu") {
+      HandleTable::get().complete(handle, at::Tensor());
+    } else if (action == "fail") {
+      HandleTable::get().fail(handle, "gradfuse._testing: failed");
+    } else if (action == "release") {
+      HandleTable::get().discard(handle);
+    } else {
+      TORCH_CHECK_VALUE(false, "gradfuse._testing: unknown action '", action, "'");
+    }
+  }
+  for (const auto& [name, handle] : handles) HandleTable::get().discard(handle);
+  return out;
+}
 
 }  // namespace gradfuse::engine::testing

@@ -61,4 +61,12 @@ int64_t handle_with_device_work(const std::string& name, const FakeDeviceWork& w
 int fail_device_pending(const std::string& error);
 void discard_handle(int64_t handle);
 
+// Drives one TensorQueue and the handles of its entries as the engine does, to show when a
+// name is free again. Each step is (action, name): "push" submits a tensor of that name and
+// answers "" or the ValueError raised; "negotiate" takes it out of the queue (Engine::execute);
+// "complete" completes its handle with device work still running, "finish" ends that work;
+// "complete_cpu" completes it with no device work; "fail" fails it; "release" forgets it (as
+// synchronize() does once it finished). Answers "" for every action but a refused push.
+std::vector<std::string> name_reuse(const std::vector<std::pair<std::string, std::string>>& steps);
+
 }  // namespace gradfuse::engine::testing

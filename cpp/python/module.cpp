@@ -49,8 +49,8 @@ PYBIND11_MODULE(_C, m) {
          const std::string& cuda_local_group, const std::string& cuda_cross_group,
          double timeout_s, const std::string& store_host, int store_port,
          const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
-         const std::string& timeline_path, int64_t cache_capacity, int process_set_id,
-         const std::vector<int>& global_ranks) {
+         const std::string& timeline_path, int64_t cache_capacity, int64_t pending_names_limit,
+         int process_set_id, const std::vector<int>& global_ranks) {
         gradfuse::engine::EngineConfig c;
         c.process_set_id = process_set_id;
         c.global_ranks = global_ranks;
@@ -73,6 +73,7 @@ PYBIND11_MODULE(_C, m) {
         c.stall_shutdown_s = stall_shutdown_s;
         c.timeline_path = timeline_path;
         c.cache_capacity = cache_capacity;
+        c.pending_names_limit = pending_names_limit;
         gradfuse::engine::start_engine(c);
       },
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
@@ -82,8 +83,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
       py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
       py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
-      py::arg("cache_capacity") = 1024, py::arg("process_set_id") = 0,
-      py::arg("global_ranks") = std::vector<int>{},
+      py::arg("cache_capacity") = 1024, py::arg("pending_names_limit") = 65536,
+      py::arg("process_set_id") = 0, py::arg("global_ranks") = std::vector<int>{},
       "Start the engine of process set `process_set_id` (0: the global set, by init(); others "
       "by add_process_set on their members, rank and size within the set, global_ranks its "
       "members) with its background thread on the named process groups.");
@@ -170,4 +171,5 @@ PYBIND11_MODULE(_C, m) {
               py::arg("work"));
   testing.def("fail_device_pending", &t::fail_device_pending, py::arg("error"));
   testing.def("discard_handle", &t::discard_handle, py::arg("handle"));
+  testing.def("name_reuse", &t::name_reuse, py::arg("steps"));
 }

@@ -48,7 +48,8 @@ def init(**options) -> None:
     environment variable): fusion_threshold_bytes, cache_capacity (response cache entries:
     steady-state steps announce a cached tensor as a 4-byte index; 0 disables), cycle_time_ms, timeout_s (a peer silent
     this long fails every pending handle with an error naming it), stall_warning_s,
-    stall_shutdown_s, timeline (a Chrome-trace file path, written by rank 0),
+    stall_shutdown_s, pending_names_limit (names submitted by some ranks and not yet by all;
+    past it the newest fail), timeline (a Chrome-trace file path, written by rank 0),
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
     node), cuda_backend ("nccl", the default, one GPU per rank; or "gloo", which lets several
     ranks share one GPU, for tests) and test_local_size (tests only: consecutive ranks act as
@@ -149,6 +150,7 @@ def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
         # One timeline: the global set's, written by rank 0.
         timeline_path=cfg.timeline if rank == 0 and process_set_id == 0 else "",
         cache_capacity=cfg.cache_capacity,
+        pending_names_limit=cfg.pending_names_limit,
         process_set_id=process_set_id,
         global_ranks=list(global_ranks),
     )
@@ -200,12 +202,13 @@ def _new_cuda_group(backend, **kwargs):
 
 # The settings every rank must share, checked at init(): they decide how requests are batched
 # (a tensor fused on one rank and alone on another pairs different collectives), which groups
-# exist, and when a stalled tensor fails. (cycle_time_ms, timeout_s and the stall warning may
-# differ: they only change when a rank acts.)
+# exist, and when a stalled tensor (or one past pending_names_limit) fails. (cycle_time_ms,
+# timeout_s and the stall warning may differ: they only change when a rank acts.)
 _AGREED = (
     "fusion_threshold_bytes",
     "cache_capacity",
     "stall_shutdown_s",
+    "pending_names_limit",
     "hierarchical_allreduce",
     "test_local_size",
 )

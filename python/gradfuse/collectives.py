@@ -789,11 +789,12 @@ def join(device=None, process_set=global_process_set) -> int:
     """Called by a rank that has run out of data: blocks until every rank (of `process_set`,
     default: all) has called join(), and returns the (global) rank that joined last.
     Meanwhile the other ranks' allreduces (Sum, Average) go on with this rank contributing
-    zeros (Average still divides by size(), as in Horovod) and their allgathers with it
-    contributing no rows; other collectives fail while a rank has joined. `device` (Horovod's
-    argument: a CUDA device index, or -1 / None for the CPU) says where this rank makes the
-    zeros for CUDA collectives when it has not run one yet; once it has, they go on the GPU its
-    tensors used."""
+    zeros (Average still divides by size(), as in Horovod) and their barriers go on without it.
+    allgather, broadcast, alltoall, reducescatter and allreduce with Min / Max / Product raise
+    RuntimeError on every rank that submitted them while a rank has joined (Horovod: the same,
+    except that it lets Min / Max / Product take the zeros). `device` (Horovod's argument: a
+    CUDA device index, or -1 / None for the CPU) says where this rank makes the zeros for CUDA
+    collectives when it has not run one yet; once it has, they go on the GPU its tensors used."""
     _refuse_inside_hold("join")
     _engine._require()
     marker = torch.empty(0, device=_join_device(device))

@@ -63,6 +63,13 @@ _OPTIONS = {
         lambda v: v >= 0,
         "a number >= 0 (seconds before a stalled tensor fails; 0: never)",
     ),
+    "pending_names_limit": (
+        "GRADFUSE_PENDING_NAMES_LIMIT",
+        int,
+        65536,
+        lambda v: v >= 0,
+        "an integer >= 0 (names submitted by some ranks and not yet by all; 0: no limit)",
+    ),
     "timeline": (
         "GRADFUSE_TIMELINE",
         str,
@@ -125,6 +132,7 @@ class Config:
     test_local_size: int
     stall_warning_s: float
     stall_shutdown_s: float
+    pending_names_limit: int
     timeline: str
 
 
