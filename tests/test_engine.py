@@ -66,7 +66,7 @@ def test_pending_names_limit_is_reported_on_every_rank(group):
     for rank in range(n):
         line = f"gradfuse[rank {rank}]: 5 tensors were submitted by some ranks and not yet by all"
         assert line in out, out
-    assert "the 2 newest fail: 'lonely.3' (submitted by rank 0, missing on rank" in out, out
+    assert "the 2 newest fail: tensor 'lonely.3' (submitted by rank 0, missing on rank" in out, out
 
 
 @pytest.mark.timeout(120)
