@@ -156,8 +156,10 @@ def _scatter_alltoall_barrier_join(ps, members, me, seed):
         expected = full_result[start : start + counts[i]]
         mine = data(me, seed, (7, 2), torch.float64)
         close(hvd.reducescatter(mine, op=op, process_set=ps), expected, torch.float64)
-        h = hvd.reducescatter_async(mine, op=op, process_set=ps)
+        h = hvd.reducescatter_async(mine, None, op, ps)  # Horovod's positional order
         close(hvd.synchronize(h), expected, torch.float64)
+        out = hvd.reducescatter(mine, None, None, op, ps, 0.5, 3.0)
+        close(out, expected * 1.5, torch.float64)
     # alltoall: set rank a sends (a + b) % 2 + 1 rows to set rank b.
     seed += 1
 
