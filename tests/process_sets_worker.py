@@ -111,9 +111,9 @@ def _allreduce_family(ps, members, me, seed):
     ]
     for out, exp in zip(hvd.grouped_allreduce(tensors, process_set=ps), expected):
         close(out, exp, torch.float64)
-    handles = hvd.grouped_allreduce_async(tensors, op=hvd.Sum, process_set=ps)
-    for h, exp in zip(handles, expected):
-        close(hvd.synchronize(h), exp * len(members), torch.float64)
+    outs = hvd.synchronize(hvd.grouped_allreduce_async(tensors, op=hvd.Sum, process_set=ps))
+    for out, exp in zip(outs, expected):
+        close(out, exp * len(members), torch.float64)
     out = hvd.allreduce(
         tensors[0], op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.5, process_set=ps
     )
@@ -156,8 +156,10 @@ def _scatter_alltoall_barrier_join(ps, members, me, seed):
         expected = full_result[start : start + counts[i]]
         mine = data(me, seed, (7, 2), torch.float64)
         close(hvd.reducescatter(mine, op=op, process_set=ps), expected, torch.float64)
-        h = hvd.reducescatter_async(mine, op=op, process_set=ps)
+        h = hvd.reducescatter_async(mine, None, op, ps)  # Horovod's positional order
         close(hvd.synchronize(h), expected, torch.float64)
+        out = hvd.reducescatter(mine, None, None, op, ps, 0.5, 3.0)
+        close(out, expected * 1.5, torch.float64)
     # alltoall: set rank a sends (a + b) % 2 + 1 rows to set rank b.
     seed += 1
 
@@ -316,6 +318,204 @@ def check_distributed_optimizer_on_a_set():
     sync_all("optimizer")
 
 
+# ---- grouped collectives, sparse allreduce and Adasum on a subset ----------------------------
+
+SCALES = {"prescale_factor": 0.5, "postscale_factor": 3.0}  # 1.5 in all
+SHAPES = [(5,), (3, 2), (7, 2)]
+
+
+def _closes(outs, expected):
+    assert len(outs) == len(expected), (len(outs), len(expected))
+    for out, exp in zip(outs, expected):
+        close(out, exp, torch.float64)
+
+
+def _grouped_allreduce_on(ps, me, seed):
+    """Every grouped allreduce form (unnamed, named, in place, Horovod's positional order),
+    Sum and Average (divided by the set's size), scaled; and its gradient over the set."""
+    for op in (hvd.Sum, hvd.Average):
+        seed += 10
+        mine = [data(me, seed + i, s, torch.float64) for i, s in enumerate(SHAPES)]
+        expected = [
+            reference(op, [data(k, seed + i, s, torch.float64) for k in ps.ranks]) * 1.5
+            for i, s in enumerate(SHAPES)
+        ]
+        _closes(hvd.grouped_allreduce(mine, op=op, process_set=ps, **SCALES), expected)
+        h = hvd.grouped_allreduce_async(mine, None, f"gar.{seed}", op, 0.5, 3.0, ps)
+        _closes(hvd.synchronize(h), expected)
+        inplace = [t.clone() for t in mine]
+        outs = hvd.grouped_allreduce_(inplace, op=op, process_set=ps, **SCALES)
+        assert all(a is b for a, b in zip(outs, inplace))
+        _closes(inplace, expected)
+        inplace = [t.clone() for t in mine]
+        hvd.synchronize(hvd.grouped_allreduce_async_(inplace, op=op, process_set=ps, **SCALES))
+        _closes(inplace, expected)
+        # Gradient: the weights' reduction over the set with the same op and scales.
+        xs = [t.clone().requires_grad_() for t in mine]
+        ys = hvd.grouped_allreduce(xs, op=op, process_set=ps, **SCALES)
+        sum(
+            (data(me, seed + 5 + i, y.shape, torch.float64) * y).sum() for i, y in enumerate(ys)
+        ).backward()
+        _closes(
+            [x.grad for x in xs],
+            [
+                reference(op, [data(k, seed + 5 + i, s, torch.float64) for k in ps.ranks]) * 1.5
+                for i, s in enumerate(SHAPES)
+            ],
+        )
+    return seed
+
+
+def _grouped_allgather_on(ps, me, seed):
+    """Rank k contributes k + 1 + i rows to tensor i; blocks in set order. The gradient is the
+    set's weights averaged, this rank's rows."""
+    seed += 10
+    rows = {
+        k: [data(k, seed + i, (k + 1 + i, 2), torch.float64) for i in range(3)] for k in ps.ranks
+    }
+    expected = [torch.cat([rows[k][i] for k in ps.ranks]) for i in range(3)]
+    _closes(hvd.grouped_allgather(rows[me], process_set=ps), expected)
+    _closes(hvd.synchronize(hvd.grouped_allgather_async(rows[me], f"gag.{seed}", ps)), expected)
+    xs = [t.clone().requires_grad_() for t in rows[me]]
+    ys = hvd.grouped_allgather(xs, process_set=ps)
+    sum(
+        (data(me, seed + 5 + i, y.shape, torch.float64) * y).sum() for i, y in enumerate(ys)
+    ).backward()
+    start = sum(k + 1 for k in ps.ranks[: ps.rank()])
+    for i, x in enumerate(xs):
+        w = reference(
+            hvd.Average, [data(k, seed + 5 + i, ys[i].shape, torch.float64) for k in ps.ranks]
+        )
+        close(x.grad, w[start + i * ps.rank() : start + i * ps.rank() + me + 1 + i], torch.float64)
+    return seed
+
+
+def _grouped_reducescatter_on(ps, me, seed):
+    """7 and 4 rows split over the set (the first dim0 % size ranks one row more); the
+    gradient is the members' weights allgathered, times the scales (and the set's size for
+    Sum)."""
+    k, j = len(ps.ranks), ps.rank()
+
+    def rows_of(n):
+        counts = [n // k + (1 if r < n % k else 0) for r in range(k)]
+        return counts, sum(counts[:j])
+
+    dims = [7, 4]
+    for op in (hvd.Sum, hvd.Average):
+        seed += 10
+        mine = [data(me, seed + i, (n, 2), torch.float64) for i, n in enumerate(dims)]
+        expected = []
+        for i, n in enumerate(dims):
+            full = reference(op, [data(m, seed + i, (n, 2), torch.float64) for m in ps.ranks])
+            counts, start = rows_of(n)
+            expected.append(full[start : start + counts[j]] * 1.5)
+        _closes(hvd.grouped_reducescatter(mine, None, None, op, ps, 0.5, 3.0), expected)
+        h = hvd.grouped_reducescatter_async(mine, f"grs.{seed}", op, ps, 0.5, 3.0)
+        _closes(hvd.synchronize(h), expected)
+        xs = [t.clone().requires_grad_() for t in mine]
+        ys = hvd.grouped_reducescatter(xs, op=op, process_set=ps, **SCALES)
+        # Each member's weights for its own rows of each output.
+        weights = {
+            m: [
+                data(m, seed + 5 + i, (rows_of(n)[0][a], 2), torch.float64)
+                for i, n in enumerate(dims)
+            ]
+            for a, m in enumerate(ps.ranks)
+        }
+        sum((w * y).sum() for w, y in zip(weights[me], ys)).backward()
+        factor = 1.5 * (k if op == hvd.Sum else 1)
+        _closes(
+            [x.grad for x in xs],
+            [torch.cat([weights[m][i] for m in ps.ranks]) * factor for i in range(len(dims))],
+        )
+    return seed
+
+
+def _sparse_on(ps, me, seed):
+    """Each member's nonzero rows differ; the result (coalesced) is the members' dense sum,
+    divided by the set's size for Average. Horovod's positional order: (tensor, name, op,
+    process_set)."""
+    seed += 10
+
+    def sparse_of(k):
+        rows = torch.tensor([[k % 6, (k + 2) % 6]])
+        return torch.sparse_coo_tensor(rows, data(k, seed, (2, 3), torch.float64), (6, 3))
+
+    dense_sum = sum(sparse_of(k).to_dense() for k in ps.ranks)
+    for op, expected in ((hvd.Sum, dense_sum), (hvd.Average, dense_sum / len(ps.ranks))):
+        handle = hvd.sparse_allreduce_async(sparse_of(me), f"sp.{seed}.{op}", op, ps)
+        close(handle().coalesce().to_dense(), expected, torch.float64)
+        out = hvd.synchronize(hvd.sparse_allreduce_async(sparse_of(me), op=op, process_set=ps))
+        assert out.is_sparse and out.shape == (6, 3)
+        close(out.to_dense(), expected, torch.float64)
+    return seed
+
+
+def check_grouped_and_sparse_on_subsets():
+    me = hvd.rank()
+    sets, added = subsets()
+    for ps in sets:
+        if ps.included():
+            seed = 20000 + 1000 * ps.process_set_id
+            seed = _grouped_allreduce_on(ps, me, seed)
+            seed = _grouped_allgather_on(ps, me, seed)
+            seed = _grouped_reducescatter_on(ps, me, seed)
+            _sparse_on(ps, me, seed)
+    sync_all("grouped_and_sparse")
+    for ps in added:
+        assert hvd.remove_process_set(ps)
+
+
+def _adasum_refused_on(ps):
+    """On a member of `ps`: every allreduce form with op=Adasum raises NotImplementedError."""
+    t = ones(4)
+    kw = {"op": hvd.Adasum, "process_set": ps}
+    calls = {
+        "allreduce": lambda: hvd.allreduce(t, **kw),
+        "allreduce_async": lambda: hvd.allreduce_async(t, **kw),
+        "allreduce_": lambda: hvd.allreduce_(t, name="ada_", **kw),
+        "allreduce_async_": lambda: hvd.allreduce_async_(t, **kw),
+        "grouped_allreduce": lambda: hvd.grouped_allreduce([t], **kw),
+        "grouped_allreduce_async": lambda: hvd.grouped_allreduce_async([t, t], name="gada", **kw),
+        "grouped_allreduce_": lambda: hvd.grouped_allreduce_([t], **kw),
+        "grouped_allreduce_async_": lambda: hvd.grouped_allreduce_async_([t], **kw),
+    }
+    for fn, call in calls.items():
+        try:
+            expect_error(NotImplementedError, call, "Adasum", "global process set")
+        except AssertionError as e:
+            raise AssertionError(f"{fn} on {ps}: {e}") from None
+
+
+def _adasum_optimizer(ps):
+    model = torch.nn.Linear(2, 1)
+    return hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), op=hvd.Adasum, process_set=ps
+    )
+
+
+def check_adasum_on_a_set_raises():
+    """op=Adasum on a set other than the global one: NotImplementedError on every member, at
+    the call (nothing submitted); DistributedOptimizer refuses it on every rank."""
+    sets, added = subsets()
+    before = hvd._C.engine_handle_count()
+    for ps in sets:
+        expect_error(
+            NotImplementedError, lambda ps=ps: _adasum_optimizer(ps), "Adasum", "global process set"
+        )
+        if ps.included():
+            _adasum_refused_on(ps)
+    assert hvd._C.engine_handle_count() == before, "a refused call left a handle behind"
+    # The sets still work after the refusals (nothing half-submitted is left waiting).
+    for ps in sets:
+        if ps.included():
+            out = hvd.grouped_allreduce([ones(2)], op=hvd.Sum, process_set=ps)
+            assert torch.equal(out[0], ones(2) * len(ps.ranks)), out
+    sync_all("adasum")
+    for ps in added:
+        assert hvd.remove_process_set(ps)
+
+
 # ---- misuse: outside ranks, removed sets, mismatches -----------------------------------------
 
 
@@ -349,6 +549,38 @@ def check_rank_outside_the_set_errors_at_the_call():
             {"t": t}, outside.ranks[0], process_set=outside
         ),
         "stats": lambda: hvd.stats(process_set=outside),
+        # Named ones too: a name given skips the automatic naming, which checks the set.
+        "grouped_allreduce named": lambda: hvd.grouped_allreduce(
+            [t], name="o.gar", process_set=outside
+        ),
+        "grouped_allreduce_async": lambda: hvd.grouped_allreduce_async(
+            [t, t], name="o.gara", process_set=outside
+        ),
+        "grouped_allreduce_": lambda: hvd.grouped_allreduce_([t], process_set=outside),
+        "grouped_allreduce_async_": lambda: hvd.grouped_allreduce_async_(
+            [t], name="o.gar_", process_set=outside
+        ),
+        "grouped_allgather": lambda: hvd.grouped_allgather([t], process_set=outside),
+        "grouped_allgather_async": lambda: hvd.grouped_allgather_async(
+            [t], name="o.gag", process_set=outside
+        ),
+        "grouped_reducescatter": lambda: hvd.grouped_reducescatter([t], process_set=outside),
+        "grouped_reducescatter named": lambda: hvd.grouped_reducescatter(
+            [t], name="o.grs", process_set=outside
+        ),
+        "grouped_reducescatter_async": lambda: hvd.grouped_reducescatter_async(
+            [t], name="o.grsa", process_set=outside
+        ),
+        "sparse_allreduce_async": lambda: hvd.sparse_allreduce_async(
+            t.to_sparse(), process_set=outside
+        ),
+        "sparse_allreduce_async named": lambda: hvd.sparse_allreduce_async(
+            t.to_sparse(), "o.sp", hvd.Sum, outside
+        ),
+        "allreduce Adasum": lambda: hvd.allreduce(t, op=hvd.Adasum, process_set=outside),
+        "grouped_allreduce Adasum": lambda: hvd.grouped_allreduce_async(
+            [t], name="o.gada", op=hvd.Adasum, process_set=outside
+        ),
     }
     for fn, call in calls.items():
         try:

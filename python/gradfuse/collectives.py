@@ -613,9 +613,9 @@ def reducescatter_async(
     tensor,
     name=None,
     op=Average,
+    process_set=global_process_set,
     prescale_factor=1.0,
     postscale_factor=1.0,
-    process_set=global_process_set,
 ) -> int:
     """Starts a reducescatter; synchronize(handle) returns this rank's rows of the result."""
     _check_tensor(tensor, "reducescatter_async")
@@ -672,9 +672,9 @@ def reducescatter(
     name=None,
     compression=None,
     op=Average,
+    process_set=global_process_set,
     prescale_factor=1.0,
     postscale_factor=1.0,
-    process_set=global_process_set,
 ) -> torch.Tensor:
     """Reduces `tensor` (same shape on every rank) over the ranks of `process_set` (default:
     all) and returns this rank's rows of the result. Dim 0 is split as evenly as possible over

@@ -482,7 +482,8 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     and allreduced; by default they are reduced sparse, Horovod's way (every rank's nonzeros
     allgathered, ``sparse_allreduce_async``; op Average or Sum), and ``.grad`` stays sparse.
     ``process_set``: reduce over that set's ranks only (Average divides by its size); on a
-    rank outside it, ``step()`` applies the local gradients (as Horovod).
+    rank outside it, ``step()`` applies the local gradients (as Horovod). ``op=Adasum`` works on
+    the global set only (another set: ``NotImplementedError``, as Horovod).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -492,6 +493,15 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
         raise TypeError(f"sparse_as_dense must be a bool, got {sparse_as_dense!r}")
     if op == collectives.Adasum:
         from .adasum_optimizer import adasum_optimizer
+
+        # As Horovod: refused at construction, on every rank (members or not).
+        if not isinstance(process_set, ProcessSet):
+            raise TypeError(f"process_set must be a gradfuse.ProcessSet, got {process_set!r}")
+        if process_set.process_set_id != 0:
+            raise NotImplementedError(
+                "DistributedOptimizer: op=Adasum works on the global process set only (as in "
+                f"Horovod), got process_set={process_set}"
+            )
 
         return adasum_optimizer(
             optimizer,

@@ -3,13 +3,15 @@ submitted together (collectives.submitted_together) so the engine negotiates the
 fuses what fits. The *_async forms return one GroupedHandle, which synchronize() turns into
 the list of outputs and poll() reports on, as Horovod's single grouped handle. The blocking
 forms are differentiable with Horovod's gradients (those of the single-tensor collectives,
-applied tensor by tensor)."""
+applied tensor by tensor). Every form takes Horovod's process_set= (default: all ranks); the
+backward passes reduce over the same set."""
 
 from __future__ import annotations
 
 import torch
 
 from . import _engine
+from . import process_sets as _sets
 from .collectives import (
     Average,
     CompositeHandle,
@@ -29,6 +31,7 @@ from .collectives import (
     submitted_together,
     synchronize,
 )
+from .process_sets import global_process_set
 
 
 class GroupedHandle(CompositeHandle):
@@ -77,9 +80,11 @@ def _check_tensors(tensors, fn, min_dim=0):
     return list(tensors)
 
 
-def _submit(tensors, name, kind, submit_one):
-    """submit_one(tensor, name) for each tensor, named <base>.<i>, as one group."""
-    base = _name(name, kind)
+def _submit(tensors, name, kind, process_set, fn, submit_one):
+    """submit_one(tensor, name) for each tensor, named <base>.<i>, as one group on
+    `process_set`. The set is checked first: a rank outside it gets a ValueError before
+    anything is submitted (with a `name`, _name alone would not check it)."""
+    base = _name(name, kind, _sets._check(process_set, fn))
     with submitted_together():
         return GroupedHandle(submit_one(t, f"{base}.{i}") for i, t in enumerate(tensors))
 
@@ -88,7 +93,13 @@ def _submit(tensors, name, kind, submit_one):
 
 
 def grouped_allreduce_async(
-    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensors,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> GroupedHandle:
     tensors = _check_tensors(tensors, "grouped_allreduce_async")
     op = _resolve_op(average, op, "grouped_allreduce_async")
@@ -96,14 +107,27 @@ def grouped_allreduce_async(
         tensors,
         name,
         "grouped_allreduce",
+        process_set,
+        "grouped_allreduce_async",
         lambda t, n: allreduce_async(
-            t, name=n, op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor
+            t,
+            name=n,
+            op=op,
+            prescale_factor=prescale_factor,
+            postscale_factor=postscale_factor,
+            process_set=process_set,
         ),
     )
 
 
 def grouped_allreduce_async_(
-    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensors,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> GroupedHandle:
     """In place: synchronize(handle) returns `tensors` themselves, reduced."""
     tensors = _check_tensors(tensors, "grouped_allreduce_async_")
@@ -112,27 +136,48 @@ def grouped_allreduce_async_(
         tensors,
         name,
         "grouped_allreduce",
+        process_set,
+        "grouped_allreduce_async_",
         lambda t, n: allreduce_async_(
-            t, name=n, op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor
+            t,
+            name=n,
+            op=op,
+            prescale_factor=prescale_factor,
+            postscale_factor=postscale_factor,
+            process_set=process_set,
         ),
     )
 
 
 def grouped_allreduce_(
-    tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0
+    tensors,
+    average=None,
+    name=None,
+    op=None,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> list[torch.Tensor]:
     _refuse_inside_hold("grouped_allreduce_")
     return synchronize(
-        grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor)
+        grouped_allreduce_async_(
+            tensors, average, name, op, prescale_factor, postscale_factor, process_set
+        )
     )
 
 
 class _GroupedAllreduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, name, op, prescale, postscale, *tensors):
+    def forward(ctx, name, op, prescale, postscale, process_set, *tensors):
         ctx.op, ctx.prescale, ctx.postscale = op, prescale, postscale
+        ctx.process_set = process_set
         handle = grouped_allreduce_async(
-            list(tensors), name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+            list(tensors),
+            name=name,
+            op=op,
+            prescale_factor=prescale,
+            postscale_factor=postscale,
+            process_set=process_set,
         )
         return tuple(synchronize(handle))
 
@@ -140,9 +185,13 @@ class _GroupedAllreduce(torch.autograd.Function):
     def backward(ctx, *grads):
         _require_differentiable(ctx.op, "grouped_allreduce")
         handle = grouped_allreduce_async(
-            list(grads), op=ctx.op, prescale_factor=ctx.prescale, postscale_factor=ctx.postscale
+            list(grads),
+            op=ctx.op,
+            prescale_factor=ctx.prescale,
+            postscale_factor=ctx.postscale,
+            process_set=ctx.process_set,
         )
-        return (None, None, None, None, *synchronize(handle))
+        return (None, None, None, None, None, *synchronize(handle))
 
 
 def grouped_allreduce(
@@ -153,54 +202,76 @@ def grouped_allreduce(
     op=None,
     prescale_factor=1.0,
     postscale_factor=1.0,
+    process_set=global_process_set,
 ) -> list[torch.Tensor]:
-    """Allreduce of each tensor of a list (default op: Average), submitted together so the
-    engine negotiates them at once and fuses them. Returns new tensors; differentiable for
-    Sum and Average (the gradients are grouped-allreduced the same way)."""
+    """Allreduce of each tensor of a list over `process_set` (default: all; default op:
+    Average, which divides by the set's size), submitted together so the engine negotiates
+    them at once and fuses them. Returns new tensors; differentiable for Sum and Average (the
+    gradients are grouped-allreduced the same way, over the same set)."""
     _refuse_inside_hold("grouped_allreduce")
     tensors = _check_tensors(tensors, "grouped_allreduce")
     _check_compression(compression, "grouped_allreduce")
     op = _resolve_op(average, op, "grouped_allreduce")
-    name = _name(name, "grouped_allreduce")
-    return list(_GroupedAllreduce.apply(name, op, prescale_factor, postscale_factor, *tensors))
+    name = _name(name, "grouped_allreduce", process_set)
+    return list(
+        _GroupedAllreduce.apply(name, op, prescale_factor, postscale_factor, process_set, *tensors)
+    )
 
 
 # ---- allgather -------------------------------------------------------------------------------
 
 
-def grouped_allgather_async(tensors, name=None) -> GroupedHandle:
+def grouped_allgather_async(tensors, name=None, process_set=global_process_set) -> GroupedHandle:
     tensors = _check_tensors(tensors, "grouped_allgather_async", min_dim=1)
-    return _submit(tensors, name, "grouped_allgather", lambda t, n: allgather_async(t, name=n))
+    return _submit(
+        tensors,
+        name,
+        "grouped_allgather",
+        process_set,
+        "grouped_allgather_async",
+        lambda t, n: allgather_async(t, name=n, process_set=process_set),
+    )
 
 
 class _GroupedAllgather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, name, *tensors):
-        ctx.dims = [t.shape[0] for t in tensors]
-        return tuple(synchronize(grouped_allgather_async(list(tensors), name=name)))
+    def forward(ctx, name, process_set, *tensors):
+        ctx.dims, ctx.process_set = [t.shape[0] for t in tensors], process_set
+        handle = grouped_allgather_async(list(tensors), name=name, process_set=process_set)
+        return tuple(synchronize(handle))
 
     @staticmethod
     def backward(ctx, *grads):
-        # Horovod's gradient, as allgather's: the ranks' gradients averaged, this rank's rows.
-        reduced = synchronize(grouped_allreduce_async(list(grads), op=Average))
-        dims = allgather(torch.tensor([ctx.dims], dtype=torch.int64))  # (size, len(tensors))
-        starts = dims[: _engine.rank()].sum(0).tolist()
-        return (None, *(g.narrow(0, s, d) for g, s, d in zip(reduced, starts, ctx.dims)))
+        # Horovod's gradient, as allgather's: the set's gradients averaged, this rank's rows.
+        ps = ctx.process_set
+        reduced = synchronize(grouped_allreduce_async(list(grads), op=Average, process_set=ps))
+        # (set size, len(tensors)): every member's rows of each tensor.
+        dims = allgather(torch.tensor([ctx.dims], dtype=torch.int64), process_set=ps)
+        me = _sets._set_rank(ps, _engine.rank(), "grouped_allgather", "rank")
+        starts = dims[:me].sum(0).tolist()
+        return (None, None, *(g.narrow(0, s, d) for g, s, d in zip(reduced, starts, ctx.dims)))
 
 
-def grouped_allgather(tensors, name=None) -> list[torch.Tensor]:
-    """Allgather of each tensor of a list (dim 0 may differ per rank and per tensor),
-    submitted together. Differentiable (Horovod's gradient, as allgather's)."""
+def grouped_allgather(tensors, name=None, process_set=global_process_set) -> list[torch.Tensor]:
+    """Allgather of each tensor of a list over `process_set` (default: all; dim 0 may differ
+    per rank and per tensor), submitted together. Differentiable (Horovod's gradient, as
+    allgather's)."""
     _refuse_inside_hold("grouped_allgather")
     tensors = _check_tensors(tensors, "grouped_allgather", min_dim=1)
-    return list(_GroupedAllgather.apply(_name(name, "grouped_allgather"), *tensors))
+    name = _name(name, "grouped_allgather", process_set)
+    return list(_GroupedAllgather.apply(name, process_set, *tensors))
 
 
 # ---- reducescatter ---------------------------------------------------------------------------
 
 
 def grouped_reducescatter_async(
-    tensors, name=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+    tensors,
+    name=None,
+    op=Average,
+    process_set=global_process_set,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
 ) -> GroupedHandle:
     tensors = _check_tensors(tensors, "grouped_reducescatter_async", min_dim=1)
     op = _reducescatter_op(op, "grouped_reducescatter_async")
@@ -208,35 +279,61 @@ def grouped_reducescatter_async(
         tensors,
         name,
         "grouped_reducescatter",
+        process_set,
+        "grouped_reducescatter_async",
         lambda t, n: reducescatter_async(
-            t, name=n, op=op, prescale_factor=prescale_factor, postscale_factor=postscale_factor
+            t,
+            name=n,
+            op=op,
+            prescale_factor=prescale_factor,
+            postscale_factor=postscale_factor,
+            process_set=process_set,
         ),
     )
 
 
 class _GroupedReducescatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, name, op, prescale, postscale, *tensors):
+    def forward(ctx, name, op, prescale, postscale, process_set, *tensors):
         ctx.op, ctx.scale = op, float(prescale) * float(postscale)
+        ctx.process_set = process_set
         handle = grouped_reducescatter_async(
-            list(tensors), name=name, op=op, prescale_factor=prescale, postscale_factor=postscale
+            list(tensors),
+            name=name,
+            op=op,
+            process_set=process_set,
+            prescale_factor=prescale,
+            postscale_factor=postscale,
         )
         return tuple(synchronize(handle))
 
     @staticmethod
     def backward(ctx, *grads):
-        scaled = [_reducescatter_grad_scaled(g, ctx.op, ctx.scale) for g in grads]
-        return (None, None, None, None, *synchronize(grouped_allgather_async(scaled)))
+        ps = ctx.process_set
+        scaled = [_reducescatter_grad_scaled(g, ctx.op, ctx.scale, ps) for g in grads]
+        gathered = synchronize(grouped_allgather_async(scaled, process_set=ps))
+        return (None, None, None, None, None, *gathered)
 
 
 def grouped_reducescatter(
-    tensors, name=None, compression=None, op=Average, prescale_factor=1.0, postscale_factor=1.0
+    tensors,
+    name=None,
+    compression=None,
+    op=Average,
+    process_set=global_process_set,
+    prescale_factor=1.0,
+    postscale_factor=1.0,
 ) -> list[torch.Tensor]:
-    """Reducescatter of each tensor of a list (op: Sum or Average), submitted together.
-    Differentiable (Horovod's gradient, as reducescatter's)."""
+    """Reducescatter of each tensor of a list over `process_set` (default: all; op: Sum or
+    Average), submitted together. Horovod's argument order: process_set before the scale
+    factors. Differentiable (Horovod's gradient, as reducescatter's)."""
     _refuse_inside_hold("grouped_reducescatter")
     tensors = _check_tensors(tensors, "grouped_reducescatter", min_dim=1)
     _check_compression(compression, "grouped_reducescatter")
     op = _reducescatter_op(op, "grouped_reducescatter")
-    name = _name(name, "grouped_reducescatter")
-    return list(_GroupedReducescatter.apply(name, op, prescale_factor, postscale_factor, *tensors))
+    name = _name(name, "grouped_reducescatter", process_set)
+    return list(
+        _GroupedReducescatter.apply(
+            name, op, prescale_factor, postscale_factor, process_set, *tensors
+        )
+    )
