@@ -321,16 +321,18 @@ _ENGINE_DTYPES = (
 )  # fmt: skip
 
 
-def _check_submittable(tensor, fn):
+def _check_submittable(tensor, fn, what="tensor"):
+    """What the engine would refuse, refused before anything is submitted (for the calls that
+    submit a list: one bad entry must not leave the others submitted on this rank alone)."""
     _check_tensor(tensor, fn)
     if tensor.dtype not in _ENGINE_DTYPES:
         raise ValueError(
-            f"gradfuse.{fn}: tensor has dtype {tensor.dtype}; supported: "
+            f"gradfuse.{fn}: {what} has dtype {tensor.dtype}; supported: "
             "uint8, int8, int16, int32, int64, float16, bfloat16, float32, float64"
         )
     if tensor.device.type not in ("cpu", "cuda"):
         raise ValueError(
-            f"gradfuse.{fn}: tensor is on {tensor.device}; gradfuse runs "
+            f"gradfuse.{fn}: {what} is on {tensor.device}; gradfuse runs "
             "collectives on CPU and CUDA tensors only"
         )
 

@@ -16,6 +16,7 @@ from .collectives import (
     Average,
     CompositeHandle,
     _check_compression,
+    _check_submittable,
     _name,
     _reducescatter_grad_scaled,
     _reducescatter_op,
@@ -69,6 +70,7 @@ def _check_tensors(tensors, fn, min_dim=0):
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gradfuse.{fn}: tensors[{i}] must be a torch.Tensor, got {type(t)}")
+        _check_submittable(t, fn, f"tensors[{i}]")
         if t.dim() < min_dim:
             raise ValueError(
                 f"gradfuse.{fn}: tensors[{i}] must have at least one dimension (the one split "
