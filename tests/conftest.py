@@ -23,5 +23,16 @@ def gen():
     return g
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """gradfuse initialized as a one-rank job in this process, for the module's tests."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MASTER_ADDR", "127.0.0.1")
+    gradfuse.init()
+    yield
+    gradfuse.shutdown()
+    mp.undo()
+
+
 # Sizes that hit empty, single, odd, just below / above the 8-lane vector width and a chunk.
 AWKWARD_SIZES = [0, 1, 7, 8, 9, 33, 4097, 65537, 100003]

@@ -136,7 +136,7 @@ def test_explicit_momentum_and_other_optimizers(gen):
         assert opt.param_groups[0]["momentum"] == 0.9  # not taken over: left as it is
 
 
-def test_one_topk_object_gives_each_optimizer_its_own_state():
+def test_one_topk_object_gives_each_optimizer_its_own_state(one_rank):
     topk = hvd.Compression.topk(0.1, min_numel=1)
     model = torch.nn.Linear(4, 3)
     first = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), compression=topk)
@@ -175,7 +175,7 @@ class NotACompressor:
         ),
     ],
 )
-def test_distributed_optimizer_rejects_bad_compression(kwargs, error, message):
+def test_distributed_optimizer_rejects_bad_compression(one_rank, kwargs, error, message):
     model = torch.nn.Linear(4, 3)
     with pytest.raises(error, match=message):
         hvd.DistributedOptimizer(
@@ -183,7 +183,7 @@ def test_distributed_optimizer_rejects_bad_compression(kwargs, error, message):
         )
 
 
-def test_topk_state_does_not_load_into_other_compression():
+def test_topk_state_does_not_load_into_other_compression(one_rank):
     model = torch.nn.Linear(4, 3)
     topk = hvd.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), compression=hvd.Compression.topk(0.1)

@@ -52,16 +52,6 @@ BAD_CALLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MASTER_ADDR", "127.0.0.1")
-    hvd.init()
-    yield
-    hvd.shutdown()
-    mp.undo()
-
-
 @pytest.mark.parametrize("index", range(len(BAD_CALLS)))
 def test_bad_call_fails_at_the_call(one_rank, index):
     call, exc, text = BAD_CALLS[index]

@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from . import collectives
+from . import _engine, collectives
 from . import process_sets as _sets
 from .compression import CastCompressor, Compression, NoneCompressor, TopKCompressor
 from .process_sets import ProcessSet, global_process_set
@@ -50,6 +50,7 @@ class _DistributedOptimizer:
         gradient_as_bucket_view,
         process_set,
     ):
+        _engine._require()  # as Horovod (it asks size()): which ranks reduce is known after init
         if not isinstance(process_set, ProcessSet):
             raise TypeError(f"process_set must be a gradfuse.ProcessSet, got {process_set!r}")
         self._gf_process_set = process_set
