@@ -98,34 +98,49 @@ def init(**options) -> None:
         except Exception:
             # Every rank saw the same settings and layout, so every rank fails here alike;
             # leave no groups.
-            for group in groups.values():
-                dist.destroy_process_group(group)
+            _destroy(groups)
             raise
-        store_host, store_port = _tcp_store_address()
-        _C().engine_start(
-            rank=rank,
-            size=size,
-            control_group=groups["control"].group_name,
-            cpu_group=groups["cpu"].group_name,
-            cuda_group=groups["cuda"].group_name if "cuda" in groups else "",
-            fusion_threshold_bytes=cfg.fusion_threshold_bytes,
-            cycle_time_ms=cfg.cycle_time_ms,
-            local_group=_group_name(groups, "local"),
-            cross_group=_group_name(groups, "cross"),
-            cuda_local_group=_group_name(groups, "cuda_local"),
-            cuda_cross_group=_group_name(groups, "cuda_cross"),
-            timeout_s=cfg.timeout_s,
-            store_host=store_host,
-            store_port=store_port,
-            # The control group's name is new at every init(), so a restarted engine never
-            # reads the heartbeats of the previous one.
-            heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
-            stall_warning_s=cfg.stall_warning_s,
-            stall_shutdown_s=cfg.stall_shutdown_s,
-            timeline_path=cfg.timeline if rank == 0 else "",
-            cache_capacity=cfg.cache_capacity,
-        )
+        try:
+            _start_engine(cfg, rank, size, groups)
+        except Exception:
+            # A rank whose engine fails to start posts why; the others' engines wait for every
+            # rank's start (engine.cpp, the start handshake) and fail with it, so every rank
+            # ends up here.
+            _destroy(groups)
+            raise
         _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
+
+
+def _destroy(groups):
+    for group in groups.values():
+        dist.destroy_process_group(group)
+
+
+def _start_engine(cfg, rank, size, groups):
+    store_host, store_port = _tcp_store_address()
+    _C().engine_start(
+        rank=rank,
+        size=size,
+        control_group=groups["control"].group_name,
+        cpu_group=groups["cpu"].group_name,
+        cuda_group=groups["cuda"].group_name if "cuda" in groups else "",
+        fusion_threshold_bytes=cfg.fusion_threshold_bytes,
+        cycle_time_ms=cfg.cycle_time_ms,
+        local_group=_group_name(groups, "local"),
+        cross_group=_group_name(groups, "cross"),
+        cuda_local_group=_group_name(groups, "cuda_local"),
+        cuda_cross_group=_group_name(groups, "cuda_cross"),
+        timeout_s=cfg.timeout_s,
+        store_host=store_host,
+        store_port=store_port,
+        # The control group's name is new at every init(), so a restarted engine never
+        # reads the heartbeats of the previous one.
+        heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
+        stall_warning_s=cfg.stall_warning_s,
+        stall_shutdown_s=cfg.stall_shutdown_s,
+        timeline_path=cfg.timeline if rank == 0 else "",
+        cache_capacity=cfg.cache_capacity,
+    )
 
 
 def _tcp_store_address():
