@@ -4,6 +4,7 @@ rank VICTIM (the last rank: rank 0 hosts the job's store):
   kill       it SIGKILLs itself mid-run
   stop       it SIGSTOPs itself mid-run (the harness kills it afterwards)
   exception  its engine fails executing 'step.3' (GRADFUSE_TEST_FAULT=execute:step.3)
+  uncaught   its script raises an exception nobody catches, mid-run (the process ends)
   init       two init() calls: first it passes a fusion threshold the others do not
              (misconfigured), then its engine fails to start (init_failure;
              GRADFUSE_TEST_FAULT=engine_start)
@@ -33,6 +34,10 @@ FAULT_STEP = 3
 records: dict = {}
 
 
+class UncaughtOnPurpose(Exception):
+    pass
+
+
 def write():
     with open(f"{os.environ['WORKER_RESULTS']}.rank{RANK}.json", "w") as f:
         json.dump(records, f)
@@ -60,6 +65,10 @@ def run_until_error(fault):
             record["t_fault"] = time.monotonic()
             write()
             os.kill(os.getpid(), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        if RANK == VICTIM and step == FAULT_STEP and fault == "uncaught":
+            record["t_fault"] = time.monotonic()
+            write()
+            raise UncaughtOnPurpose("boom")
         try:
             hvd.allreduce(ones(1), name=f"step.{step}")
         except RuntimeError as e:
@@ -73,7 +82,7 @@ def wait_for_the_others():
     or a dead rank, if they had not got their error yet)."""
     store = dist.distributed_c10d._get_default_store()
     store.add("test/fault_matrix/done", 1)
-    reporting = SIZE - 1 if GROUP in ("kill", "stop") else SIZE
+    reporting = SIZE - 1 if GROUP in ("kill", "stop", "uncaught") else SIZE
     deadline = time.monotonic() + 60
     try:
         while store.add("test/fault_matrix/done", 0) < reporting:
@@ -92,6 +101,8 @@ def main():
             failing_init("init_failure")
         else:
             run_until_error(GROUP)
+    except UncaughtOnPurpose:
+        raise  # ends this process, through sys.excepthook and atexit
     except Exception:  # noqa: BLE001  (reported, not raised)
         records["traceback"] = traceback.format_exc()
     write()

@@ -1,9 +1,10 @@
-"""The fault matrix: (kill -9, SIGSTOP, an exception in one rank's engine, a misconfigured
-rank, one rank's engine failing to start) x (2, 4 ranks). The last rank is the victim; every
-rank's outcome is checked (the right error, on every rank that can still report) and its time
-to error recorded: after the fault (the victim's clock reading when it struck; for the
-misconfigured rank, the last rank's call to init()). The table is printed and written to
-fault_matrix.json in the test's tmp dir (and to $GRADFUSE_FAULT_MATRIX_JSON when set).
+"""The fault matrix: (kill -9, SIGSTOP, an exception in one rank's engine, an exception
+nobody catches in one rank's script, a misconfigured rank, one rank's engine failing to start)
+x (2, 4 ranks). The last rank is the victim; every rank's outcome is checked (the right error,
+on every rank that can still report) and its time to error recorded: after the fault (the
+victim's clock reading when it struck; for the misconfigured rank, the last rank's call to
+init()). The table is printed and written to fault_matrix.json in the test's tmp dir (and to
+$GRADFUSE_FAULT_MATRIX_JSON when set).
 
 The ranks are started here, not by gradfuse.run: a launcher stops the others when one rank
 dies, and the point is to see what the others see."""
@@ -29,6 +30,7 @@ PROMISED_S = {
     "kill": 2.0,
     "stop": TIMEOUT_S,
     "exception": 2.0,
+    "uncaught": 2.0,
     "init_failure": 5.0,
     "misconfigured": 5.0,
 }
@@ -41,6 +43,7 @@ def expected(fault, victim):
         "kill": ([f"rank {victim} is dead", "exited"], "survivors"),
         "stop": ([f"rank {victim} did not answer", "stopped", "SIGSTOP"], "survivors"),
         "exception": ([f"rank {victim} failed", "injected fault"], "all"),
+        "uncaught": ([f"rank {victim} failed: uncaught UncaughtOnPurpose: boom"], "survivors"),
         "init_failure": (
             [f"gradfuse.init() failed on rank {victim}", "did not start", "injected fault"],
             "all",
@@ -171,7 +174,7 @@ def test_fault(runs, fault, n):
 
 
 def fault_time(fault, records, victim):
-    if fault in ("kill", "stop"):
+    if fault in ("kill", "stop", "uncaught"):
         return records[victim]["t_fault"]
     if fault in ("exception", "init_failure"):
         return records[victim]["t_error"]  # the victim's own error is at once

@@ -115,6 +115,18 @@ void Engine::await_peers_started() {
   }
 }
 
+std::string Engine::shutdown_reason(int rank) {
+  // A rank that ends on an uncaught exception posts it before its exit calls shutdown()
+  // (gradfuse/_fault_report.py): that is the news, not the shutdown.
+  try {
+    std::string fault = board_ ? board_->fault(rank) : "";
+    if (!fault.empty()) return fault;
+  } catch (const std::exception&) {
+    // The store left with its host: the shutdown is all there is to say.
+  }
+  return "gradfuse: shutdown() was called on rank " + std::to_string(rank);
+}
+
 void Engine::post_failure(const std::string& why) {
   if (!board_) return;
   try {
@@ -308,7 +320,7 @@ void Engine::loop() {
                                  std::chrono::steady_clock::now() - negotiate_start)
                                  .count();
       if (stop_rank >= 0) {
-        fail_all("gradfuse: shutdown() was called on rank " + std::to_string(stop_rank));
+        fail_all(shutdown_reason(stop_rank));
         return;
       }
       execute(std::move(responses));

@@ -100,6 +100,8 @@ class Engine {
   void await_peers_started();
   // Posts this rank's failure on the peer board (if there is one and it still answers).
   void post_failure(const std::string& why);
+  // Why the engine stops when rank `rank` called shutdown(): its posted fault, if any.
+  std::string shutdown_reason(int rank);
 
   EngineConfig config_;
   c10::intrusive_ptr<c10d::ProcessGroup> control_;

@@ -12,6 +12,7 @@ import threading
 import torch
 import torch.distributed as dist
 
+from . import _fault_report
 from . import config as _config
 from . import launch as _launch
 
@@ -108,6 +109,9 @@ def init(**options) -> None:
             # ends up here.
             _destroy(groups)
             raise
+        store = _tcp_store()
+        if store is not None:
+            _fault_report.install(store, _board_prefix(groups), rank)
         _state = _State(rank, size, local_rank, local_size, cross_rank, cross_size, groups)
 
 
@@ -133,9 +137,7 @@ def _start_engine(cfg, rank, size, groups):
         timeout_s=cfg.timeout_s,
         store_host=store_host,
         store_port=store_port,
-        # The control group's name is new at every init(), so a restarted engine never
-        # reads the heartbeats of the previous one.
-        heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
+        heartbeat_prefix=_board_prefix(groups),
         stall_warning_s=cfg.stall_warning_s,
         stall_shutdown_s=cfg.stall_shutdown_s,
         timeline_path=cfg.timeline if rank == 0 else "",
@@ -143,16 +145,26 @@ def _start_engine(cfg, rank, size, groups):
     )
 
 
-def _tcp_store_address():
-    """(host, port) of the job's TCP store, where the engine's liveness monitor beats; ("", 0)
-    when the job has none (e.g. file:// rendezvous): then a dead peer still fails pending work
-    through the transport's own timeout, just without being named."""
+def _board_prefix(groups):
+    """The engine's keys in the job's store (cpp/engine/peer_board.h). The control group's name
+    is new at every init(), so a restarted engine never reads the previous one's."""
+    return f"gradfuse/{groups['control'].group_name}/heartbeat/"
+
+
+def _tcp_store():
+    """The job's TCP store, or None when the job has none (e.g. file:// rendezvous)."""
     store = dist.distributed_c10d._get_default_store()
     while isinstance(store, dist.PrefixStore):
         store = store.underlying_store
-    if isinstance(store, dist.TCPStore):
-        return store.host, store.port
-    return "", 0
+    return store if isinstance(store, dist.TCPStore) else None
+
+
+def _tcp_store_address():
+    """(host, port) of the job's TCP store, where the engine's liveness monitor beats; ("", 0)
+    when the job has none: then a dead peer still fails pending work through the transport's
+    own timeout, just without being named."""
+    store = _tcp_store()
+    return (store.host, store.port) if store is not None else ("", 0)
 
 
 def _cuda_backend(cfg):
@@ -297,6 +309,7 @@ def shutdown() -> None:
     with _lock:
         if _state is None:
             return
+        _fault_report.clear()
         _C().engine_stop()  # releases the GIL while the thread finishes
         for group in _state.groups.values():
             dist.destroy_process_group(group)
@@ -326,6 +339,7 @@ def _after_fork_in_child():
         _forked_from = _state.pid if _state is not None else os.getppid()
     _state = None
     _created_default_group = False
+    _fault_report.clear()  # the child's exceptions are not the engine's rank's
     _lock = threading.Lock()  # another thread may have held it at fork()
 
 
