@@ -95,6 +95,8 @@ def run_group(tmp: Path, n: int, group: str):
             if r == victim and group == "stop":
                 continue  # stopped for good: killed below
             p.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pass  # a hung rank: its missing record fails the test, with every rank's output
     finally:
         for p in procs:
             if p.poll() is None:
@@ -169,8 +171,10 @@ def test_fault(runs, fault, n):
     bound = PROMISED_S[fault] + SLACK_S
     for r in reporting:
         assert seconds[r] <= bound, f"rank {r} got its error {seconds[r]:.2f} s after the fault"
-    if fault == "stop":  # silence alone must not be judged before the timeout
-        assert min(seconds[r] for r in reporting) >= TIMEOUT_S * 0.9, seconds
+    if fault == "stop":
+        # Silence alone is judged after the timeout, counted from the last beat seen (up to a
+        # beat interval, 1 s here, before the fault).
+        assert min(seconds[r] for r in reporting) >= TIMEOUT_S - 1.5, seconds
 
 
 def fault_time(fault, records, victim):
