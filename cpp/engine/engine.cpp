@@ -39,9 +39,13 @@ bool is_transport_error(const std::exception& e) {
   return std::string(e.what()).find("gloo") != std::string::npos;
 }
 
+// The error's words, without a backtrace or a leading "gradfuse: " (the message they go into
+// starts with one).
 std::string message_of(const std::exception& e) {
   const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
-  return c10_error ? c10_error->what_without_backtrace() : e.what();
+  std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
+  const std::string ours = "gradfuse: ";
+  return what.rfind(ours, 0) == 0 ? what.substr(ours.size()) : what;
 }
 }  // namespace
 
