@@ -11,6 +11,7 @@
 
 #include "engine/alltoall.h"
 #include "engine/collectives.h"
+#include "engine/fault_injection.h"
 #include "engine/handles.h"
 #include "engine/join.h"
 
@@ -25,6 +26,28 @@ namespace {
 struct ExplainedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// A peer's engine did not start: this rank's start fails too, but the fault is not its own.
+struct PeerStartFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Gloo reports a broken connection or a timed-out wait as a plain std::runtime_error naming its
+// source file; c10d's own transport errors are c10::DistError. Any other error happened here.
+bool is_transport_error(const std::exception& e) {
+  if (dynamic_cast<const c10::DistError*>(&e)) return true;
+  if (dynamic_cast<const c10::Error*>(&e)) return false;
+  return std::string(e.what()).find("gloo") != std::string::npos;
+}
+
+// The error's words, without a backtrace or a leading "gradfuse: " (the message they go into
+// starts with one).
+std::string message_of(const std::exception& e) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
+  const std::string ours = "gradfuse: ";
+  return what.rfind(ours, 0) == 0 ? what.substr(ours.size()) : what;
+}
 }  // namespace
 
 Engine::Engine(EngineConfig config)
@@ -33,6 +56,29 @@ Engine::Engine(EngineConfig config)
       stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s,
              config_.pending_names_limit, config_.global_ranks, config_.process_set_id) {
   validate(config_);
+  if (!config_.store_host.empty() && config_.size > 1) {
+    board_ = std::make_shared<PeerBoard>(config_.store_host, config_.store_port,
+                                         config_.heartbeat_prefix, config_.rank, config_.size,
+                                         config_.timeout_s);
+  }
+  try {
+    connect();
+    if (board_) await_peers_started();
+  } catch (const PeerStartFailure&) {
+    throw;
+  } catch (const std::exception& e) {
+    // The peers wait for this rank in the start handshake: tell them why it will not come.
+    // This rank raises the same words (and the same type for a bad value).
+    const std::string why = "gradfuse.init() failed on rank " + std::to_string(config_.rank) +
+                            ": its engine did not start: " + message_of(e);
+    post_failure(why);
+    TORCH_CHECK_VALUE(!dynamic_cast<const c10::ValueError*>(&e), why);
+    TORCH_CHECK(false, why);
+  }
+  thread_ = std::thread([this] { loop(); });
+}
+
+void Engine::connect() {
   control_ = c10d::resolve_process_group(config_.control_group);
   cpu_ = c10d::resolve_process_group(config_.cpu_group);
   if (!config_.cuda_group.empty()) {
@@ -54,13 +100,46 @@ Engine::Engine(EngineConfig config)
                     "gradfuse: control group '", config_.control_group, "' has rank ",
                     control_->getRank(), " of ", control_->getSize(), ", expected rank ",
                     config_.rank, " of ", config_.size);
-  if (!config_.store_host.empty() && config_.size > 1) {
+  if (board_) {
     liveness_ = std::make_unique<LivenessMonitor>(
-        config_.store_host, config_.store_port, config_.heartbeat_prefix, config_.rank,
-        config_.size, config_.timeout_s, [this](const std::string& why) { abort(why); });
+        board_, config_.timeout_s, [this](const std::string& why) { abort(why); });
   }
+  inject_fault("engine_start");
   if (!config_.timeline_path.empty()) timeline_.start(config_.timeline_path);
-  thread_ = std::thread([this] { loop(); });
+}
+
+void Engine::await_peers_started() {
+  board_->mark_started();
+  // The monitor's verdict ends the wait: a peer that posted its start failure, exited, or
+  // stayed silent for timeout_s.
+  const auto poll = std::chrono::milliseconds(10);
+  while (!board_->all_started()) {
+    const auto until = std::chrono::steady_clock::now() + poll;
+    const std::string verdict = liveness_->wait_for_verdict(until);
+    if (verdict.rfind("gradfuse.init()", 0) == 0) throw PeerStartFailure(verdict);
+    if (!verdict.empty()) throw PeerStartFailure("gradfuse.init() failed: " + verdict);
+  }
+}
+
+std::string Engine::shutdown_reason(int rank) {
+  // A rank that ends on an uncaught exception posts it before its exit calls shutdown()
+  // (gradfuse/_fault_report.py): that is the news, not the shutdown.
+  try {
+    std::string fault = board_ ? board_->fault(rank) : "";
+    if (!fault.empty()) return fault;
+  } catch (const std::exception&) {
+    // The store left with its host: the shutdown is all there is to say.
+  }
+  return "gradfuse: shutdown() was called on rank " + std::to_string(rank);
+}
+
+void Engine::post_failure(const std::string& why) {
+  if (!board_) return;
+  try {
+    board_->publish_fault(config_.rank, why);
+  } catch (const std::exception&) {
+    // The store is gone with its host: the peers learn of that themselves.
+  }
 }
 
 Engine::~Engine() { stop(); }
@@ -70,15 +149,42 @@ void Engine::abort(const std::string& why) {
   // timeout; the handles fail now, so synchronize() raises at once.
   aborted_ = true;
   fail_all(why);
+  fail_executing(stopped_reason());
   queue_.wake();
+}
+
+void Engine::track_executing(const Batch& batch) {
+  std::lock_guard<std::mutex> lock(executing_mu_);
+  for (const Entry& e : batch.entries) executing_.emplace_back(e.handle, e.request.name);
+}
+
+void Engine::fail_executing(const std::string& why) {
+  std::lock_guard<std::mutex> lock(executing_mu_);
+  for (const auto& [handle, name] : executing_) {
+    try {
+      HandleTable::get().fail(handle, why + " while '" + name + "' was running");
+    } catch (const c10::Error&) {
+      // Completed and already collected by its caller (or failed and collected): nothing to
+      // fail.
+    }
+  }
+}
+
+void Engine::forget_executing() {
+  std::lock_guard<std::mutex> lock(executing_mu_);
+  executing_.clear();
 }
 
 std::string Engine::explain(const std::exception& e) {
   if (const auto* explained = dynamic_cast<const ExplainedError*>(&e)) return explained->what();
   const std::string reason = stopped_reason();
   if (!reason.empty()) return reason;
-  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
-  const std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
+  const std::string what = message_of(e);
+  if (!is_transport_error(e)) {
+    const std::string why = "gradfuse: rank " + std::to_string(config_.rank) + " failed: " + what;
+    post_failure(why);
+    return why;
+  }
   if (liveness_) {
     // A peer that died broke the connection just now; its heartbeat goes stale within the
     // timeout, and then the monitor names it.
@@ -220,7 +326,7 @@ void Engine::loop() {
                                  std::chrono::steady_clock::now() - negotiate_start)
                                  .count();
       if (stop_rank >= 0) {
-        fail_all("gradfuse: shutdown() was called on rank " + std::to_string(stop_rank));
+        fail_all(shutdown_reason(stop_rank));
         return;
       }
       execute(std::move(responses));
@@ -358,10 +464,10 @@ void Engine::execute(std::vector<Response> responses) {
                                   second_output(batch.responses[i]));
     }
   };
-  size_t index = 0;
   try {
-    for (; index < batches.size(); ++index) {
+    for (size_t index = 0; index < batches.size(); ++index) {
       Batch& batch = batches[index];
+      for (const Response& r : batch.responses) inject_fault("execute", r.name);
       const bool on_cuda =
           static_cast<c10::DeviceType>(batch.key.device_type) == c10::DeviceType::CUDA;
       CollectiveContext ctx{on_cuda ? cuda_ : cpu_, config_.rank, config_.size, &buffers_,
@@ -390,6 +496,7 @@ void Engine::execute(std::vector<Response> responses) {
       TORCH_CHECK(!on_cuda,
                   "gradfuse: a CUDA batch reached an engine without CUDA (internal error)");
       for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
+      track_executing(batch);
       for (const Entry& e : batch.entries) stats_.bytes += e.tensor.nbytes();
       PreparedBatch prepared = prepare_batch(batch, ctx, static_cast<int>(index % 2));
       if (prepared.in_place) stats_.in_place++;
@@ -400,14 +507,14 @@ void Engine::execute(std::vector<Response> responses) {
       in_flight_index = index;
     }
     finish_in_flight();
+    forget_executing();
   } catch (const std::exception& e) {
-    // A failed collective leaves the ranks out of step: fail the batches that were running,
-    // then stop the engine (the remaining entries fail with it).
+    // A failed collective leaves the ranks out of step: fail the batches that were running
+    // (those that finished keep their results), then stop the engine (the remaining entries
+    // fail with it).
     const std::string why = explain(e);
-    const size_t last = std::min(index, batches.size() - 1);
-    for (size_t b = in_flight ? in_flight_index : last; b <= last; ++b) {
-      for (const Entry& entry : batches[b].entries) HandleTable::get().fail(entry.handle, why);
-    }
+    fail_executing(why);
+    forget_executing();
     throw ExplainedError(why);
   }
 }

@@ -22,6 +22,7 @@
 #include "engine/fusion.h"
 #include "engine/liveness.h"
 #include "engine/negotiation.h"
+#include "engine/peer_board.h"
 #include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
 #include "engine/timeline.h"
@@ -75,6 +76,11 @@ class Engine {
   void record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
               std::chrono::steady_clock::time_point started, const BatchTimes& times);
   void fail_all(const std::string& why);
+  // The handles of the batches execute() is running, which the queue no longer holds: abort()
+  // fails them too, since their collective may wait for the lost rank until the timeout.
+  void track_executing(const Batch& batch);
+  void fail_executing(const std::string& why);
+  void forget_executing();
   // The entry this rank runs for a negotiated response: its own, or a joined rank's
   // placeholder (engine/join.h) on this rank's device (for CUDA: under the engine's stream, so
   // the stream that reads the zeros is the one that wrote them).
@@ -84,9 +90,19 @@ class Engine {
   c10::Device local_device(c10::DeviceType type) const;
   // alltoall's received splits (HandleTable aux); undefined for other operations.
   at::Tensor second_output(const Response& response) const;
-  // The message for a transport error: names the dead or stuck ranks when the liveness
-  // monitor finds them within the timeout.
+  // The message for an error that stopped the engine. A transport error names the dead,
+  // stopped or failed ranks when the liveness monitor finds them within the timeout; a local
+  // error is posted on the peer board, so the peers fail with it at once.
   std::string explain(const std::exception& e);
+  // The constructor's part after validation: groups, monitor, timeline.
+  void connect();
+  // The start handshake: returns once every rank's engine started; throws (without posting a
+  // fault of its own) when a peer's start failed or a peer died first.
+  void await_peers_started();
+  // Posts this rank's failure on the peer board (if there is one and it still answers).
+  void post_failure(const std::string& why);
+  // Why the engine stops when rank `rank` called shutdown(): its posted fault, if any.
+  std::string shutdown_reason(int rank);
 
   EngineConfig config_;
   c10::intrusive_ptr<c10d::ProcessGroup> control_;
@@ -109,7 +125,10 @@ class Engine {
   Stats stats_;
   mutable std::mutex reason_mu_;
   std::string stopped_reason_;
+  std::mutex executing_mu_;
+  std::vector<std::pair<int64_t, std::string>> executing_;  // (handle, tensor name)
   std::thread thread_;
+  std::shared_ptr<PeerBoard> board_;  // null without a TCP store or with one rank
   // Last member: its thread calls abort() and must stop before the rest is destroyed.
   std::unique_ptr<LivenessMonitor> liveness_;
 };

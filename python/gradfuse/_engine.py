@@ -11,6 +11,7 @@ import threading
 import torch
 import torch.distributed as dist
 
+from . import _fault_report
 from . import config as _config
 from . import launch as _launch
 from . import process_sets as _process_sets
@@ -108,10 +109,19 @@ def init(**options) -> None:
         except Exception:
             # Every rank saw the same settings and layout, so every rank fails here alike;
             # leave no groups.
-            for group in groups.values():
-                dist.destroy_process_group(group)
+            _destroy(groups)
             raise
-        _start_engine(cfg, groups, rank=rank, size=size)
+        try:
+            _start_engine(cfg, groups, rank=rank, size=size)
+        except Exception:
+            # A rank whose engine fails to start posts why; the others' engines wait for every
+            # rank's start (engine.cpp, the start handshake) and fail with it, so every rank
+            # ends up here.
+            _destroy(groups)
+            raise
+        store = _tcp_store()
+        if store is not None:
+            _fault_report.install(store, _board_prefix(groups), rank)
         _state = _State(rank, size, nodes, groups)
         _state.cfg, _state.cuda = cfg, cuda  # what process sets' engines are started with
         _process_sets._on_init(size)
@@ -121,6 +131,11 @@ def init(**options) -> None:
         except BaseException:
             shutdown()  # every rank fails alike (add_process_set agrees first)
             raise
+
+
+def _destroy(groups):
+    for group in groups.values():
+        dist.destroy_process_group(group)
 
 
 def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
@@ -142,9 +157,7 @@ def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
         timeout_s=cfg.timeout_s,
         store_host=store_host,
         store_port=store_port,
-        # The control group's name is new for every engine, so a restarted engine never reads
-        # the heartbeats of the previous one, and no two process sets share keys.
-        heartbeat_prefix=f"gradfuse/{groups['control'].group_name}/heartbeat/",
+        heartbeat_prefix=_board_prefix(groups),
         stall_warning_s=cfg.stall_warning_s,
         stall_shutdown_s=cfg.stall_shutdown_s,
         # One timeline: the global set's, written by rank 0.
@@ -156,16 +169,27 @@ def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
     )
 
 
-def _tcp_store_address():
-    """(host, port) of the job's TCP store, where the engine's liveness monitor beats; ("", 0)
-    when the job has none (e.g. file:// rendezvous): then a dead peer still fails pending work
-    through the transport's own timeout, just without being named."""
+def _board_prefix(groups):
+    """The engine's keys in the job's store (cpp/engine/peer_board.h). The control group's name
+    is new for every engine, so a restarted engine never reads the previous one's, and no two
+    process sets share keys."""
+    return f"gradfuse/{groups['control'].group_name}/heartbeat/"
+
+
+def _tcp_store():
+    """The job's TCP store, or None when the job has none (e.g. file:// rendezvous)."""
     store = dist.distributed_c10d._get_default_store()
     while isinstance(store, dist.PrefixStore):
         store = store.underlying_store
-    if isinstance(store, dist.TCPStore):
-        return store.host, store.port
-    return "", 0
+    return store if isinstance(store, dist.TCPStore) else None
+
+
+def _tcp_store_address():
+    """(host, port) of the job's TCP store, where the engine's liveness monitor beats; ("", 0)
+    when the job has none: then a dead peer still fails pending work through the transport's
+    own timeout, just without being named."""
+    store = _tcp_store()
+    return (store.host, store.port) if store is not None else ("", 0)
 
 
 def _cuda_backend(cfg):
@@ -317,6 +341,7 @@ def shutdown() -> None:
     with _lock:
         if _state is None:
             return
+        _fault_report.clear()
         _C().engine_stop()  # every process set's; releases the GIL while the threads finish
         _process_sets._on_shutdown()
         for group in _state.groups.values():
@@ -347,6 +372,7 @@ def _after_fork_in_child():
         _forked_from = _state.pid if _state is not None else os.getppid()
     _state = None
     _created_default_group = False
+    _fault_report.clear()  # the child's exceptions are not the engine's rank's
     _lock = threading.Lock()  # another thread may have held it at fork()
 
 

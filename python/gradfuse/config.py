@@ -106,7 +106,8 @@ _OPTIONS = {
 }
 # GRADFUSE_* variables that belong to the build and test scripts or to the CPU kernels
 # (GRADFUSE_CPU_SIMD, read by cpp/ops/cpu/dispatch.cpp), not to the engine. The GRADFUSE_TEST_*
-# ones here choose the device and rank count of the multi-process tests (tests/multiproc.py);
+# ones here choose the device and rank count of the multi-process tests (tests/multiproc.py), and
+# GRADFUSE_TEST_FAULT makes one rank's engine fail (cpp/engine/fault_injection.h);
 # GRADFUSE_GPU_CHECK_SKIP_BUILD belongs to scripts/gpu_check.sh.
 _NOT_ENGINE = {
     "GRADFUSE_CPU_SIMD",
@@ -117,6 +118,7 @@ _NOT_ENGINE = {
     "GRADFUSE_REQUIREMENTS",
     "GRADFUSE_TEST_DEVICE",
     "GRADFUSE_TEST_RANKS",
+    "GRADFUSE_TEST_FAULT",
     "GRADFUSE_GPU_CHECK_SKIP_BUILD",
 }
 
