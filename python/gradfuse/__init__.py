@@ -2,7 +2,7 @@
 
 ``import gradfuse as hvd`` gives the common Horovod surface."""
 
-from . import data, ops, optim, timeline
+from . import data, mpi_ops, ops, optim, optimizer, timeline
 from ._build import build_info
 from ._engine import (
     cross_rank,
@@ -138,10 +138,12 @@ __all__ = [
     "local_size",
     "mpi_built",
     "mpi_enabled",
+    "mpi_ops",
     "mpi_threads_supported",
     "nccl_built",
     "ops",
     "optim",
+    "optimizer",
     "poll",
     "rank",
     "reducescatter",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import operator
 import threading
 
 import torch
@@ -521,9 +522,15 @@ def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor
 # ---- broadcast -------------------------------------------------------------------------------
 
 
-def _check_root(root_rank, fn):
-    if isinstance(root_rank, bool) or not isinstance(root_rank, int):
-        raise TypeError(f"gradfuse.{fn}: root_rank must be an int, got {root_rank!r}")
+def _check_root(root_rank, fn) -> int:
+    """root_rank as an int. Integers of other types (numpy.int64, a 0-dim integer tensor) are
+    taken, as Horovod's C++ binding takes them; bool and float are refused."""
+    try:
+        if isinstance(root_rank, bool):
+            raise TypeError
+        root_rank = operator.index(root_rank)
+    except TypeError:
+        raise TypeError(f"gradfuse.{fn}: root_rank must be an int, got {root_rank!r}") from None
     if not 0 <= root_rank < _engine.size():
         raise ValueError(
             f"gradfuse.{fn}: root_rank {root_rank} is not a rank (size {_engine.size()})"

@@ -331,4 +331,26 @@ class Compression:
     topk = TopKCompressor
 
 
-__all__ = ["Compression", "Compressor", "TopKCompressor", "TopKState"]
+class FP16Compressor(Compressor):
+    """Horovod's class of this name (static methods: the class itself is the compressor, and
+    user compressors subclass it): floating-point tensors travel as float16. Passed to
+    DistributedOptimizer it goes the generic Compressor way (cast, then allreduce);
+    ``Compression.fp16`` casts the same and fuses the cast with the allreduce's scaling."""
+
+    @staticmethod
+    def compress(tensor):
+        return Compression.fp16.compress(tensor)
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return Compression.fp16.decompress(tensor, ctx)
+
+
+__all__ = [
+    "Compression",
+    "Compressor",
+    "FP16Compressor",
+    "NoneCompressor",
+    "TopKCompressor",
+    "TopKState",
+]

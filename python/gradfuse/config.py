@@ -1,4 +1,5 @@
-"""Engine configuration: keyword arguments to init(), defaulting to GRADFUSE_* variables."""
+"""Engine configuration: keyword arguments to init(), defaulting to GRADFUSE_* variables, then
+to Horovod's HOROVOD_* equivalents (so a Horovod launch script keeps its settings)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,48 @@ _NOT_ENGINE = {
 }
 
 
+# Horovod's variables for the same settings, read when the GRADFUSE_* one is unset (units as
+# gradfuse's: bytes, milliseconds, entries, seconds). Every other HOROVOD_* is ignored.
+_HOROVOD = {
+    "fusion_threshold_bytes": "HOROVOD_FUSION_THRESHOLD",
+    "cycle_time_ms": "HOROVOD_CYCLE_TIME",
+    "cache_capacity": "HOROVOD_CACHE_CAPACITY",
+    "hierarchical_allreduce": "HOROVOD_HIERARCHICAL_ALLREDUCE",
+    "timeline": "HOROVOD_TIMELINE",
+    "stall_warning_s": "HOROVOD_STALL_CHECK_TIME_SECONDS",
+    "stall_shutdown_s": "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+}
+# HOROVOD_STALL_CHECK_DISABLE=1 turns Horovod's stall inspector off: no warning (a stall of
+# 1e9 s, 31 years, is never reported) and no shutdown.
+_HOROVOD_STALL_DISABLE = "HOROVOD_STALL_CHECK_DISABLE"
+_STALL_CHECK_OFF = {"stall_warning_s": 1e9, "stall_shutdown_s": 0.0}
+
+
+def _horovod_flag(raw: str) -> str:
+    """Horovod reads its flags as integers, on when > 0 ("2" is on); words go to _flag."""
+    try:
+        return "1" if int(raw) > 0 else "0"
+    except ValueError:
+        return raw
+
+
+def _from_horovod(key, parser, check, what):
+    """Option `key`'s value from Horovod's variable, or None when Horovod sets nothing for it."""
+    if key in _STALL_CHECK_OFF and _HOROVOD_STALL_DISABLE in os.environ:
+        raw = _horovod_flag(os.environ[_HOROVOD_STALL_DISABLE])
+        if _parse(key, raw, _flag, None, "a flag (1/0)", _HOROVOD_STALL_DISABLE):
+            return _STALL_CHECK_OFF[key]
+    env = _HOROVOD.get(key)
+    if env is None or env not in os.environ:
+        return None
+    raw = os.environ[env]
+    if key == "timeline" and raw == "DYNAMIC":
+        return ""  # Horovod: no file at start, start_timeline() later (gradfuse always allows)
+    if parser is _flag:
+        raw = _horovod_flag(raw)
+    return _parse(key, raw, parser, check, what, env)
+
+
 @dataclass
 class Config:
     fusion_threshold_bytes: int
@@ -182,5 +225,6 @@ def resolve(**kwargs) -> Config:
         elif env in os.environ:
             values[key] = _parse(key, os.environ[env], parser, check, what, env)
         else:
-            values[key] = default
+            horovod = _from_horovod(key, parser, check, what)
+            values[key] = default if horovod is None else horovod
     return Config(**values)

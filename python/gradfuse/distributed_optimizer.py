@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterable
 
 import torch
 
@@ -49,6 +50,7 @@ class _DistributedOptimizer:
         bucket_cap_mb,
         gradient_as_bucket_view,
         process_set,
+        groups=None,
     ):
         _engine._require()  # as Horovod (it asks size()): which ranks reduce is known after init
         if not isinstance(process_set, ProcessSet):
@@ -63,6 +65,7 @@ class _DistributedOptimizer:
         if gradient_predivide_factor != 1.0 and op != collectives.Average:
             raise ValueError("gradient_predivide_factor is only valid with op=gradfuse.Average")
         self._gf_check_compression(compression, op)
+        bucket_cap_mb = self._gf_check_buckets(groups, bucket_cap_mb, compression)
         if not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb < 0:
             raise ValueError(f"bucket_cap_mb must be a number >= 0, got {bucket_cap_mb!r}")
         if gradient_as_bucket_view and (
@@ -84,9 +87,12 @@ class _DistributedOptimizer:
         self._gf_pending = {}  # param -> (kind, handles, context), reduction in flight
         # Buckets (dense and 16-bit reductions), each submitted in its own order when its last
         # gradient arrives; param -> (bucket index, bucket size).
-        self._gf_buckets = self._gf_make_buckets(
-            self._gf_params, int(bucket_cap_mb * 2**20), compression
-        )
+        if groups is None:
+            self._gf_buckets = self._gf_make_buckets(
+                self._gf_params, int(bucket_cap_mb * 2**20), compression
+            )
+        else:
+            self._gf_buckets = self._gf_group_buckets(self._gf_params, groups)
         self._gf_bucket_of = {
             p: (i, len(bucket)) for i, bucket in enumerate(self._gf_buckets) for p in bucket
         }
@@ -124,6 +130,38 @@ class _DistributedOptimizer:
                 "compression must be a gradfuse.Compression.* or a Compressor (a class or "
                 f"object with compress(tensor) and decompress(tensor, ctx)), got {compression!r}"
             )
+
+    @staticmethod
+    def _gf_check_buckets(groups, bucket_cap_mb, compression):
+        """bucket_cap_mb, defaulted; ValueError where groups= cannot apply."""
+        if groups is None:
+            return _DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb
+        if bucket_cap_mb is not None:
+            raise ValueError(
+                "give groups (Horovod's explicit buckets) or bucket_cap_mb (buckets by size), "
+                f"not both; got bucket_cap_mb={bucket_cap_mb!r}"
+            )
+        if isinstance(compression, TopKCompressor):
+            raise ValueError(  # noqa: TRY004  (a value of compression that groups rule out)
+                "groups cannot be combined with Compression.topk (top-k reduces each gradient "
+                "on its own)"
+            )
+        return _DEFAULT_BUCKET_CAP_MB  # not used: the groups are the buckets
+
+    @staticmethod
+    def _gf_group_buckets(params, groups):
+        """Horovod's groups as buckets: a count splits the trainable parameters, in
+        param_groups order, into that many consecutive runs of near-equal length (Horovod's
+        split); lists keep only this optimizer's trainable parameters (Horovod ignores the
+        other tensors). A parameter in no group is reduced alone, as soon as it is ready."""
+        if isinstance(groups, int):
+            per, extra = divmod(len(params), groups)
+            bounds = [i * per + min(i, extra) for i in range(groups + 1)]
+            chunks = [params[bounds[i] : bounds[i + 1]] for i in range(groups)]
+        else:
+            trainable = dict.fromkeys(params)  # keyed by identity, as tensors hash
+            chunks = [[p for p in group if p in trainable] for group in groups]
+        return [tuple(chunk) for chunk in chunks if chunk]
 
     @staticmethod
     def _gf_make_buckets(params, cap_bytes, compression):
@@ -452,10 +490,12 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     backward_passes_per_step: int = 1,
     op=collectives.Average,
     gradient_predivide_factor: float = 1.0,
-    bucket_cap_mb: float = 25,
-    gradient_as_bucket_view: bool = False,
+    num_groups: int = 0,
+    groups=None,
     sparse_as_dense: bool = False,
     process_set: ProcessSet = global_process_set,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
 ):
     """Wrap ``optimizer`` so ``step()`` applies gradients reduced over all ranks.
 
@@ -473,9 +513,14 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     gradfuse.adasum_optimizer).
     ``gradient_predivide_factor``: with Average, divide by it before the sum and by
     ``size / factor`` after (keeps fp16 sums in range).
-    ``bucket_cap_mb``: gradients are submitted in buckets of up to this many MiB (the first
-    1 MiB), each when its last gradient is ready, so the engine negotiates and fuses a bucket
-    at once; 0 submits each gradient as soon as it is ready (Horovod's behaviour).
+    ``groups`` (Horovod's): the buckets, given instead of sized: a list of lists of
+    parameters (each list is reduced together, submitted when its last gradient is ready; a
+    parameter in no list alone, when ready), or an int n (the trainable parameters split into
+    n consecutive runs, in ``param_groups`` order). ``num_groups``: Horovod's deprecated int
+    form (warns). Neither given: buckets by ``bucket_cap_mb``.
+    ``bucket_cap_mb`` (default 25): gradients are submitted in buckets of up to this many MiB
+    (the first 1 MiB), each when its last gradient is ready, so the engine negotiates and fuses
+    a bucket at once; 0 submits each gradient as soon as it is ready (Horovod's default).
     ``gradient_as_bucket_view``: each ``.grad`` becomes a view of one flat buffer, so buckets
     are reduced in place with no fusion copies; ``zero_grad()`` then zeroes gradients instead
     of setting them to None (DDP's option of the same name).
@@ -492,7 +537,14 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
         raise TypeError("optimizer is already a gradfuse.DistributedOptimizer")
     if not isinstance(sparse_as_dense, bool):
         raise TypeError(f"sparse_as_dense must be a bool, got {sparse_as_dense!r}")
+    groups = _horovod_groups(groups, num_groups)
     if op == collectives.Adasum:
+        if groups is not None:
+            warnings.warn(
+                "DistributedOptimizer(op=Adasum) ignores groups/num_groups (as Horovod does): "
+                "it reduces each parameter's update on its own",
+                stacklevel=2,
+            )
         from .adasum_optimizer import adasum_optimizer
 
         # As Horovod: refused at construction, on every rank (members or not).
@@ -524,8 +576,58 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
         bucket_cap_mb,
         gradient_as_bucket_view,
         process_set,
+        groups,
     )
     return wrapped
+
+
+def _horovod_groups(groups, num_groups):
+    """Horovod's groups and deprecated num_groups as one value: None, a count > 0, or a list
+    of lists of tensors; ValueError (Horovod's type, hence the noqa) for what Horovod refuses,
+    and for both. An inner iterable may be a generator (model.fc.parameters()): it is read
+    once here (Horovod reads it twice, the second time empty)."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
+    if num_groups:
+        warnings.warn(
+            "DistributedOptimizer: num_groups is deprecated (Horovod replaced it by groups); "
+            f"use groups={num_groups}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if groups is not None:
+            raise ValueError(
+                f"give groups or the deprecated num_groups, not both (num_groups={num_groups})"
+            )
+        return num_groups
+    if groups is None or (isinstance(groups, int) and not isinstance(groups, bool) and groups > 0):
+        return groups
+    expected = "an int > 0 or a list of lists of parameters ([[p1, p2], [p3]])"
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(f"groups must be {expected}, got {groups!r}")  # noqa: TRY004
+    where = {}  # tensor -> "[i][j]", its first place
+    lists = []
+    for i, group in enumerate(groups):
+        if isinstance(group, (torch.Tensor, str, bytes)) or not isinstance(group, Iterable):
+            raise ValueError(  # noqa: TRY004
+                f"groups must be {expected}; groups[{i}] is a {type(group).__name__}"
+            )
+        lists.append(list(group))
+        for j, p in enumerate(lists[-1]):
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(  # noqa: TRY004
+                    f"groups[{i}][{j}] must be a parameter (torch.Tensor), got a {type(p).__name__}"
+                )
+            if p in where:
+                raise ValueError(
+                    f"groups[{i}][{j}] is the parameter already at groups{where[p]}: a "
+                    "parameter can be in one group only"
+                )
+            where[p] = f"[{i}][{j}]"
+    return lists
+
+
+_DEFAULT_BUCKET_CAP_MB = 25
 
 
 __all__ = ["DistributedOptimizer"]

@@ -24,39 +24,82 @@ from .process_sets import global_process_set
 def broadcast_parameters(params, root_rank: int, process_set=global_process_set) -> None:
     """Overwrite ``params`` on every rank (of ``process_set``) with the root's values, in place.
 
-    ``params``: a ``state_dict()`` (mapping name -> tensor) or an iterable of ``(name,
-    tensor)`` pairs such as ``model.named_parameters()``.
+    ``params`` takes every form Horovod's does: a ``state_dict()`` (any mapping name ->
+    tensor), a list of ``(name, tensor)`` pairs such as ``list(model.named_parameters())``,
+    or a list of bare tensors such as ``list(model.parameters())`` (pairs and bare tensors
+    may be mixed; a bare tensor, or a pair whose name is None, is named by its position).
+    Unlike Horovod, any other iterable of those works too (``model.parameters()`` itself,
+    a tuple). Everything is checked before anything is sent, so a bad entry raises here
+    without leaving a broadcast half submitted.
 
     Example::
 
         gradfuse.broadcast_parameters(model.state_dict(), root_rank=0)
     """
-    if isinstance(params, Mapping):
-        items = list(params.items())
-    elif isinstance(params, Iterable):
-        items = list(params)
-        if any(not (isinstance(x, tuple) and len(x) == 2) for x in items):
-            raise ValueError(
-                "broadcast_parameters: params must be a state_dict or (name, tensor) pairs"
-            )
-    else:
-        raise TypeError(
-            f"broadcast_parameters: params must be a state_dict or (name, tensor) "
-            f"pairs, got {type(params)}"
+    fn = "broadcast_parameters"
+    named = _named_tensors(params)
+    root_rank = collectives._check_root(root_rank, fn)
+    process_set = _sets._check(process_set, fn)
+    _sets._set_rank(process_set, root_rank, fn)
+    for name, tensor in named:
+        collectives._check_tensor(tensor, f"{fn} ({name})")
+        collectives._check_writable(tensor, f"{fn} ({name})")
+    handles = [
+        collectives.broadcast_async_(
+            tensor, root_rank, name=f"broadcast.param.{name}", process_set=process_set
         )
-    handles = []
-    for name, tensor in items:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"broadcast_parameters: {name} is a {type(tensor)}, not a tensor")
-        # .data: parameters are leaves that require grad; this is not a differentiable op.
-        target = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-        handles.append(
-            collectives.broadcast_async_(
-                target, root_rank, name=f"broadcast.param.{name}", process_set=process_set
-            )
-        )
+        for name, tensor in named
+    ]
     for handle in handles:
         collectives.synchronize(handle)
+
+
+def _named_tensors(params) -> list[tuple[str, torch.Tensor]]:
+    """broadcast_parameters' `params` as (name, tensor) pairs with unique names; TypeError or
+    ValueError (naming the entry) for anything that is not one of its forms."""
+    expected = (
+        "a state_dict, a list of (name, tensor) pairs (model.named_parameters()) or a list of "
+        "tensors (model.parameters())"
+    )
+    if isinstance(params, Mapping):
+        entries = [(key, tensor, f"params[{key!r}]") for key, tensor in params.items()]
+    elif isinstance(params, (torch.Tensor, str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(
+            f"broadcast_parameters: params must be {expected}, got a {type(params).__name__}"
+        )
+    else:
+        entries = [_entry(i, item, expected) for i, item in enumerate(params)]
+    named, seen = [], set()
+    for key, tensor, where in entries:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"broadcast_parameters: {where} must be a tensor, got a {type(tensor).__name__}"
+            )
+        name = str(key)
+        if name in seen:
+            raise ValueError(f"broadcast_parameters: the name {name!r} appears twice in params")
+        seen.add(name)
+        named.append((name, tensor))
+    return named
+
+
+def _entry(index, item, expected):
+    """(key, tensor, where) for one entry of a params list: a bare tensor or a None name is
+    named by its position ("#index", which no named_parameters() name looks like)."""
+    if isinstance(item, tuple) and len(item) == 2:
+        key, tensor = item
+        if key is not None and not isinstance(key, str):
+            raise TypeError(
+                f"broadcast_parameters: params[{index}] is a pair whose name is a "
+                f"{type(key).__name__}, not a str"
+            )
+        return (f"#{index}" if key is None else key), tensor, f"params[{index}][1]"
+    if isinstance(item, torch.Tensor):
+        return f"#{index}", item, f"params[{index}]"
+    raise TypeError(
+        f"broadcast_parameters: params must be {expected}; params[{index}] is a "
+        f"{type(item).__name__}"
+    )
 
 
 def _object_name(name, default):
@@ -161,7 +204,7 @@ def broadcast_optimizer_state(
             "broadcast_optimizer_state: optimizer must be a torch.optim.Optimizer, "
             f"got {type(optimizer).__name__}"
         )
-    _check_root_rank(root_rank, "broadcast_optimizer_state")
+    root_rank = collectives._check_root(root_rank, "broadcast_optimizer_state")
     process_set = _sets._check(process_set, "broadcast_optimizer_state")
     _sets._set_rank(process_set, root_rank, "broadcast_optimizer_state")
     _check_same_layout(optimizer, root_rank, process_set)
@@ -176,13 +219,6 @@ def broadcast_optimizer_state(
     if rank() != root_rank:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
         _load_shared_state(optimizer, state)
-
-
-def _check_root_rank(root_rank, fn: str) -> None:
-    if isinstance(root_rank, bool) or not isinstance(root_rank, int):
-        raise TypeError(f"{fn}: root_rank must be an int, got {type(root_rank).__name__}")
-    if not 0 <= root_rank < size():
-        raise ValueError(f"{fn}: root_rank must be in [0, {size()}), got {root_rank}")
 
 
 def _layout(optimizer) -> list[list[tuple]]:
