@@ -25,12 +25,19 @@ def gen():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """gradfuse initialized as a one-rank job in this process, for the module's tests."""
+    """gradfuse initialized as a one-rank job in this process, for the module's tests. After
+    them the process is left as if gradfuse had never run (no default process group, queries
+    say "not initialized"), since later modules test exactly that."""
+    from gradfuse import _engine
+
     mp = pytest.MonkeyPatch()
     mp.setenv("MASTER_ADDR", "127.0.0.1")
     gradfuse.init()
     yield
     gradfuse.shutdown()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _engine._was_shut_down = _engine._created_default_group = False
     mp.undo()
 
 
