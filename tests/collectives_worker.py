@@ -252,6 +252,21 @@ def check_alltoall_errors():
     assert torch.equal(out, arange(float(n)))
 
 
+def check_refused_unnamed_call_on_one_rank_keeps_names_in_step():
+    """An unnamed call the engine refuses on one rank (a non-finite scale, caught in C++) takes
+    no automatic name: the ranks' next unnamed collectives still pair up."""
+    n, r = hvd.size(), hvd.rank()
+    if r == 0:
+        for bad in (
+            lambda: hvd.allreduce(ones(3), prescale_factor=float("nan")),
+            lambda: hvd.allreduce_(ones(3), postscale_factor=float("inf")),
+        ):
+            expect_error(ValueError, bad, "scale")
+    for i in range(3):
+        got = hvd.allreduce(full((2,), float(r + i)), op=hvd.Sum)
+        assert torch.equal(got, full((2,), float(sum(range(n)) + n * i))), got
+
+
 # ---- barrier and join -----------------------------------------------------------------------
 
 

@@ -1,16 +1,22 @@
 """Bad calls to the collectives fail at the call, on the calling rank, before anything is
-submitted: one rank, in this process. (The fixes the fuzz of issue 14 found; the 2-rank
-hypothesis fuzz is still to come.) After every call no handle is left and a good allreduce
-works."""
+submitted: first 30 fixed calls at one rank, in this process (after every call no handle is
+left and a good allreduce works); then the 2-rank hypothesis fuzz, tests/fuzz_collectives_worker.py,
+at least 1,000 random bad calls per collective."""
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import gradfuse as hvd
 import pytest
 import torch
 from gradfuse import _C
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fuzz_collectives_worker
+from multiproc import assert_check_ok, run_ranks
 
 x = torch.ones(3)
 BAD_CALLS = [
@@ -60,3 +66,28 @@ def test_bad_call_fails_at_the_call(one_rank, index):
         call()
     assert _C.engine_handle_count() == before, "a bad call left a submission behind"
     assert torch.equal(hvd.allreduce(torch.arange(3.0), op=hvd.Sum), torch.arange(3.0))
+
+
+# ---- 2 ranks: >= 1,000 random bad calls per collective (tests/fuzz_collectives_worker.py) ----
+
+HERE = Path(__file__).resolve().parent
+FUZZ_CHECKS = [
+    "setup",
+    *(f"fuzz_{c}" for c in fuzz_collectives_worker.FAMILIES),
+    "healthy_after",
+]
+
+
+@pytest.fixture(scope="module")
+def fuzz_group(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz2")
+    return run_ranks(tmp, 2, "gradfuse.run", HERE / "fuzz_collectives_worker.py", FUZZ_CHECKS)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("check", FUZZ_CHECKS)
+def test_fuzz_two_ranks(fuzz_group, check):
+    proc, results = fuzz_group
+    if check == FUZZ_CHECKS[-1]:  # the counts, once
+        print("\n".join(line for line in proc.stdout.splitlines() if "calls" in line))
+    assert_check_ok(proc, results, check)

@@ -36,7 +36,10 @@ std::vector<at::Tensor> run_alltoall(const Batch& batch, const CollectiveContext
   // Nothing is reduced, so the data travels as bytes: every dtype works, including int16,
   // which Gloo does not support. Split sizes stay in rows of (row * element size) bytes.
   const int64_t row_bytes = row * e.tensor.element_size();
-  at::Tensor send = e.tensor.reshape({e.tensor.size(0), row}).view(at::kByte);
+  // An input with no rows counts as contiguous whatever its strides (a column of an empty
+  // matrix), and view() would refuse them: it sends nothing, so a fresh empty tensor stands in.
+  const at::Tensor input = e.tensor.numel() ? e.tensor : at::empty({0, row}, e.tensor.options());
+  at::Tensor send = input.reshape({input.size(0), row}).view(at::kByte);
   at::Tensor recv = output.view({recv_total, row}).view(at::kByte);
   TORCH_CHECK(send.size(1) == row_bytes && recv.size(1) == row_bytes);
   c10d::AllToAllOptions opts;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import operator
 import threading
 
@@ -120,19 +121,19 @@ def _name(name, kind, process_set=None):
     return name
 
 
-def _check_tensor(tensor, fn):
+def _check_tensor(tensor, fn, what="tensor"):
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"gradfuse.{fn}: tensor must be a torch.Tensor, got {type(tensor)}")
+        raise TypeError(f"gradfuse.{fn}: {what} must be a torch.Tensor, got {type(tensor)}")
     if tensor.layout != torch.strided:
-        raise ValueError(f"gradfuse.{fn}: tensor must be dense (strided), got {tensor.layout}")
+        raise ValueError(f"gradfuse.{fn}: {what} must be dense (strided), got {tensor.layout}")
 
 
-def _check_writable(tensor, fn):
+def _check_writable(tensor, fn, what="tensor"):
     """An in-place collective writes every element: an expanded view (elements sharing memory)
     would fail only after the collective ran on every rank, so it is refused at the call."""
     if any(stride == 0 and n > 1 for stride, n in zip(tensor.stride(), tensor.shape)):
         raise ValueError(
-            f"gradfuse.{fn}: tensor has elements that share memory (an expanded view, strides "
+            f"gradfuse.{fn}: {what} has elements that share memory (an expanded view, strides "
             f"{tensor.stride()}); an in-place collective needs its own storage: .clone() it"
         )
 
@@ -145,6 +146,16 @@ def _factor(value, arg, fn):
         except (TypeError, ValueError, RuntimeError):
             pass
     raise TypeError(f"gradfuse.{fn}: {arg} must be a number, got {value!r}")
+
+
+def _finite_factor(value, arg, fn):
+    """A scale factor as a finite float, checked here: for the collectives that scale in Python
+    (reducescatter) or submit several tensors (grouped), which must refuse a bad factor before
+    anything is submitted."""
+    factor = _factor(value, arg, fn)
+    if not math.isfinite(factor):
+        raise ValueError(f"gradfuse.{fn}: {arg} must be a finite number, got {factor}")
+    return factor
 
 
 def _resolve_op(average, op, fn):
@@ -183,12 +194,12 @@ def _enqueue(
     prescale = _factor(prescale, "prescale_factor", _KIND_NAMES[kind])
     postscale = _factor(postscale, "postscale_factor", _KIND_NAMES[kind])
     name = _name(name, _KIND_NAMES[kind], ps)
-    if kind == _BROADCAST:
-        root = _sets._set_rank(ps, root, "broadcast")
-    in_place = output if output is tensor else None
-    if output is not None and not output.is_contiguous():
-        output = torch.empty_like(output, memory_format=torch.contiguous_format)
     try:
+        if kind == _BROADCAST:
+            root = _sets._set_rank(ps, root, "broadcast")
+        in_place = output if output is tensor else None
+        if output is not None and not output.is_contiguous():
+            output = torch.empty_like(output, memory_format=torch.contiguous_format)
         handle = torch.ops.gradfuse._enqueue(
             name,
             kind,
@@ -201,6 +212,9 @@ def _enqueue(
             list(splits),
             ps.process_set_id,
         )
+    except (ValueError, TypeError):  # refused here: the other ranks never saw this name
+        _sets._unused_name(name, ps)
+        raise
     except RuntimeError as e:  # the engine stopped (a peer failed, shutdown): as Horovod
         raise _internal_error(e) from e
     with _pending_lock:
@@ -325,7 +339,7 @@ _ENGINE_DTYPES = (
 def _check_submittable(tensor, fn, what="tensor"):
     """What the engine would refuse, refused before anything is submitted (for the calls that
     submit a list: one bad entry must not leave the others submitted on this rank alone)."""
-    _check_tensor(tensor, fn)
+    _check_tensor(tensor, fn, what)
     if tensor.dtype not in _ENGINE_DTYPES:
         raise ValueError(
             f"gradfuse.{fn}: {what} has dtype {tensor.dtype}; supported: "
@@ -613,7 +627,8 @@ def _check_compression(compression, fn):
 
 
 def _reducescatter_op(op, fn):
-    if op not in (Sum, Average):
+    # True == 1 == Average and 0.0 == Sum: only the ints themselves are ops.
+    if isinstance(op, bool) or not isinstance(op, int) or op not in (Sum, Average):
         raise ValueError(f"gradfuse.{fn}: op must be gradfuse.Sum or Average, got {op!r}")
     return op
 
@@ -629,10 +644,17 @@ def reducescatter_async(
     """Starts a reducescatter; synchronize(handle) returns this rank's rows of the result."""
     _check_tensor(tensor, "reducescatter_async")
     op = _reducescatter_op(op, "reducescatter_async")
+    prescale_factor = _finite_factor(prescale_factor, "prescale_factor", "reducescatter_async")
+    postscale_factor = _finite_factor(postscale_factor, "postscale_factor", "reducescatter_async")
     # The engine's reducescatter takes no scale factors (cpp/engine/reducescatter.cpp packs and
     # unpacks with 1 and the Average's 1/size only), so they are applied here: the prescale
     # to a copy of the input before the reduction, the postscale to the output after it (by
     # synchronize), each at the tensor's precision as the engine would.
+    if op == Average and postscale_factor != 1.0 and not tensor.is_floating_point():
+        # As allreduce does (and Horovod): Average's 1/size folded into the postscale, so an
+        # integer result is truncated once, not after the average and again after the scale.
+        size = _sets._size(_sets._check(process_set, "reducescatter_async"))
+        op, postscale_factor = Sum, postscale_factor / size
     handle = _enqueue(
         name,
         _REDUCESCATTER,
@@ -694,6 +716,8 @@ def reducescatter(
     _check_tensor(tensor, "reducescatter")
     _check_compression(compression, "reducescatter")
     op = _reducescatter_op(op, "reducescatter")
+    prescale_factor = _finite_factor(prescale_factor, "prescale_factor", "reducescatter")
+    postscale_factor = _finite_factor(postscale_factor, "postscale_factor", "reducescatter")
     name = _name(name, "reducescatter", process_set)
     return _Reducescatter.apply(tensor, name, op, prescale_factor, postscale_factor, process_set)
 
@@ -712,7 +736,16 @@ def _splits_list(splits):
                 f"gradfuse.alltoall: splits must be a 1-D integer tensor, got {splits.dim()}-D "
                 f"{splits.dtype}"
             )
-        return [int(s) for s in splits.tolist()]
+        values = [int(s) for s in splits.tolist()]
+    else:
+        values = _split_ints(splits)
+    # The engine takes int64 splits; a bigger one is refused here with a clear message.
+    if any(not -(2**63) <= s < 2**63 for s in values):
+        raise ValueError(f"gradfuse.alltoall: splits must be 64-bit integers, got {values!r}")
+    return values
+
+
+def _split_ints(splits):
     try:
         values = list(splits)
     except TypeError:

@@ -17,6 +17,8 @@ from .collectives import (
     CompositeHandle,
     _check_compression,
     _check_submittable,
+    _check_writable,
+    _finite_factor,
     _name,
     _reducescatter_grad_scaled,
     _reducescatter_op,
@@ -79,7 +81,61 @@ def _check_tensors(tensors, fn, min_dim=0):
     devices = sorted({str(t.device) for t in tensors})
     if len(devices) > 1:
         raise ValueError(f"gradfuse.{fn}: tensors must all be on one device, got {devices}")
+    # Everything the engine would refuse, checked for every tensor first: a group whose third
+    # tensor is refused must not have submitted the first two.
+    for i, t in enumerate(tensors):
+        _check_submittable(t, fn, f"tensors[{i}]")
     return list(tensors)
+
+
+def _check_in_place(tensors, fn):
+    """In place, every tensor is written: none may share memory with itself (an expanded view)
+    or another (the same tensor twice, overlapping views), whose result would depend on the
+    order the engine writes them in."""
+    for i, t in enumerate(tensors):
+        _check_writable(t, fn, f"tensors[{i}]")
+    for j, b in enumerate(tensors):
+        for i, a in enumerate(tensors[:j]):
+            if _overlap(a, b):
+                raise ValueError(
+                    f"gradfuse.{fn}: tensors[{i}] and tensors[{j}] share memory; an in-place "
+                    "grouped collective writes each of them: pass distinct tensors"
+                )
+
+
+def _overlap(a, b) -> bool:
+    """Whether a and b have an element in common: exact for views of one element size (checked
+    over the span they share only), by byte ranges otherwise."""
+    if 0 in (a.numel(), b.numel()) or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.data_ptr() == b.data_ptr():
+        return True
+
+    def span(t):  # first and one past the last element's storage offset
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return t.storage_offset(), last + 1
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    size = a.element_size()
+    if a1 * size <= b0 * b.element_size() or b1 * b.element_size() <= a0 * size:
+        return False
+    if b.element_size() != size:
+        return True
+    # Interleaved views (columns of one matrix) have overlapping spans but no common element.
+    lo, hi = min(a0, b0), max(a1, b1)
+    index = torch.arange(lo, hi)
+
+    def offsets(t):
+        return torch.as_strided(index, t.shape, t.stride(), t.storage_offset() - lo).flatten()
+
+    return bool(torch.isin(offsets(a), offsets(b)).any())
+
+
+def _check_factors(prescale, postscale, fn):
+    _finite_factor(prescale, "prescale_factor", fn)
+    _finite_factor(postscale, "postscale_factor", fn)
 
 
 def _submit(tensors, name, kind, process_set, fn, submit_one):
@@ -105,6 +161,7 @@ def grouped_allreduce_async(
 ) -> GroupedHandle:
     tensors = _check_tensors(tensors, "grouped_allreduce_async")
     op = _resolve_op(average, op, "grouped_allreduce_async")
+    _check_factors(prescale_factor, postscale_factor, "grouped_allreduce_async")
     return _submit(
         tensors,
         name,
@@ -133,7 +190,9 @@ def grouped_allreduce_async_(
 ) -> GroupedHandle:
     """In place: synchronize(handle) returns `tensors` themselves, reduced."""
     tensors = _check_tensors(tensors, "grouped_allreduce_async_")
+    _check_in_place(tensors, "grouped_allreduce_async_")
     op = _resolve_op(average, op, "grouped_allreduce_async_")
+    _check_factors(prescale_factor, postscale_factor, "grouped_allreduce_async_")
     return _submit(
         tensors,
         name,
@@ -277,6 +336,7 @@ def grouped_reducescatter_async(
 ) -> GroupedHandle:
     tensors = _check_tensors(tensors, "grouped_reducescatter_async", min_dim=1)
     op = _reducescatter_op(op, "grouped_reducescatter_async")
+    _check_factors(prescale_factor, postscale_factor, "grouped_reducescatter_async")
     return _submit(
         tensors,
         name,
@@ -333,6 +393,7 @@ def grouped_reducescatter(
     tensors = _check_tensors(tensors, "grouped_reducescatter", min_dim=1)
     _check_compression(compression, "grouped_reducescatter")
     op = _reducescatter_op(op, "grouped_reducescatter")
+    _check_factors(prescale_factor, postscale_factor, "grouped_reducescatter")
     name = _name(name, "grouped_reducescatter", process_set)
     return list(
         _GroupedReducescatter.apply(

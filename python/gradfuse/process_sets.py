@@ -17,7 +17,6 @@ allgather's result).
 from __future__ import annotations
 
 import datetime
-import itertools
 import os
 from collections.abc import Iterable
 
@@ -90,7 +89,7 @@ _next_id = 1  # ids are never reused while initialized, so a stale id cannot nam
 # Per set, the index of its next unnamed collective: ranks calling the same unnamed collectives
 # on a set in the same order get the same names, whatever else they run on other sets. A set's
 # count starts at its registration (ids restart after shutdown); the global set's never resets.
-_auto_names: dict[int, itertools.count] = {0: itertools.count()}
+_auto_names: dict[int, int] = {0: 0}  # per set: the number of its next automatic name
 
 
 def _on_init(size: int) -> None:
@@ -166,7 +165,18 @@ def _set_rank(process_set, global_rank, fn, what="root_rank") -> int:
 
 def _auto_name(kind, process_set) -> str:
     """The next automatic name of a `kind` collective on `process_set` (checked)."""
-    return f"{kind}.noname.{next(_auto_names[process_set.process_set_id])}"
+    number = _auto_names[process_set.process_set_id]
+    _auto_names[process_set.process_set_id] = number + 1
+    return f"{kind}.noname.{number}"
+
+
+def _unused_name(name, process_set) -> None:
+    """A submission named `name` was refused on this rank before it reached the engine. If that
+    was the newest automatic name of the set, it is handed out again: the other ranks did not
+    use it, and this rank's later unnamed collectives must keep pairing with theirs."""
+    last = _auto_names.get(process_set.process_set_id, 0) - 1
+    if last >= 0 and name.endswith(f".noname.{last}"):
+        _auto_names[process_set.process_set_id] = last
 
 
 def _global_rank(process_set, set_rank) -> int:
@@ -244,7 +254,7 @@ def add_process_set(process_set) -> ProcessSet:
             raise
     ps.process_set_id = ps_id
     _registered[ps_id] = ps
-    _auto_names[ps_id] = itertools.count()
+    _auto_names[ps_id] = 0
     _groups[ps_id] = groups
     return ps
 
