@@ -590,9 +590,11 @@ def check_join_refuses_what_needs_the_joined_rank():
     assert len({s[0] for s in seen}) == 1 and 0 <= last < quitter, seen
     for nm in seen[0][1]:
         assert len({s[1][nm] for s in seen[:quitter]}) == 1, [s[1][nm] for s in seen]
-    # Everyone is back: allgather works again, with every rank's rows.
+    # Everyone is back: allgather works again, with every rank's rows, and unnamed collectives
+    # pair up although the joined rank skipped the others' unnamed barrier.
     rows = hvd.allgather(full((1,), float(r)), name="join.r.after")
     assert torch.equal(rows, arange(float(n))), rows
+    assert torch.equal(hvd.allreduce(ones(2), op=hvd.Sum), full((2,), float(n)))
 
 
 def check_shutdown_pending_and_reinit():

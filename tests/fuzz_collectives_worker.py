@@ -721,7 +721,13 @@ def judge_list(specs, rank, min_dim=0, in_place=False):
         return bad(TypeError, "tensors")
     if not specs:
         return bad(ValueError, "tensors", "empty")
-    aliased = any(s[0] in ("SAME", "OVERLAP") for s in specs if isinstance(s, tuple) and s)
+    # The same tensor twice shares memory only when it has elements (an empty one is never
+    # written); two overlapping views always do.
+    aliased = any(
+        s[0] == "OVERLAP" or (s[0] == "SAME" and spec_numel(specs[s[1]], rank) > 0)
+        for s in specs
+        if isinstance(s, tuple) and s
+    )
     # Every tensor is checked first, then (in place) that none shares memory.
     for writes in (False, True) if in_place else (False,):
         for s in specs:
@@ -730,6 +736,11 @@ def judge_list(specs, rank, min_dim=0, in_place=False):
                 if problem:
                     return problem
     return bad(ValueError, "tensors", "memory") if aliased and in_place else None
+
+
+def spec_numel(spec, rank):
+    _, _, dim0s, rest, _, _ = spec
+    return math.prod(((dim0s[rank],) if dim0s is not None else ()) + rest)
 
 
 def list_values(specs, rank):

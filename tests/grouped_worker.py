@@ -143,15 +143,14 @@ def check_reducescatter_scale_factors():
                 [out] = hvd.grouped_reducescatter([mine], name=f"rsg.{seed}", **kw)
                 assert_close(out, expected, tol)
     # Integers: the engine's scaling, in float64 truncated toward zero, before the sum (the
-    # prescale) and after the Average's division (the postscale).
+    # prescale) and after it (the postscale, with Average's 1/size folded in, so the result is
+    # truncated once, as allreduce's and Horovod's).
     for op in (hvd.Sum, hvd.Average):
         seed += 1
         inputs = [ints(k, seed, (n + 1,), torch.int32) for k in range(n)]
         pre = [(t.double() * 0.5).trunc() for t in inputs]
-        total = sum(pre)
-        if op == hvd.Average:
-            total = (total * (1.0 / n)).trunc()  # the engine's integer Average
-        expected = (total * 3.0).to(torch.int32)[rows_of(n + 1, n, r)]
+        post = 3.0 / n if op == hvd.Average else 3.0
+        expected = (sum(pre) * post).to(torch.int32)[rows_of(n + 1, n, r)]
         out = hvd.reducescatter(
             inputs[r], name=f"rsi.{seed}", op=op, prescale_factor=0.5, postscale_factor=3.0
         )

@@ -842,4 +842,13 @@ def join(device=None, process_set=global_process_set) -> int:
     marker = torch.empty(0, device=_join_device(device))
     handle = _enqueue("gradfuse.join", _JOIN, marker, None, process_set=process_set)
     last = int(synchronize(handle).item())
-    return _sets._global_rank(_sets._check(process_set, "join"), last)
+    ps = _sets._check(process_set, "join")
+    # The ranks that went on while others had joined took automatic names the joined ones did
+    # not: every rank continues from the highest, so unnamed collectives pair up again.
+    taken = allgather(
+        torch.tensor([_sets._auto_names[ps.process_set_id]]),
+        name="gradfuse.join.automatic_names",
+        process_set=ps,
+    )
+    _sets._auto_names[ps.process_set_id] = int(taken.max())
+    return _sets._global_rank(ps, last)
