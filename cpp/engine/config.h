@@ -14,6 +14,7 @@ struct EngineConfig {
   // the identity), so messages name ranks as the user knows them.
   int process_set_id = 0;
   std::vector<int> global_ranks;
+  int global_rank(int r) const { return global_ranks.empty() ? r : global_ranks[r]; }
   int rank = 0;
   int size = 1;
   // Process groups by name (torch.distributed.new_group(...).group_name), resolved in C++ with

@@ -22,7 +22,7 @@ Engine::Engine(EngineConfig config)
   if (!config_.store_host.empty() && config_.size > 1) {
     board_ = std::make_shared<PeerBoard>(config_.store_host, config_.store_port,
                                          config_.heartbeat_prefix, config_.rank, config_.size,
-                                         config_.timeout_s);
+                                         config_.timeout_s, config_.global_ranks);
   }
   try {
     connect();
@@ -32,7 +32,8 @@ Engine::Engine(EngineConfig config)
   } catch (const std::exception& e) {
     // The peers wait for this rank in the start handshake: tell them why it will not come.
     // This rank raises the same words (and the same type for a bad value).
-    const std::string why = "gradfuse.init() failed on rank " + std::to_string(config_.rank) +
+    const std::string why = "gradfuse.init() failed on rank " +
+                            std::to_string(config_.global_rank(config_.rank)) +
                             ": its engine did not start: " + message_of(e);
     post_failure(why);
     TORCH_CHECK_VALUE(!dynamic_cast<const c10::ValueError*>(&e), why);
@@ -48,7 +49,8 @@ void Engine::connect() {
     cuda_ = c10d::resolve_process_group(config_.cuda_group);
 #ifdef GRADFUSE_WITH_CUDA
     cuda_runner_ = std::make_unique<CudaBatchRunner>(
-        std::make_shared<const TransportHealth>(cuda_, c10::DeviceType::CUDA, config_.rank));
+        std::make_shared<const TransportHealth>(cuda_, c10::DeviceType::CUDA,
+                                                config_.global_rank(config_.rank)));
 #endif
   }
   if (!config_.local_group.empty()) {

@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cctype>
 #include <stdexcept>
 #include <string>
 
@@ -26,6 +28,21 @@ inline bool is_transport_error(const std::exception& e) {
   if (dynamic_cast<const c10::DistError*>(&e)) return true;
   if (dynamic_cast<const c10::Error*>(&e)) return false;
   return std::string(e.what()).find("gloo") != std::string::npos;
+}
+
+// A transport error that says a connection closed (Gloo: "Connection closed by peer", "Read
+// error ...: Connection reset by peer", "Socket closed"): a peer may have died. A timed-out
+// wait is not one: a stopped peer keeps its connections.
+inline bool is_connection_error(const std::exception& e) {
+  if (!is_transport_error(e)) return false;
+  std::string what = e.what();
+  std::transform(what.begin(), what.end(), what.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  for (const char* words : {"connection closed", "closed the connection", "socket closed",
+                            "connection reset", "broken pipe", "read error", "write error"}) {
+    if (what.find(words) != std::string::npos) return true;
+  }
+  return false;
 }
 
 // The error's words, without a backtrace or a leading "gradfuse: " (the message they go into

@@ -16,7 +16,7 @@ std::string Engine::shutdown_reason(int rank) {
   } catch (const std::exception&) {
     // The store left with its host: the shutdown is all there is to say.
   }
-  return "gradfuse: shutdown() was called on rank " + std::to_string(rank);
+  return "gradfuse: shutdown() was called on rank " + std::to_string(config_.global_rank(rank));
 }
 
 void Engine::post_failure(const std::string& why) {
@@ -55,13 +55,16 @@ std::string Engine::explain(const std::exception& e) {
   if (!reason.empty()) return reason;
   const std::string what = message_of(e);
   if (!is_transport_error(e)) {
-    const std::string why = "gradfuse: rank " + std::to_string(config_.rank) + " failed: " + what;
+    const std::string why =
+        "gradfuse: rank " + std::to_string(config_.global_rank(config_.rank)) + " failed: " + what;
     post_failure(why);
     return why;
   }
   if (liveness_) {
-    // A peer that died broke the connection just now; its heartbeat goes stale within the
-    // timeout, and then the monitor names it.
+    // A peer that died broke the connection just now: the monitors watch who stopped beating
+    // and name it within about a second. Otherwise (a timeout, or no beat stopped) the silent
+    // peer's heartbeat goes stale within the timeout, and then the monitor names it.
+    if (is_connection_error(e)) liveness_->report_broken_connection();
     const auto deadline = std::chrono::steady_clock::now() + liveness_->verdict_delay();
     const std::string verdict = liveness_->wait_for_verdict(deadline);
     if (!verdict.empty()) return verdict + " (transport error: " + what + ")";

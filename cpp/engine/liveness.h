@@ -7,9 +7,15 @@
 //    (rank r's process exited) is read within a tick (<= 0.25 s);
 //  - a peer process on this machine that exited (SIGKILL included) is seen in /proc within a
 //    tick, and posted for the ranks on other machines;
+//  - a peer on another machine that died closes its connections: a rank whose transport says
+//    so reports it (report_broken_connection()), every monitor then beats fast (kFastBeat) and
+//    watches the heartbeats for kWatch, and the peers that did not beat once meanwhile are
+//    dead (a live rank's monitor thread beats whatever its Python or engine thread does; one
+//    that left with shutdown() says so on the board and is never named);
 //  - a peer whose heartbeat has not moved for `timeout_s` is silent: stopped (SIGSTOP, a
 //    debugger: its process is suspended), unresponsive (it runs), or, on another machine, dead
-//    or stopped.
+//    or stopped (a stopped process closes no connection).
+// Messages name global ranks (PeerBoard::global_rank).
 #pragma once
 
 #include <chrono>
@@ -38,12 +44,31 @@ class LivenessMonitor {
   // How long after a peer's death the verdict can come: the timeout plus up to two beat
   // intervals (the last beat is seen late, the silence is checked late).
   std::chrono::steady_clock::duration verdict_delay() const;
+  // This rank's transport says a connection to a peer closed: every monitor watches who stops
+  // beating (any thread; the board's errors are swallowed: a lost store is the loop's news).
+  void report_broken_connection();
 
  private:
+  using Clock = std::chrono::steady_clock;
+
   void loop();
   // One look at the board and at the peers' processes; a verdict, or "".
   std::string look();
+  // The board's news, at the cost of one store read (the faults counter): a fault a peer
+  // posted (returned), or a closed connection (starts a watch).
+  std::string news(Clock::time_point now);
+  std::string exited_peer();
+  // Beats when due (fast while a watch runs); true when it did.
+  bool beat_if_due(Clock::time_point now);
+  std::string silence(Clock::time_point now);
   std::string silence_verdict(const std::vector<int>& silent);
+  // Starts a watch when some rank reported a closed connection since the last news.
+  void notice_broken_connections(Clock::time_point now);
+  // At the end of a watch: the peers that did not beat during it, named dead; or "".
+  std::string watch_verdict(Clock::time_point now);
+  bool watching(Clock::time_point now) const { return now < watch_until_; }
+  // "" when this machine cannot see rank r's process.
+  std::string process_state(int r) const;
   void declare(const std::string& verdict);
 
   std::shared_ptr<PeerBoard> board_;
@@ -58,10 +83,14 @@ class LivenessMonitor {
   std::vector<std::optional<ProcessId>> processes_;
   int64_t faults_seen_ = 0;
   std::chrono::steady_clock::time_point next_beat_;
+  int64_t broken_seen_ = 0;
+  Clock::time_point watch_until_;        // a watch runs until then
+  std::vector<int64_t> watch_start_;     // the heartbeats when it began
 
   std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;
+  bool wake_ = false;  // report_broken_connection(): look now
   std::string verdict_;
   std::thread thread_;
 };

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -27,12 +28,18 @@ std::vector<std::string> stat_fields(int64_t pid) {
   return fields;
 }
 
+bool test_remote_peers() {
+  const char* raw = std::getenv("GRADFUSE_TEST_REMOTE_PEERS");
+  return raw != nullptr && std::string(raw) == "1";
+}
+
 std::string machine_id() {
   char ns[128] = {0};
   const ssize_t n = readlink("/proc/self/ns/pid", ns, sizeof(ns) - 1);
   const std::string boot = read_line("/proc/sys/kernel/random/boot_id");
   if (boot.empty() || n <= 0) return "";  // no /proc: never compared equal (see below)
-  return boot + "/" + std::string(ns, static_cast<size_t>(n));
+  const std::string id = boot + "/" + std::string(ns, static_cast<size_t>(n));
+  return test_remote_peers() ? id + "/test-remote/" + std::to_string(getpid()) : id;
 }
 }  // namespace
 
@@ -62,8 +69,11 @@ std::string ProcessId::state_seen_from(const ProcessId& observer) const {
 }
 
 PeerBoard::PeerBoard(const std::string& host, int port, std::string prefix, int rank, int size,
-                     double timeout_s)
-    : prefix_(std::move(prefix)), rank_(rank), size_(size) {
+                     double timeout_s, std::vector<int> global_ranks)
+    : prefix_(std::move(prefix)),
+      rank_(rank),
+      size_(size),
+      global_ranks_(std::move(global_ranks)) {
   c10d::TCPStoreOptions opts;
   opts.port = static_cast<uint16_t>(port);
   opts.isServer = false;
@@ -126,5 +136,16 @@ bool PeerBoard::all_started() {
   for (int r = 0; r < size_; ++r) keys.push_back(key("started/", r));
   return store_->check(keys);
 }
+
+void PeerBoard::publish_broken_connection() {
+  store_->add(prefix_ + "broken", 1);
+  store_->add(prefix_ + "faults", 1);
+}
+
+int64_t PeerBoard::broken_connections() { return store_->add(prefix_ + "broken", 0); }
+
+void PeerBoard::mark_left() { store().set(key("left/", rank_), "1"); }
+
+bool PeerBoard::has_left(int r) { return store_->check({key("left/", r)}); }
 
 }  // namespace gradfuse::engine

@@ -7,8 +7,17 @@
 //   fault/<r>     the first account of what happened to rank r: its own ("gradfuse: rank r
 //                 failed: ...") or an observer's ("... exited", "... did not answer ...");
 //                 later accounts do not replace it
-//   faults        a counter bumped after each fault/<r>, so readers poll one key
+//   faults        a counter bumped after each fault/<r> and each broken report, so readers
+//                 poll one key
 //   started/<r>   rank r's engine started (the start handshake of Engine's constructor)
+//   broken        a counter bumped by a rank whose transport reported a closed connection: the
+//                 monitors then beat fast and watch who stopped beating (engine/liveness.h)
+//   left/<r>      rank r's monitor stopped on purpose (shutdown()): its silence is no death
+// Ranks are the engine's (a process set's ranks count from 0); messages name global ranks
+// (global_rank()).
+//
+// Test only: GRADFUSE_TEST_REMOTE_PEERS=1 gives every process a machine of its own, so that no
+// peer can look at another in /proc and one host plays a job spread over machines.
 // The TCPStore client is thread-safe: the monitor's thread and the engine's share one board.
 #pragma once
 
@@ -35,11 +44,14 @@ struct ProcessId {
 
 class PeerBoard {
  public:
+  // `global_ranks[r]`: rank r's global rank (empty: the identity).
   PeerBoard(const std::string& host, int port, std::string prefix, int rank, int size,
-            double timeout_s);
+            double timeout_s, std::vector<int> global_ranks = {});
 
   int rank() const { return rank_; }
   int size() const { return size_; }
+  // How messages name rank r: as the user knows it.
+  int global_rank(int r) const { return global_ranks_.empty() ? r : global_ranks_[r]; }
 
   void beat();
   // Every rank's heartbeat count (0 before its first beat).
@@ -59,6 +71,12 @@ class PeerBoard {
   void mark_started();
   bool all_started();
 
+  void publish_broken_connection();
+  int64_t broken_connections();
+
+  void mark_left();
+  bool has_left(int r);
+
  private:
   std::string key(const std::string& what, int r) const;
   // The Store interface, whose string overloads TCPStore hides.
@@ -68,6 +86,7 @@ class PeerBoard {
   const std::string prefix_;
   const int rank_;
   const int size_;
+  const std::vector<int> global_ranks_;
 };
 
 }  // namespace gradfuse::engine

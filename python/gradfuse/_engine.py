@@ -119,9 +119,6 @@ def init(**options) -> None:
             # ends up here.
             _destroy(groups)
             raise
-        store = _tcp_store()
-        if store is not None:
-            _fault_report.install(store, _board_prefix(groups), rank)
         _state = _State(rank, size, nodes, groups)
         _state.cfg, _state.cuda = cfg, cuda  # what process sets' engines are started with
         _process_sets._on_init(size)
@@ -140,7 +137,8 @@ def _destroy(groups):
 
 def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
     """Starts the engine of a process set (0: the global set) on its groups; rank and size are
-    this rank's within the set."""
+    this rank's within the set. An uncaught exception on this rank is then posted on its
+    peer board too (_fault_report)."""
     store_host, store_port = _tcp_store_address()
     _C().engine_start(
         rank=rank,
@@ -167,6 +165,10 @@ def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
         process_set_id=process_set_id,
         global_ranks=list(global_ranks),
     )
+    store = _tcp_store()
+    if store is not None and size > 1:
+        global_rank = global_ranks[rank] if global_ranks else rank
+        _fault_report.install(store, _board_prefix(groups), rank, global_rank)
 
 
 def _board_prefix(groups):

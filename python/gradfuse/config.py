@@ -108,7 +108,9 @@ _OPTIONS = {
 # GRADFUSE_* variables that belong to the build and test scripts or to the CPU kernels
 # (GRADFUSE_CPU_SIMD, read by cpp/ops/cpu/dispatch.cpp), not to the engine. The GRADFUSE_TEST_*
 # ones here choose the device and rank count of the multi-process tests (tests/multiproc.py), and
-# GRADFUSE_TEST_FAULT makes one rank's engine fail (cpp/engine/fault_injection.h);
+# GRADFUSE_TEST_FAULT makes one rank's engine fail (cpp/engine/fault_injection.h),
+# GRADFUSE_TEST_REMOTE_PEERS=1 puts each process on a machine of its own for the liveness
+# monitor (cpp/engine/peer_board.h: no peer is seen in /proc);
 # GRADFUSE_GPU_CHECK_SKIP_BUILD belongs to scripts/gpu_check.sh.
 _NOT_ENGINE = {
     "GRADFUSE_CPU_SIMD",
@@ -120,6 +122,7 @@ _NOT_ENGINE = {
     "GRADFUSE_TEST_DEVICE",
     "GRADFUSE_TEST_RANKS",
     "GRADFUSE_TEST_FAULT",
+    "GRADFUSE_TEST_REMOTE_PEERS",
     "GRADFUSE_GPU_CHECK_SKIP_BUILD",
 }
 

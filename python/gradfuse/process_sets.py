@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import torch.distributed as dist
 
-from . import _engine
+from . import _engine, _fault_report
 
 
 class ProcessSet:
@@ -292,7 +292,10 @@ def remove_process_set(process_set) -> bool:
     from . import _C
 
     _C.engine_stop_process_set(ps_id)
-    for group in _groups.pop(ps_id).values():
+    groups = _groups.pop(ps_id)
+    if groups:  # a member: its engine's board hears no more of this rank
+        _fault_report.forget(_engine._board_prefix(groups))
+    for group in groups.values():
         dist.destroy_process_group(group)
     _registered.pop(ps_id)._invalidate()
     del _auto_names[ps_id]
