@@ -483,8 +483,9 @@ def assert_same_as_cpu(grad, residual_before, ratio, sampled, seed, values, indi
     """The CPU twin, on the same input and seed, selects the very same elements."""
     r_cpu = residual_before.cpu().clone()
     v_cpu, i_cpu = compress(grad.cpu(), r_cpu, ratio, sampled=sampled, seed=seed)
-    assert torch.equal(indices.cpu(), i_cpu) and torch.equal(values.cpu(), v_cpu)
-    assert torch.equal(residual.cpu(), r_cpu)
+    assert torch.equal(indices.cpu(), i_cpu)
+    assert_bits_equal(values, v_cpu)  # bits: NaN is sent too
+    assert_bits_equal(residual, r_cpu)
 
 
 @pytest.mark.parametrize("numel", [1, 2, 7, 9, 33, 2047, 2049, 4097, 100003, 1_000_003])
@@ -611,6 +612,25 @@ def test_topk_exact_and_decompress_never_sync(gen):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def test_topk_many_small_tensors_match_cpu(gen):
+    # Random small sizes, and sizes around the 2048-element tiles.
+    sizes = torch.randint(1, 5000, (60,), generator=gen).tolist() + [2047, 2048, 2049, 4095]
+    for numel in sizes:
+        ratio = float(torch.empty(()).uniform_(0.0005, 0.3, generator=gen))
+        for sampled in (False, True):
+            grad = randn(gen, numel)
+            residual = randn(gen, numel, scale=0.5)
+            before = residual.clone()
+            values, indices = compress(grad, residual, ratio, sampled=sampled, seed=numel)
+            acc = check_error_feedback(grad, before, residual, values, indices)
+            k = expected_k(numel, ratio)
+            if sampled:
+                assert_sampled_set(acc, indices, k)
+            else:
+                assert torch.equal(indices.cpu(), topk_reference(acc, k)), (numel, ratio)
+            assert_same_as_cpu(grad, before, ratio, sampled, numel, values, indices, residual)
 
 
 def test_topk_nan_and_inf_always_selected(gen):

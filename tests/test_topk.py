@@ -356,3 +356,22 @@ def test_decompress_nan_inf_and_unsorted_indices(gen):
     for value, index in zip(v.tolist(), i.tolist()):
         ref[index] = (ref[index] + torch.tensor(value)).item()
     assert_bits_equal(ops.topk_decompress(v, i, 50), ref)
+
+
+def test_many_small_tensors_and_chunk_edges(gen):
+    # Random small sizes, and sizes around the CPU's 2**18-element chunks.
+    sizes = torch.randint(1, 5000, (60,), generator=gen).tolist() + [2**18 - 1, 2**18 + 1]
+    for numel in sizes:
+        ratio = float(torch.empty(()).uniform_(0.0005, 0.3, generator=gen))
+        for sampled in (False, True):
+            grad = randn(gen, numel)
+            residual = randn(gen, numel, scale=0.5)
+            before = residual.clone()
+            values, indices = ops.topk_compress(grad, residual, ratio, sampled=sampled)
+            acc = check_error_feedback(grad, before, residual, values, indices)
+            k = expected_k(numel, ratio)
+            if sampled:
+                assert k <= indices.numel() <= 2 * k
+                assert_sampled_set(acc, indices, k)
+            else:
+                assert torch.equal(indices, topk_reference(acc, k)), (numel, ratio)

@@ -15,7 +15,7 @@ import torch
 
 from .. import ops
 from .shapes import resnet50_shapes
-from .timing import copy_bandwidth, median_seconds
+from .timing import copy_bandwidth, median_seconds, paired_median_seconds
 
 
 @dataclass
@@ -125,8 +125,9 @@ def _time_sparse_topk(numel, density, dev, reps, gen):
 
 
 def _time_decompress(numel, density, dev, reps, gen, ranks=4):
-    """(index_add_, topk_decompress) seconds for `ranks` ranks' picks gathered rank by rank;
-    the ranks pick from the same 2k positions, so indices repeat across ranks."""
+    """(index_add_, topk_decompress) seconds for `ranks` ranks' picks gathered rank by rank,
+    and the median ratio of back-to-back pairs; the ranks pick from the same 2k positions, so
+    indices repeat across ranks."""
     k = max(1, math.ceil(density * numel))
     pool = torch.randperm(numel, generator=gen, device=dev)[: 2 * k]
     picks = [
@@ -135,11 +136,15 @@ def _time_decompress(numel, density, dev, reps, gen, ranks=4):
     ]
     indices = torch.cat(picks)
     values = torch.randn(indices.numel(), generator=gen, device=dev)
-    t_add = median_seconds(
-        lambda: torch.zeros(numel, device=dev).index_add_(0, indices, values), dev, reps
+    (t_add, t_ours), ratio = paired_median_seconds(
+        [
+            lambda: torch.zeros(numel, device=dev).index_add_(0, indices, values),
+            lambda: ops.topk_decompress(values, indices, numel),
+        ],
+        dev,
+        2 * reps + 1,
     )
-    t_ours = median_seconds(lambda: ops.topk_decompress(values, indices, numel), dev, reps)
-    return t_add, t_ours
+    return t_add, t_ours, ratio
 
 
 def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[list[Row], float]:
@@ -197,12 +202,12 @@ def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[li
     )
 
     # Decompress writes the dense gradient (4 bytes per element) plus the picks.
-    t_add, t_ours = _time_decompress(numel, density, dev, reps, gen)
+    t_add, t_ours, ratio = _time_decompress(numel, density, dev, reps, gen)
     label = f"decompress 4 ranks' top-k {density:g}"
     add(label, "torch zeros + index_add_", t_add, None, 4 * numel)
     add(
         label,
-        f"gradfuse topk_decompress ({t_ours / t_add:.2f}x index_add_)",
+        f"gradfuse topk_decompress ({ratio:.2f}x index_add_ time)",
         t_ours,
         t_add,
         4 * numel,
