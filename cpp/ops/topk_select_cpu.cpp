@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <limits>
+#include <optional>
 
 #include "cuda/topk_select.h"
 #include "dtypes.h"
@@ -72,18 +73,6 @@ Candidates accumulate_and_collect(float* residual, const void* grad, cpu::DType 
   return out;
 }
 
-int64_t count_above(const float* residual, int64_t n, uint32_t t) {
-  std::vector<int64_t> counts(chunks_of(n));
-  for_chunks(n, [&](int64_t c, int64_t begin, int64_t end) {
-    int64_t above = 0;
-    for (int64_t i = begin; i < end; ++i) above += magnitude_key(residual[i]) > t ? 1 : 0;
-    counts[c] = above;
-  });
-  int64_t total = 0;
-  for (const int64_t c : counts) total += c;
-  return total;
-}
-
 // The radix passes that finish `select` over `src`.
 void radix_select(const Source& src, RadixSelect& select) {
   using Histogram = std::array<int64_t, kRadixBins>;
@@ -104,11 +93,16 @@ void radix_select(const Source& src, RadixSelect& select) {
   }
 }
 
-// Writes, in ascending index order, every element of `src` with key > t and the first `need`
-// with key == t: element j goes to (keys > t before j) + min(keys == t before j, need).
-void emit(const Source& src, uint32_t t, int64_t need, int64_t* out) {
+// Per chunk of `src`, in chunk order: how many keys lie above / at `t` before the chunk
+// (exclusive prefix sums; the last entry is the total).
+struct ChunkCounts {
+  uint32_t t;
+  std::vector<int64_t> above, equal;
+};
+
+ChunkCounts count_chunks(const Source& src, uint32_t t) {
   const int64_t num_chunks = chunks_of(src.len);
-  std::vector<int64_t> above(num_chunks + 1), equal(num_chunks + 1);
+  ChunkCounts counts{t, std::vector<int64_t>(num_chunks + 1), std::vector<int64_t>(num_chunks + 1)};
   for_chunks(src.len, [&](int64_t c, int64_t begin, int64_t end) {
     int64_t a = 0, e = 0;
     for (int64_t j = begin; j < end; ++j) {
@@ -116,15 +110,23 @@ void emit(const Source& src, uint32_t t, int64_t need, int64_t* out) {
       a += key > t ? 1 : 0;
       e += key == t ? 1 : 0;
     }
-    above[c + 1] = a;
-    equal[c + 1] = e;
+    counts.above[c + 1] = a;
+    counts.equal[c + 1] = e;
   });
   for (int64_t c = 0; c < num_chunks; ++c) {
-    above[c + 1] += above[c];
-    equal[c + 1] += equal[c];
+    counts.above[c + 1] += counts.above[c];
+    counts.equal[c + 1] += counts.equal[c];
   }
+  return counts;
+}
+
+// Writes, in ascending index order, every element of `src` with key > counts.t and the first
+// `need` with key == counts.t: element j goes to (keys above before j) + min(keys at t before j,
+// need).
+void emit(const Source& src, const ChunkCounts& counts, int64_t need, int64_t* out) {
+  const uint32_t t = counts.t;
   for_chunks(src.len, [&](int64_t c, int64_t begin, int64_t end) {
-    int64_t a = above[c], e = equal[c];
+    int64_t a = counts.above[c], e = counts.equal[c];
     for (int64_t j = begin; j < end; ++j) {
       const uint32_t key = src.key(j);
       if (key > t) {
@@ -146,16 +148,22 @@ std::vector<int64_t> accumulate_and_select_topk(float* residual, const void* gra
   const int64_t capacity = SampledThreshold::candidate_capacity(n, k, req.expected);
   Candidates cand = accumulate_and_collect(residual, grad, grad_dtype, req, capacity);
   const uint32_t t = magnitude_key(req.threshold);
-  const bool fits = cand.at_least >= k && cand.at_least <= capacity;
-  const int64_t above = fits ? 0 : count_above(residual, n, t);  // read only when it does not fit
-  TopkPlan plan = plan_topk(k, above, cand.at_least, t, capacity, req.sampled);
+  const Source all{residual, nullptr, n};
+  // The counts above the threshold over every element are needed only when the candidates do
+  // not settle it; the final pass reuses them when the threshold turns out to be the k-th key.
+  std::optional<ChunkCounts> at_t;
+  if (cand.at_least < k || cand.at_least > capacity) at_t = count_chunks(all, t);
+  TopkPlan plan = plan_topk(k, at_t ? at_t->above.back() : 0, cand.at_least, t, capacity,
+                            req.sampled);
   const Source src = plan.source == TopkSource::kCandidates
                          ? Source{residual, cand.indices.data(), cand.at_least}
-                         : Source{residual, nullptr, n};
+                         : all;
   if (src.candidates != nullptr && plan.count == src.len) return std::move(cand.indices);
   radix_select(src, plan.select);
+  const bool reuse = at_t && src.candidates == nullptr && plan.select.prefix == t;
+  const ChunkCounts counts = reuse ? std::move(*at_t) : count_chunks(src, plan.select.prefix);
   std::vector<int64_t> selected(plan.count);
-  emit(src, plan.select.prefix, plan.select.rank, selected.data());
+  emit(src, counts, plan.select.rank, selected.data());
   return selected;
 }
 
