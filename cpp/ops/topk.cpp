@@ -77,11 +77,17 @@ float sampled_threshold(const float* residual, const void* grad, cpu::DType grad
                         const SamplePlan& plan, int64_t rank) {
   if (rank > plan.size) return 0.0f;
   std::vector<float> sample(plan.size);
+  const auto* grad_f32 = grad_dtype == cpu::DType::kFloat32 ? static_cast<const float*>(grad)
+                                                             : nullptr;
   float one_grad;
   for (int64_t j = 0; j < plan.size; ++j) {
     const int64_t pos = plan.position(j);
-    cpu::convert(static_cast<const char*>(grad) + pos * cpu_dtype_size(grad_dtype), grad_dtype,
-                 &one_grad, cpu::DType::kFloat32, 1, 1.0f, false);
+    if (grad_f32 != nullptr) {  // the common case, without a conversion call per element
+      one_grad = grad_f32[pos];
+    } else {
+      cpu::convert(static_cast<const char*>(grad) + pos * cpu_dtype_size(grad_dtype), grad_dtype,
+                   &one_grad, cpu::DType::kFloat32, 1, 1.0f, false);
+    }
     const float s = std::fabs(residual[pos] + one_grad);
     sample[j] = std::isnan(s) ? INFINITY : s;
   }
