@@ -11,7 +11,8 @@ Parts (each reports passed / failed / skipped with a reason; exit 1 when one fai
   eager execution on the same inputs.
 - ``topk``: sampled topk_compress at density 0.001 on 25.6M values (ResNet-50's size) is at
   least 10x faster than ``torch.topk`` alone, on a dense and on a 0.1%-non-zero gradient; the
-  bytes moved per parameter and the achieved bandwidth are printed.
+  bytes moved per parameter and the achieved bandwidth are printed. Then 3 DistributedOptimizer
+  steps with exact top-k compression run under ``set_sync_debug_mode("error")``.
 - ``huge``: pack_, unpack_, lars_update_ and topk_compress on one tensor of more than 2**31
   elements (64-bit index math). Inputs repeat a short random pattern, so the reference for every
   element comes from the pattern (computed on the CPU in float64) and every element is checked.
@@ -320,7 +321,48 @@ def part_topk(dev, small):
             assert t_topk / t_sampled >= 10, f"sampled top-k below 10x torch.topk: {line}"
     if dev.type != "cuda":
         raise Skip("the 10x target is for a GPU; CPU figures: " + "; ".join(report))
+    report.append(topk_optimizer_without_sync(dev))
     return "; ".join(report)
+
+
+def topk_optimizer_without_sync(dev):
+    """DistributedOptimizer with exact top-k (world size 1): compress in the gradient hook,
+    allgather, decompress, step, under set_sync_debug_mode("error") after a warm-up."""
+    import gradfuse
+
+    gradfuse.init()
+    try:
+        gen = torch.Generator().manual_seed(5)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+        ).to(dev)
+        opt = gradfuse.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            named_parameters=model.named_parameters(),
+            compression=gradfuse.Compression.topk(0.01, sampled=False, min_numel=1024),
+        )
+        x = torch.randn(32, 256, generator=gen).to(dev)
+        y = torch.randn(32, 10, generator=gen).to(dev)
+
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        sync(dev)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        sync(dev)
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), "non-finite"
+        return "3 DistributedOptimizer steps with exact top-k without a sync"
+    finally:
+        gradfuse.shutdown()
 
 
 # ---- huge: tensors above 2**31 elements ---------------------------------------------------------
