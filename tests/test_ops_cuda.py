@@ -8,6 +8,8 @@ tensor of about 25M elements.
 """
 
 import math
+import subprocess
+import sys
 
 import gradfuse
 import pytest
@@ -709,6 +711,25 @@ def test_decompress_deterministic_and_bitwise_cpu(gen, dtype, numel, k, index_dt
     assert_bits_equal(first.double(), ref.double())
     cpu = ops.topk_decompress(flat_v.cpu(), flat_i.cpu(), numel)
     assert_bits_equal(first.double(), cpu.double())
+
+
+def test_decompress_index_out_of_range_is_a_device_assertion(tmp_path):
+    # Checked on the device (no host sync): the kernel's assertion fails, and the error surfaces
+    # at the next synchronization. In a child process: it leaves the CUDA context unusable.
+    script = tmp_path / "bad_index.py"
+    script.write_text(
+        "import torch, gradfuse\n"
+        "v = torch.ones(3, device='cuda')\n"
+        "i = torch.tensor([0, 7, 1], device='cuda')\n"
+        "torch.ops.gradfuse.topk_decompress(v, i, 5)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode != 0
+    assert "topk_decompress: index out of [0, numel)" in out.stderr + out.stdout
+    assert "device-side assert" in out.stderr
 
 
 def test_decompress_empty_and_nan(gen):
