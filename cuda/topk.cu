@@ -408,7 +408,9 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t key = keys[p];
   if (p > 0 && keys[p - 1] == key) return;  // not the first of its run
   T sum = dense[key];                         // the zero the CPU starts from
-  for (int64_t q = p; q < count && keys[q] == key; ++q) sum = add_rounded(sum, values[positions[q]]);
+  for (int64_t q = p; q < count && keys[q] == key; ++q) {
+    sum = add_rounded(sum, values[positions[q]]);
+  }
   dense[key] = sum;
 }
 

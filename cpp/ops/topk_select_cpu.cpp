@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <array>
-#include <limits>
 #include <optional>
 
 #include "cuda/topk_select.h"
@@ -33,7 +32,9 @@ struct Source {
 template <class Body>
 void for_chunks(int64_t len, const Body& body) {
   at::parallel_for(0, chunks_of(len), 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) body(c, c * kChunkElems, std::min(len, (c + 1) * kChunkElems));
+    for (int64_t c = cb; c < ce; ++c) {
+      body(c, c * kChunkElems, std::min(len, (c + 1) * kChunkElems));
+    }
   });
 }
 
