@@ -99,42 +99,44 @@ cudaError_t unpack(const PackSegment* segments, int64_t num_segments, const void
 
 // ---- top-k compression with error feedback (topk.cu) ----------------------------------------
 //
-// The device half of topk_compress (cpp/ops/cuda/topk_cuda.cpp drives it; the CPU path in
-// cpp/ops/topk.cpp has the same steps and the same results):
-//   1. topk_sample         sample[j] = |residual[p_j] + grad[p_j]| at the plan's positions
-//                          (residual not yet updated), NaN stored as +inf.
-//   2. topk_sort_sample    the sample sorted descending; the threshold is one of its entries.
-//   3. topk_select         residual += grad (once) and collect |residual| >= threshold.
-//   4. topk_order          the candidates ascending, or trimmed to the k largest first.
-//   5. topk_gather_and_clear
-// NaN ranks above every number throughout (as in torch.topk): it passes every threshold.
+// The device half of topk_compress (cpp/ops/cuda/topk_cuda.cpp drives it; the CPU twin in
+// cpp/ops/topk_select_cpu.cpp has the same rule and decisions, cuda/topk_select.h):
+//   1. topk_sample   sample[j] = |residual[p_j] + grad[p_j]| at the plan's positions
+//                    (residual not yet updated), NaN stored as +inf.
+//   2. topk_select   residual += grad, and the selected indices in ascending order, with no
+//                    host sync: every data-dependent decision is taken on the device.
+//   3. topk_gather_and_clear
+// NaN ranks above every number throughout (as in torch.topk).
 cudaError_t topk_sample(const float* residual, const void* grad, DType grad_dtype,
                         const SamplePlan& plan, float* sample, cudaStream_t stream);
 
-// Sorts sample_in[0 .. sample_size) descending into sample_out (both device).
-size_t topk_sort_sample_scratch_bytes(int64_t sample_size);
-cudaError_t topk_sort_sample(const float* sample_in, float* sample_out, int64_t sample_size,
-                             void* scratch, size_t scratch_bytes, cudaStream_t stream);
+struct TopkSelectArgs {
+  int64_t numel;
+  int64_t k;
+  int64_t sample_size;
+  int64_t rank;      // of the threshold in the sample sorted descending (past the end: 0)
+  int64_t capacity;  // of the candidate buffer, >= min(numel, 2k)
+  bool sampled;
+};
 
-// When `grad` is not null, residual[i] += grad[i] first. Then writes the positions with
-// |residual[i]| >= *threshold (device scalar; NaN always passes) into candidates[0 ..
-// capacity) in any order, counting all of them in *count (device; the caller zeroes it).
-// Positions beyond `capacity` are counted but not written.
-cudaError_t topk_select(float* residual, const void* grad, DType grad_dtype, int64_t numel,
-                        const float* threshold, int64_t* candidates, int64_t capacity,
-                        unsigned long long* count, cudaStream_t stream);
-
-// Writes `keep` (<= num_candidates) of the candidates to `selected` in ascending order: all of
-// them when keep == num_candidates, else the `keep` largest |residual| (NaN largest; ties by
-// ascending index, as on the CPU). Candidates are indices in [0, numel).
-size_t topk_order_scratch_bytes(int64_t num_candidates, int64_t keep, int64_t numel);
-cudaError_t topk_order(const float* residual, int64_t numel, const int64_t* candidates,
-                       int64_t num_candidates, int64_t keep, int64_t* selected, void* scratch,
-                       size_t scratch_bytes, cudaStream_t stream);
+// `selected` has room for min(numel, 2k) indices (k in exact mode); *count (device) receives
+// how many were written: k in exact mode, k..2k in sampled mode. `sample` is topk_sample's.
+size_t topk_select_scratch_bytes(int64_t numel, int64_t capacity, int64_t sample_size);
+cudaError_t topk_select(float* residual, const void* grad, DType grad_dtype,
+                        const TopkSelectArgs& args, const float* sample, int64_t* selected,
+                        int64_t* count, void* scratch, size_t scratch_bytes, cudaStream_t stream);
 
 // values[j] = residual[idx[j]]; residual[idx[j]] = 0; indices written as int32 when
 // `indices_int32`, else int64.
 cudaError_t topk_gather_and_clear(float* residual, const int64_t* idx, int64_t count, float* values,
                                   void* indices, bool indices_int32, cudaStream_t stream);
+
+// dense[indices[j]] += values[j] (dense: numel zeros of values_dtype, written by the caller),
+// duplicates summed in ascending j, each sum rounded to values_dtype: the CPU's order. An index
+// outside [0, numel) fails a device-side assertion.
+size_t topk_decompress_scratch_bytes(int64_t count, int64_t numel);
+cudaError_t topk_decompress(const void* values, DType values_dtype, const void* indices,
+                            bool indices_int32, int64_t count, int64_t numel, void* dense,
+                            void* scratch, size_t scratch_bytes, cudaStream_t stream);
 
 }  // namespace gradfuse::cuda

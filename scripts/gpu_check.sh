@@ -334,7 +334,7 @@ done
 
 # ---- 4. scripts/gpu_check.py: sync-free hot path, CUDA graphs, > 2**31 elements ---------------
 # One process per part: a CUDA error that poisons the context in one cannot hide the others.
-for part in sync:40 graph:40 huge:90; do
+for part in sync:40 graph:40 topk:60 huge:90; do
   name="${part%%:*}"
   id="check_$name"
   title="4. gpu_check.py $name"

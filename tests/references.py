@@ -94,3 +94,40 @@ def check_error_feedback(grad, residual_before, residual_after, values, indices)
     keep[idx] = False
     assert torch.equal(after[keep], acc[keep])
     return acc
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """The ranking key of top-k as int64: |x|'s float32 bits, every NaN one NaN above +inf."""
+    bits = x.detach().cpu().float().contiguous().view(torch.int32).long() & 0x7FFFFFFF
+    return torch.where(bits > 0x7F800000, torch.full_like(bits, 0x7FC00000), bits)
+
+
+def topk_reference(acc: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.topk(|acc|, k)'s set with ties broken towards the lower index (NaN largest), as
+    ascending int64 indices on the CPU: a stable descending sort of the exact integer keys."""
+    order = torch.sort(magnitude_keys(acc.flatten()), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def decompress_reference(values_per_rank, indices_per_rank, numel, dtype):
+    """What topk_decompress returns for the ranks' picks concatenated rank by rank: the ranks'
+    values added in rank order, each sum rounded to `dtype` (every rank's indices distinct)."""
+    dense = torch.zeros(numel, dtype=dtype)
+    for values, indices in zip(values_per_rank, indices_per_rank):
+        dense[indices.cpu().long()] += values.cpu().to(dtype)
+    return dense
+
+
+def sample_positions(numel: int, k: int, seed: int) -> list[int]:
+    """SamplePlan (cuda/sample_plan.h) in Python: where topk_compress samples."""
+    mask = 2**64 - 1
+    size = min(numel, max(4096, min(int(64.0 * numel / k), 1 << 17)))
+    stratum = numel // size
+    out = []
+    for j in range(size):
+        z = (seed + 0x9E3779B97F4A7C15 * (j + 1)) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append(j * stratum + z % stratum)
+    return out

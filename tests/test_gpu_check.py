@@ -45,6 +45,7 @@ def test_check_script_runs_on_the_cpu(tmp_path):
     # The CUDA-only parts say why they skipped (sync still ran its workload on the CPU).
     assert parts["sync"]["status"] == "skipped" and "CUDA only" in parts["sync"]["detail"]
     assert parts["graph"]["status"] == "skipped" and "GPU" in parts["graph"]["detail"]
+    assert parts["topk"]["status"] == "skipped" and "B/param" in parts["topk"]["detail"]
 
 
 def _corrupt_after(fn, target):

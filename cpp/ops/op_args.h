@@ -26,4 +26,11 @@ void check_lars_args(at::TensorList params, at::TensorList grads, at::TensorList
 int64_t check_topk_args(const at::Tensor& grad, const at::Tensor& residual, double ratio,
                         const std::optional<at::ScalarType>& index_dtype);
 
+// Everything about topk_decompress's arguments except the index range (which the CPU checks
+// while it scatters and the CUDA kernel checks on the device, without a host sync).
+void check_decompress_args(const at::Tensor& values, const at::Tensor& indices, int64_t numel);
+
+// The error for indices outside [0, numel) (reads them: a host sync on a GPU).
+[[noreturn]] void fail_decompress_index_range(const at::Tensor& indices, int64_t numel);
+
 }  // namespace gradfuse::ops

@@ -4,25 +4,30 @@
 //   residual += grad; select; values = residual[selected]; residual[selected] = 0.
 //   k = clamp(ceil(ratio * numel), 1, numel) (0 for an empty tensor). Indices come back in
 //   ascending order.
-//   exact   (sampled=False): exactly k elements, the same set as torch.topk(|residual|, k)
-//                            (ties aside).
-//   sampled (sampled=True):  m elements with k <= m <= 2k, all of them at least as large in
-//                            magnitude as every element left out (DGC: a threshold estimated
-//                            from a random sample; rescanned lower when fewer than k pass,
-//                            trimmed exactly to k when more than 2k pass).
-// Both modes find candidates with a threshold estimated from a random sample, so the expensive
-// part is one streaming pass fused with the residual update; exact mode then selects among the
-// few candidates.
-#include <ATen/Parallel.h>
+//   exact   (sampled=False): exactly k elements: torch.topk(|residual|, k)'s set with ties
+//                            broken towards the lower index (NaN above every number).
+//   sampled (sampled=True):  DGC: every element at or above a threshold estimated from a random
+//                            sample when that is between k and 2k elements, else the exact set.
+// The sample only sets the threshold of the one streaming pass (fused with the residual update)
+// that collects the candidates; the exact set is then found among them, or over every element
+// when the sample misjudged the data (sparse gradients: the threshold is 0) -- O(numel) time and
+// O(k) extra memory either way (topk_select_cpu.cpp, cuda/topk_select.h).
+//
+// topk_decompress(values, indices, numel): dense[indices[j]] += values[j], summed in the order
+// of j on every device (deterministic: duplicate indices from several ranks add up to the same
+// bits on every rank).
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <random>
+#include <cstdlib>
+#include <functional>
 
 #include "checks.h"
 #include "dtypes.h"
 #include "op_args.h"
+#include "topk_select_cpu.h"
 #include "topk_threshold.h"
 
 namespace gradfuse::ops {
@@ -65,74 +70,40 @@ int64_t check_topk_args(const at::Tensor& grad, const at::Tensor& residual, doub
 
 namespace {
 
-constexpr int64_t kChunkElems = 1 << 18;
-
-// |x| at positions chosen by the sample plan, read as residual + grad (the residual is updated
-// only in the streaming pass that follows).
-std::vector<float> take_sample(const float* residual, const void* grad, cpu::DType grad_dtype,
-                               const SamplePlan& plan) {
+// |residual + grad| at the plan's positions (the residual is updated only in the streaming pass
+// that follows), and the entry of rank `rank` among them, largest first (NaN as +inf), or 0 past
+// the end.
+float sampled_threshold(const float* residual, const void* grad, cpu::DType grad_dtype,
+                        const SamplePlan& plan, int64_t rank) {
+  if (rank > plan.size) return 0.0f;
   std::vector<float> sample(plan.size);
+  const auto* grad_f32 = grad_dtype == cpu::DType::kFloat32 ? static_cast<const float*>(grad)
+                                                             : nullptr;
   float one_grad;
   for (int64_t j = 0; j < plan.size; ++j) {
     const int64_t pos = plan.position(j);
-    cpu::convert(static_cast<const char*>(grad) + pos * cpu_dtype_size(grad_dtype), grad_dtype,
-                 &one_grad, cpu::DType::kFloat32, 1, 1.0f, false);
-    sample[j] = std::fabs(residual[pos] + one_grad);
-  }
-  return sample;
-}
-
-// One parallel pass over all chunks: (residual += grad when `grad` is set) and collect the
-// positions with |residual| >= threshold, in ascending order.
-std::vector<int64_t> scan(float* residual, const void* grad, cpu::DType grad_dtype, int64_t n,
-                          float threshold, int64_t expected) {
-  const int64_t num_chunks = (n + kChunkElems - 1) / kChunkElems;
-  std::vector<std::vector<int64_t>> found(num_chunks);
-  const int64_t per_chunk_guess = expected / num_chunks * 2 + 64;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t begin = c * kChunkElems;
-      const int64_t len = std::min(kChunkElems, n - begin);
-      auto& out = found[c];
-      out.resize(per_chunk_guess);
-      int64_t count =
-          grad != nullptr
-              ? cpu::accumulate_and_select(
-                    residual + begin, static_cast<const char*>(grad) + begin * cpu_dtype_size(grad_dtype),
-                    grad_dtype, len, threshold, begin, out.data(), per_chunk_guess)
-              : cpu::select_at_least(residual + begin, len, threshold, begin, out.data(),
-                                     per_chunk_guess);
-      if (count > per_chunk_guess) {  // buffer too small: the residual is updated, select again
-        out.resize(count);
-        count = cpu::select_at_least(residual + begin, len, threshold, begin, out.data(), count);
-      }
-      out.resize(count);
+    if (grad_f32 != nullptr) {  // the common case, without a conversion call per element
+      one_grad = grad_f32[pos];
+    } else {
+      cpu::convert(static_cast<const char*>(grad) + pos * cpu_dtype_size(grad_dtype), grad_dtype,
+                   &one_grad, cpu::DType::kFloat32, 1, 1.0f, false);
     }
-  });
-  std::vector<int64_t> all;
-  size_t total = 0;
-  for (const auto& f : found) total += f.size();
-  all.reserve(total);
-  for (const auto& f : found) all.insert(all.end(), f.begin(), f.end());
-  return all;
+    const float s = std::fabs(residual[pos] + one_grad);
+    sample[j] = std::isnan(s) ? INFINITY : s;
+  }
+  std::nth_element(sample.begin(), sample.begin() + (rank - 1), sample.end(),
+                   std::greater<float>());
+  return sample[rank - 1];
 }
 
-// Keeps the k largest |residual| among `candidates` (ties: lower index first), ascending.
-void trim_to_k(const float* residual, std::vector<int64_t>& candidates, int64_t k) {
-  // NaN ranks above every number, as in torch.topk.
-  auto magnitude = [residual](int64_t i) {
-    const float f = std::fabs(residual[i]);
-    return std::isnan(f) ? INFINITY : f;
-  };
-  auto larger = [&](int64_t a, int64_t b) {
-    const float fa = magnitude(a), fb = magnitude(b);
-    const bool na = std::isnan(residual[a]), nb = std::isnan(residual[b]);
-    if (na != nb) return na;
-    return fa > fb || (fa == fb && a < b);
-  };
-  std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(), larger);
-  candidates.resize(k);
-  std::sort(candidates.begin(), candidates.end());
+template <class I>
+void gather_and_clear(float* residual, const std::vector<int64_t>& selected, float* values,
+                      I* indices) {
+  for (size_t j = 0; j < selected.size(); ++j) {
+    values[j] = residual[selected[j]];
+    residual[selected[j]] = 0.0f;
+    indices[j] = static_cast<I>(selected[j]);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(const at::Tensor& grad, at::Tensor& residual,
@@ -149,39 +120,55 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(const at::Tensor& grad, at:
   std::vector<int64_t> selected;
   if (n > 0) {
     const SamplePlan plan = SamplePlan::make(n, k, seed);
-    std::vector<float> sample = take_sample(r, g, grad_dtype, plan);
-    ThresholdLadder ladder(std::move(sample), plan, k);
-    selected = scan(r, g, grad_dtype, n, ladder.threshold(), ladder.expected_count());
-    // Too few passed: lower the threshold (down to 0, where every element passes) and rescan.
-    while (static_cast<int64_t>(selected.size()) < k) {
-      ladder.lower();
-      selected = scan(r, nullptr, grad_dtype, n, ladder.threshold(), ladder.expected_count());
-    }
-    const int64_t limit = sampled ? 2 * k : k;
-    if (static_cast<int64_t>(selected.size()) > limit) trim_to_k(r, selected, k);
+    const int64_t rank = SampledThreshold::rank(plan.size, n, k);
+    const TopkRequest req{n, k, sampled_threshold(r, g, grad_dtype, plan, rank),
+                          SampledThreshold::expected_count(rank, plan.size, n), sampled};
+    selected = accumulate_and_select_topk(r, g, grad_dtype, req);
   }
 
   const auto m = static_cast<int64_t>(selected.size());
   at::Tensor values = at::empty({m}, residual.options());
   at::Tensor indices = at::empty({m}, residual.options().dtype(idx_type));
-  float* v = values.data_ptr<float>();
-  for (int64_t j = 0; j < m; ++j) {
-    v[j] = r[selected[j]];
-    r[selected[j]] = 0.0f;
-  }
   if (idx_type == at::kLong) {
-    std::copy(selected.begin(), selected.end(), indices.data_ptr<int64_t>());
+    gather_and_clear(r, selected, values.data_ptr<float>(), indices.data_ptr<int64_t>());
   } else {
-    std::transform(selected.begin(), selected.end(), indices.data_ptr<int32_t>(),
-                   [](int64_t i) { return static_cast<int32_t>(i); });
+    gather_and_clear(r, selected, values.data_ptr<float>(), indices.data_ptr<int32_t>());
   }
   return {values, indices};
 }
 
-// dense = zeros(numel); dense[indices[j]] += values[j]. Composite (ATen ops), so one
-// implementation serves every device; indices are bounds-checked first so a bad index is a
-// clear error rather than a device-side assert.
-at::Tensor topk_decompress(const at::Tensor& values, const at::Tensor& indices, int64_t numel) {
+// dense = zeros(numel); dense[indices[j]] += values[j] for j = 0, 1, ... in that order, each sum
+// rounded to the values' dtype: the order DistributedOptimizer gathers (rank by rank), so every
+// rank sums duplicate indices identically. The CUDA kernel sums in the same order.
+template <class T, class I>
+void scatter_add_in_order(const T* values, const I* indices, int64_t count, int64_t numel,
+                          T* dense, const at::Tensor& index_tensor) {
+  for (int64_t j = 0; j < count; ++j) {
+    const auto i = static_cast<int64_t>(indices[j]);
+    if (i < 0 || i >= numel) fail_decompress_index_range(index_tensor, numel);
+    dense[i] = static_cast<T>(dense[i] + values[j]);
+  }
+}
+
+at::Tensor topk_decompress_cpu(const at::Tensor& values, const at::Tensor& indices, int64_t numel) {
+  check_decompress_args(values, indices, numel);
+  at::Tensor dense = at::zeros({numel}, values.options());
+  const at::Tensor v = values.contiguous(), idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), kDecompress, [&] {
+    if (idx.scalar_type() == at::kLong) {
+      scatter_add_in_order(v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), v.numel(),
+                           numel, dense.data_ptr<scalar_t>(), idx);
+    } else {
+      scatter_add_in_order(v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int32_t>(), v.numel(),
+                           numel, dense.data_ptr<scalar_t>(), idx);
+    }
+  });
+  return dense;
+}
+
+}  // namespace
+
+void check_decompress_args(const at::Tensor& values, const at::Tensor& indices, int64_t numel) {
   check_defined(kDecompress, "values", values);
   check_defined(kDecompress, "indices", indices);
   check_float(kDecompress, "values", values);
@@ -196,21 +183,18 @@ at::Tensor topk_decompress(const at::Tensor& values, const at::Tensor& indices, 
   // Past this the allocation's byte count overflows (torch would say so without naming numel).
   TORCH_CHECK_VALUE(numel <= INT64_MAX / values.element_size(), kDecompress, ": numel ", numel,
                     " is too large for a ", values.scalar_type(), " tensor");
-  if (indices.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(indices);
-    const int64_t min_index = lo.item<int64_t>(), max_index = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(min_index >= 0 && max_index < numel, kDecompress,
-                      ": indices must be in [0, ", numel, "), got values from ", min_index,
-                      " to ", max_index);
-  }
-  return at::zeros({numel}, values.options()).index_add_(0, indices, values);
 }
 
-}  // namespace
+void fail_decompress_index_range(const at::Tensor& indices, int64_t numel) {
+  const auto [lo, hi] = at::aminmax(indices);
+  TORCH_CHECK_VALUE(false, kDecompress, ": indices must be in [0, ", numel, "), got values from ",
+                    lo.item<int64_t>(), " to ", hi.item<int64_t>());
+  std::abort();  // unreachable: TORCH_CHECK_VALUE(false, ...) throws
+}
 
-TORCH_LIBRARY_IMPL(gradfuse, CPU, m) { m.impl("topk_compress", &topk_compress_cpu); }
-TORCH_LIBRARY_IMPL(gradfuse, CompositeExplicitAutograd, m) {
-  m.impl("topk_decompress", &topk_decompress);
+TORCH_LIBRARY_IMPL(gradfuse, CPU, m) {
+  m.impl("topk_compress", &topk_compress_cpu);
+  m.impl("topk_decompress", &topk_decompress_cpu);
 }
 
 }  // namespace gradfuse::ops

@@ -209,11 +209,13 @@ def topk_compress(
     not sent for the next step. Indices are flat positions in ascending order.
 
     - ``sampled=False`` (exact): exactly ``k`` elements, the set ``torch.topk(residual.abs(),
-      k)`` picks (ties aside).
-    - ``sampled=True`` (DGC): between ``k`` and ``2k`` elements, each at least as large in
-      magnitude as any element left out; cheaper on GPUs.
+      k)`` picks, ties going to the lower index. On a GPU it never waits for the device.
+    - ``sampled=True`` (DGC): every element at or above a threshold estimated from a random
+      sample (``seed``) when that is between ``k`` and ``2k`` elements, else the exact set. On a
+      GPU its output length is read back once.
 
-    NaN ranks above every number, as in ``torch.topk``: it is sent rather than kept.
+    Either way O(numel) time and O(k) extra memory, sparse gradients included. NaN ranks above
+    every number, as in ``torch.topk``: it is sent rather than kept.
 
     Example::
 
@@ -237,7 +239,12 @@ def topk_compress(
 
 def topk_decompress(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
     """A dense 1-D tensor of ``numel`` zeros with ``values`` scatter-added at ``indices``
-    (duplicate indices add up, as when the top-k sets of several ranks are gathered)."""
+    (duplicate indices add up, as when the top-k sets of several ranks are gathered).
+
+    Deterministic: duplicates are added in the order given, each sum rounded to the values'
+    dtype, with the same bits on the CPU and the GPU, so ranks that gather the same picks in the
+    same order get the same gradient. An index outside ``[0, numel)`` is a ``ValueError`` on the
+    CPU and a device-side assertion on a GPU (checked without a host sync)."""
     return _ops.topk_decompress(values, indices, _int("topk_decompress", "numel", numel))
 
 

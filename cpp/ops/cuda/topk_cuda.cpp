@@ -1,13 +1,12 @@
-// topk_compress on CUDA: the same validation (check_topk_args) and the same algorithm as the
-// CPU (cpp/ops/topk.cpp), with the same sample positions and thresholds, so both devices select
-// the same elements for the same seed.
+// topk_compress and topk_decompress on CUDA: the same validation as the CPU (op_args.h) and the
+// same selection rule and decisions (cuda/topk_select.h), with the same sample positions, so
+// both devices select the same elements and decompress to the same bits.
 //
-// Host syncs: the number of elements passing the threshold decides the output size, so it is
-// copied to the host once per scan (count.item(), which waits for this stream). A normal call
-// scans once; a second scan happens only when fewer than k passed (threshold lowered, rare by
-// design: the first threshold aims at 1.25 k + 3 sigma) or when more passed than the candidate
-// buffer held (re-collected into an exact-size buffer, no second accumulation).
-// topk_decompress is a composite ATen op (topk.cpp) and needs nothing here.
+// Host syncs: none in exact mode or in topk_decompress -- every data-dependent decision is taken
+// on the device, buffers are sized from host-known bounds, and an out-of-range index fails a
+// device-side assertion. Sampled mode returns between k and 2k elements, so its output size is
+// read back once (count.item()); DistributedOptimizer's allgather of a variable-size tensor
+// needs that size on the host anyway.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -47,65 +46,27 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cuda(const at::Tensor& grad, at
   const void* g = grad.const_data_ptr();
   const cuda::DType grad_dtype = cuda_dtype(grad.scalar_type());
 
-  // 1-2. Sample |residual + grad| (before the residual is updated) and sort it descending.
   const SamplePlan plan = SamplePlan::make(n, k, seed);
+  const int64_t rank = SampledThreshold::rank(plan.size, n, k);
+  const int64_t expected = SampledThreshold::expected_count(rank, plan.size, n);
+  const cuda::TopkSelectArgs args{
+      n, k, plan.size, rank, SampledThreshold::candidate_capacity(n, k, expected), sampled};
+
   const at::Tensor sample = at::empty({plan.size}, f32);
-  const at::Tensor sorted = at::empty({plan.size}, f32);
   check_cuda(cuda::topk_sample(r, g, grad_dtype, plan, sample.data_ptr<float>(), stream), kOp,
              "sampling");
-  {
-    const size_t bytes = cuda::topk_sort_sample_scratch_bytes(plan.size);
-    const at::Tensor scratch = byte_scratch(bytes, residual);
-    check_cuda(cuda::topk_sort_sample(sample.const_data_ptr<float>(), sorted.data_ptr<float>(),
-                                      plan.size, scratch.data_ptr(), bytes, stream),
-               kOp, "sorting the sample");
-  }
-
-  // 3. Scan: the first accumulates grad into the residual; later ones (lower thresholds, or a
-  // bigger buffer) only select. A threshold is a device scalar inside the sorted sample, or 0.
-  const at::Tensor zero = at::zeros({1}, f32);
+  const at::Tensor selected = at::empty({std::min(n, sampled ? 2 * k : k)}, i64);
   const at::Tensor count = at::empty({1}, i64);
-  auto* count_ptr = reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>());
-  int64_t rank = ThresholdLadder::first_rank(plan.size, n, k);
-  bool accumulate = true;
-  at::Tensor candidates;
-  int64_t found = 0;
-  while (true) {
-    const float* threshold = rank <= plan.size ? sorted.const_data_ptr<float>() + (rank - 1)
-                                               : zero.const_data_ptr<float>();
-    const int64_t expected = ThresholdLadder::expected_count(rank, plan.size, n);
-    int64_t capacity = std::min(n, 2 * expected + 1024);
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      candidates = at::empty({capacity}, i64);
-      check_cuda(cudaMemsetAsync(count_ptr, 0, sizeof(unsigned long long), stream), kOp,
-                 "zeroing the candidate count");
-      check_cuda(cuda::topk_select(r, accumulate ? g : nullptr, grad_dtype, n, threshold,
-                                   candidates.data_ptr<int64_t>(), capacity, count_ptr, stream),
-                 kOp, "selecting candidates");
-      accumulate = false;             // the residual now holds residual + grad
-      found = count.item<int64_t>();  // the one device -> host copy of a normal call
-      if (found <= capacity) break;
-      capacity = found;  // every candidate counted: collect them again into a buffer that fits
-    }
-    TORCH_CHECK(found <= capacity, kOp, ": candidate count changed between two scans (", found,
-                " > ", capacity, "); was the residual modified concurrently?");
-    if (found >= k) break;
-    rank = ThresholdLadder::next_rank(rank);  // too few passed: lower the threshold, rescan
-  }
-
-  // 4. Exact mode keeps k, sampled mode up to 2k; either way indices come back ascending.
-  const int64_t limit = sampled ? 2 * k : k;
-  const int64_t m = found > limit ? k : found;
-  const at::Tensor selected = at::empty({m}, i64);
   {
-    const size_t bytes = cuda::topk_order_scratch_bytes(found, m, n);
+    const size_t bytes = cuda::topk_select_scratch_bytes(n, args.capacity, plan.size);
     const at::Tensor scratch = byte_scratch(bytes, residual);
-    check_cuda(cuda::topk_order(r, n, candidates.const_data_ptr<int64_t>(), found, m,
-                                selected.data_ptr<int64_t>(), scratch.data_ptr(), bytes, stream),
-               kOp, "ordering the candidates");
+    check_cuda(cuda::topk_select(r, g, grad_dtype, args, sample.const_data_ptr<float>(),
+                                 selected.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
+                                 scratch.data_ptr(), bytes, stream),
+               kOp, "selecting");
   }
+  const int64_t m = sampled ? count.item<int64_t>() : k;  // sampled mode's one host sync
 
-  // 5. values = residual[selected]; residual[selected] = 0.
   at::Tensor values = at::empty({m}, f32);
   at::Tensor indices = at::empty({m}, residual.options().dtype(idx_type));
   check_cuda(cuda::topk_gather_and_clear(r, selected.const_data_ptr<int64_t>(), m,
@@ -115,8 +76,28 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cuda(const at::Tensor& grad, at
   return {values, indices};
 }
 
+at::Tensor topk_decompress_cuda(const at::Tensor& values, const at::Tensor& indices,
+                                int64_t numel) {
+  check_decompress_args(values, indices, numel);
+  const c10::cuda::CUDAGuard device_guard(values.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor dense = at::zeros({numel}, values.options());
+  const at::Tensor v = values.contiguous(), idx = indices.contiguous();
+  const int64_t count = v.numel();
+  const size_t bytes = cuda::topk_decompress_scratch_bytes(count, numel);
+  const at::Tensor scratch = byte_scratch(bytes, dense);
+  check_cuda(cuda::topk_decompress(v.const_data_ptr(), cuda_dtype(v.scalar_type()),
+                                   idx.const_data_ptr(), idx.scalar_type() == at::kInt, count,
+                                   numel, dense.data_ptr(), scratch.data_ptr(), bytes, stream),
+             "topk_decompress", "scattering");
+  return dense;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradfuse, CUDA, m) { m.impl("topk_compress", &topk_compress_cuda); }
+TORCH_LIBRARY_IMPL(gradfuse, CUDA, m) {
+  m.impl("topk_compress", &topk_compress_cuda);
+  m.impl("topk_decompress", &topk_decompress_cuda);
+}
 
 }  // namespace gradfuse::ops

@@ -31,6 +31,27 @@ def median_seconds(
     return statistics.median(times)
 
 
+def paired_median_seconds(
+    fns: list[Callable[[], object]], device: torch.device, reps: int = 15, warmup: int = 3
+) -> tuple[list[float], float]:
+    """Times `fns` alternately, one call of each per round, so that load on a shared machine
+    hits them alike. Returns each one's median seconds and the median over rounds of
+    time(fns[1]) / time(fns[0]) (the ratio of a pair measured back to back)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    sync(device)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            t.append(time.perf_counter() - start)
+    ratio = statistics.median(b / a for a, b in zip(times[0], times[1]))
+    return [statistics.median(t) for t in times], ratio
+
+
 def slowest_rank_median_seconds(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
     """Multi-rank timing: each rank's median over `iters` barrier-aligned calls of fn(), then the
     maximum over ranks (a collective ends for the job when its slowest rank finishes)."""
