@@ -144,6 +144,56 @@ def check_equivalence_lars():
     equivalence("lars")
 
 
+def check_lars_takes_grad_norms_from_the_engine():
+    """Behind DistributedOptimizer, LARS's gradient norms are written by the engine as it
+    unpacks the reduced gradients (bitwise what sum_squares gives, every rank the same), and the
+    one-pass step they feed equals the two-pass op on the same reduced gradients. Two steps, so
+    the second uses the weight norms the first update took."""
+    x, y = digits()
+    model = make_model(seed=3)
+    opt = hvd.DistributedOptimizer(
+        optimizer_for("lars", model.parameters()), named_parameters=model.named_parameters()
+    )
+    params = list(model.parameters())
+    one_pass = device().type == "cpu"  # the one-pass kernels are CPU-only so far
+    ref = [p.detach().clone() for p in params]
+    ref_bufs = [torch.zeros_like(p) for p in params]
+    use = [p.ndim > 1 for p in params]
+    for step in range(2):
+        rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(step))[
+            : 16 * hvd.size()
+        ]
+        xb, yb = batch_of(x, y, rows.view(hvd.size(), -1)[hvd.rank()])  # differs per rank
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.synchronize()
+        slots = opt._norms._grad_slots
+        if one_pass:
+            got = torch.cat([slots[p] for p in params])
+            assert torch.equal(got, hvd.ops.sum_squares([p.grad for p in params]))
+            every = hvd.allgather(got.view(1, -1))
+            assert all(torch.equal(every[r], got) for r in range(hvd.size()))
+        else:
+            assert not slots
+        grads = [p.grad.clone() for p in params]
+        with opt.skip_synchronize():
+            opt.step()
+        assert not opt._norms._grad_marks  # used once
+        hvd.ops.lars_update_(
+            ref,
+            grads,
+            ref_bufs,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=1e-4,
+            trust_coefficient=0.02,
+            use_lars=use,
+            use_weight_decay=use,
+        )
+        for p, r in zip(params, ref):
+            assert torch.equal(p, r)
+
+
 def check_backward_passes_per_step():
     dist, ref = train("sgd", 20, passes=2), train("sgd", 20, distributed=False, passes=2)
     assert max_rel_diff(dist, ref) < 1e-5

@@ -1,6 +1,7 @@
 #include "engine/collectives.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "engine/alltoall.h"
 #include "engine/reducescatter.h"
@@ -69,6 +70,40 @@ std::optional<at::Tensor> in_place_span(const std::vector<Entry>& entries, doubl
     total += t.numel();
   }
   return first.as_strided({total}, {1}, first.storage_offset());
+}
+
+// Squared norms of reduced tensors (Entry::sq_norm). In the fusion-buffer path they are taken by
+// the unpack kernel as it writes each output (no extra pass): sq_norms_for() gives the run's
+// float64 scratch when an entry of [b, end) asks, scatter_sq_norms() hands each its element.
+std::optional<at::Tensor> sq_norms_for(const std::vector<Entry>& entries, size_t b, size_t end) {
+  for (size_t i = b; i < end; ++i) {
+    if (entries[i].sq_norm.defined()) {
+      return at::empty({static_cast<int64_t>(end - b)}, entries[i].sq_norm.options());
+    }
+  }
+  return std::nullopt;
+}
+
+void scatter_sq_norms(const at::Tensor& norms, const std::vector<Entry>& entries, size_t b,
+                      size_t end) {
+  for (size_t i = b; i < end; ++i) {
+    if (entries[i].sq_norm.defined()) {
+      entries[i].sq_norm.view(-1).copy_(norms.narrow(0, static_cast<int64_t>(i - b), 1));
+    }
+  }
+}
+
+// Outputs reduced in place (one tensor, or a span): no unpack to take the norm in, so a
+// read-only pass over each asking output, with the same kernel as the unpack's norms.
+void write_sq_norms_after(const std::vector<Entry>& entries,
+                          const std::vector<at::Tensor>& outputs) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gradfuse::sum_squares", "")
+                       .typed<at::Tensor(at::TensorList)>();
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (!entries[i].sq_norm.defined()) continue;
+    entries[i].sq_norm.view(-1).copy_(op.call({outputs[i]}));
+  }
 }
 
 PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx, int slot) {
@@ -140,12 +175,18 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
   auto finish = [wait, packed, span_postscale, buffer, outputs, offsets, average, &entries] {
     wait();
     if (span_postscale != 1.0) buffer.mul_(span_postscale);
-    if (!packed) return outputs;
+    if (!packed) {
+      write_sq_norms_after(entries, outputs);
+      return outputs;
+    }
     for_each_scale_run(
         entries, [](const Entry& e) { return e.postscale; },
         [&](size_t b, size_t end, double scale) {
           std::vector<at::Tensor> outs(outputs.begin() + b, outputs.begin() + end);
-          unpack(buffer.narrow(0, offsets[b], buffer.numel() - offsets[b]), outs, scale * average);
+          const auto norms = sq_norms_for(entries, b, end);
+          unpack(buffer.narrow(0, offsets[b], buffer.numel() - offsets[b]), outs, scale * average,
+                 norms);
+          if (norms) scatter_sq_norms(*norms, entries, b, end);
         });
     return outputs;
   };

@@ -127,6 +127,7 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   if (a.output.has_value()) e.output = *a.output;
   e.prescale = a.prescale;
   e.postscale = a.postscale;
+  if (a.sq_norm.has_value()) e.sq_norm = *a.sq_norm;
 #ifdef GRADFUSE_WITH_CUDA
   // Backward may still be writing the tensor on the caller's stream.
   if (device.is_cuda() && carries_data) e.wait_for_producer = order_after_producer(device);

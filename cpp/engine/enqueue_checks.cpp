@@ -66,6 +66,16 @@ std::vector<int64_t> check_enqueue(const EnqueueArgs& a, int size) {
                       out.scalar_type(), ", ", out.device());
     TORCH_CHECK_VALUE(out.is_contiguous(), "gradfuse.", op, ": output must be contiguous");
   }
+  if (a.sq_norm.has_value()) {
+    const at::Tensor& sq = *a.sq_norm;
+    TORCH_CHECK_VALUE(a.op == OpType::kAllreduce && at::isFloatingType(a.tensor.scalar_type()),
+                      "gradfuse.", op, ": sq_norm is for allreduces of floating-point tensors");
+    TORCH_CHECK_VALUE(sq.defined() && sq.numel() == 1 && sq.scalar_type() == at::kDouble &&
+                          sq.is_contiguous() && sq.device() == a.tensor.device(),
+                      "gradfuse.", op, ": sq_norm must be a one-element float64 tensor on ",
+                      a.tensor.device(), ", got ", sq.sizes(), " ", sq.scalar_type(), " on ",
+                      sq.device());
+  }
   if (a.op == OpType::kBroadcast) {
     TORCH_CHECK_VALUE(a.root >= 0 && a.root < size, "gradfuse.broadcast: root_rank ", a.root,
                       " is not a rank (size ", size, ")");

@@ -23,6 +23,9 @@ struct EnqueueArgs {
   double prescale = 1.0;
   double postscale = 1.0;
   std::vector<int64_t> splits;  // alltoall: rows sent to each rank (empty: even split)
+  // Float allreduce only: a one-element float64 tensor on the output's device that receives the
+  // reduced tensor's sum of squares, taken as it is unpacked (LARS's one-pass step).
+  std::optional<at::Tensor> sq_norm;
 };
 
 // Checks `a` for a job of `size` ranks (c10::ValueError naming the bad argument). Returns the

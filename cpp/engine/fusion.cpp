@@ -87,14 +87,16 @@ void pack(const std::vector<at::Tensor>& tensors, const at::Tensor& flat, double
   }
 }
 
-void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& tensors, double scale) {
+void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& tensors, double scale,
+            const std::optional<at::Tensor>& sq_norms) {
   if (tensors.empty()) return;
   if (at::isFloatingType(flat.scalar_type())) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gradfuse::unpack_", "")
                          .typed<void(const at::Tensor&, at::TensorList, double, bool,
+                                     const std::optional<at::Tensor>&,
                                      const std::optional<at::Tensor>&)>();
-    op.call(flat, tensors, scale, false, std::nullopt);
+    op.call(flat, tensors, scale, false, std::nullopt, sq_norms);
     return;
   }
   int64_t offset = 0;

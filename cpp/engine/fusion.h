@@ -30,7 +30,9 @@ at::ScalarType wire_dtype(at::ScalarType dtype);
 // flat[0 : sum numel] = scale * tensors (converted to flat's dtype), and the inverse.
 // Float dtypes use the pack_/unpack_ kernels; integers a plain (scaled in float64) copy.
 void pack(const std::vector<at::Tensor>& tensors, const at::Tensor& flat, double scale);
-void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& tensors, double scale);
+// sq_norms (float tensors only): one float64 per tensor, the sum of squares of what was written.
+void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& tensors, double scale,
+            const std::optional<at::Tensor>& sq_norms = std::nullopt);
 
 // Fusion buffers kept between cycles (allocation and first-touch page faults of a 64 MiB
 // buffer cost more than the copy into it). One buffer per (dtype, device, slot).

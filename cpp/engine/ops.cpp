@@ -15,7 +15,7 @@ namespace {
 int64_t enqueue_op(c10::string_view name, int64_t op, const at::Tensor& tensor,
                    const std::optional<at::Tensor>& output, int64_t root, int64_t reduce_op,
                    double prescale, double postscale, at::IntArrayRef splits,
-                   int64_t process_set_id) {
+                   int64_t process_set_id, const std::optional<at::Tensor>& sq_norm) {
   TORCH_CHECK_VALUE(op >= 0 && op <= static_cast<int64_t>(OpType::kJoin),
                     "gradfuse._enqueue: op must be 0 (allreduce), 1 (allgather), 2 (broadcast), "
                     "3 (reducescatter), 4 (alltoall), 5 (barrier) or 6 (join), got ",
@@ -36,6 +36,7 @@ int64_t enqueue_op(c10::string_view name, int64_t op, const at::Tensor& tensor,
   args.prescale = prescale;
   args.postscale = postscale;
   args.splits = splits.vec();
+  args.sq_norm = sq_norm;
   TORCH_CHECK_VALUE(process_set_id >= 0 && process_set_id <= std::numeric_limits<int>::max(),
                     "gradfuse._enqueue: process_set_id must be >= 0, got ", process_set_id);
   return process_set_engine(static_cast<int>(process_set_id))->enqueue(std::move(args));
@@ -50,10 +51,12 @@ at::Tensor result_op(int64_t handle) { return HandleTable::get().release(handle)
 TORCH_LIBRARY_FRAGMENT(gradfuse, m) {
   // Queues `tensor` for a collective in process set `process_set_id` (0: the global set; ranks,
   // e.g. root, are the set's) and returns a handle at once. `output` (allreduce, broadcast) is
-  // written asynchronously by the engine's thread.
+  // written asynchronously by the engine's thread, as is `sq_norm` (float allreduce: the
+  // result's sum of squares, float64).
   m.def(
       "_enqueue(str name, int op, Tensor tensor, Tensor(a!)? output, int root, int reduce_op, "
-      "float prescale, float postscale, int[] splits=[], int process_set_id=0) -> int",
+      "float prescale, float postscale, int[] splits=[], int process_set_id=0, "
+      "Tensor(b!)? sq_norm=None) -> int",
       &enqueue_op);
   m.def("_engine_result(int handle) -> Tensor", &result_op);
   // alltoall's received splits; call before _engine_result (which forgets the handle).

@@ -24,6 +24,7 @@ struct Entry {
   at::Tensor output;  // allreduce / broadcast destination (may alias tensor); allgather: none
   double prescale = 1.0;
   double postscale = 1.0;
+  at::Tensor sq_norm;  // allreduce, optional: receives the result's sum of squares (float64)
   std::chrono::steady_clock::time_point enqueued = std::chrono::steady_clock::now();  // timeline
   // CUDA only: makes the engine's stream wait until the caller's stream produced `tensor`.
   std::function<void()> wait_for_producer;

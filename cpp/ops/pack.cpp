@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "checks.h"
@@ -43,16 +44,36 @@ std::vector<int64_t> check_pack_args(const char* op, at::TensorList tensors, con
   return offsets;
 }
 
+void check_sq_norms_arg(const char* op, const std::optional<at::Tensor>& sq_norms,
+                       at::TensorList tensors, const at::Tensor& flat) {
+  if (!sq_norms.has_value()) return;
+  const at::Tensor& t = *sq_norms;
+  check_defined(op, "sq_norms", t);
+  check_dtype(op, "sq_norms", t, at::kDouble, "one float64 sum of squares per tensor");
+  check_contiguous(op, "sq_norms", t);
+  check_device(op, "sq_norms", t, flat.device(), "flat");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == static_cast<int64_t>(tensors.size()), op,
+                    ": sq_norms must be 1-D with one element per tensor (", tensors.size(),
+                    "), got sizes ", t.sizes());
+  std::vector<MemoryUse> uses{{"sq_norms", &t, true}, {"flat", &flat, false}};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    uses.push_back({arg_name("tensors", static_cast<int64_t>(i)), &tensors[i], false});
+  }
+  check_no_overlap(op, uses);
+}
+
 namespace {
 
 // Runs convert() over every (tensor, flat segment) pair in parallel chunks; true when any
-// written value was non-finite.
+// written value was non-finite. With `sq_norms`, sq_norms[i] = the sum of squares of what was
+// written to tensors[i] (per-chunk partials, summed in chunk order: deterministic).
 bool convert_all_cpu(at::TensorList tensors, const at::Tensor& flat,
                      const std::vector<int64_t>& offsets, double scale, bool to_flat,
-                     bool accumulate) {
+                     bool accumulate, double* sq_norms = nullptr) {
   std::vector<int64_t> numels;
   for (const auto& t : tensors) numels.push_back(t.numel());
-  const auto chunks = split_into_chunks(numels, 1 << 16);
+  const auto chunks = split_into_chunks(numels, kNormChunkElems);
+  std::vector<double> partials(sq_norms != nullptr ? chunks.size() : 0);
   const cpu::DType flat_dtype = cpu_dtype(flat.scalar_type());
   const int64_t flat_elem = flat.element_size();
   char* flat_base = static_cast<char*>(flat.data_ptr());
@@ -67,10 +88,15 @@ bool convert_all_cpu(at::TensorList tensors, const at::Tensor& flat,
       const cpu::DType t_dtype = cpu_dtype(t.scalar_type());
       const int64_t n = ch.end - ch.begin;
       bad |= to_flat ? cpu::convert(t_ptr, t_dtype, f_ptr, flat_dtype, n, scale, accumulate)
-                     : cpu::convert(f_ptr, flat_dtype, t_ptr, t_dtype, n, scale, accumulate);
+                     : cpu::convert(f_ptr, flat_dtype, t_ptr, t_dtype, n, scale, accumulate,
+                                    sq_norms != nullptr ? &partials[c] : nullptr);
     }
     if (bad) nonfinite.store(true, std::memory_order_relaxed);
   });
+  if (sq_norms != nullptr) {
+    const auto sums = sum_by_tensor(chunks, partials, tensors.size());
+    std::copy(sums.begin(), sums.end(), sq_norms);
+  }
   return nonfinite.load();
 }
 
@@ -82,9 +108,13 @@ void pack_cpu(at::TensorList tensors, const at::Tensor& out, double scale,
 }
 
 void unpack_cpu(const at::Tensor& flat, at::TensorList tensors, double scale, bool accumulate,
-                const std::optional<at::Tensor>& nonfinite) {
+                const std::optional<at::Tensor>& nonfinite,
+                const std::optional<at::Tensor>& sq_norms) {
   const auto offsets = check_pack_args("unpack_", tensors, flat, "flat", nonfinite, scale, false);
-  const bool bad = convert_all_cpu(tensors, flat, offsets, scale, /*to_flat=*/false, accumulate);
+  check_sq_norms_arg("unpack_", sq_norms, tensors, flat);
+  const bool bad =
+      convert_all_cpu(tensors, flat, offsets, scale, /*to_flat=*/false, accumulate,
+                      sq_norms.has_value() ? sq_norms->data_ptr<double>() : nullptr);
   if (bad && nonfinite.has_value()) nonfinite->fill_(1.0);
 }
 

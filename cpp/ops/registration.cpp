@@ -13,15 +13,29 @@ TORCH_LIBRARY(gradfuse, m) {
       "float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, "
       "bool lr_in_momentum, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 
+  // The same step in one pass from given squared norms (float64, one per param): the grads'
+  // (unscaled) and the params'; param_sq_norms is overwritten with the new params' squared norms,
+  // taken while the update writes them (the next step's input).
+  m.def(
+      "lars_update_from_norms_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_bufs, "
+      "Tensor(c!)[] model_copies, bool[] use_lars, bool[] use_weight_decay, "
+      "Tensor grad_sq_norms, Tensor(d!) param_sq_norms, float lr, float momentum, "
+      "float weight_decay, float trust_coefficient, float eps, bool nesterov, "
+      "bool lr_in_momentum, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Each tensor's sum of squares (float64, one element per tensor; deterministic order).
+  m.def("sum_squares(Tensor[] tensors) -> Tensor");
+
   // Many tensors into one contiguous buffer (out[...] = round(scale * t)), converting dtype.
   // nonfinite (a float32 one-element tensor) is set to 1 when any written value is inf/NaN.
   m.def("pack_(Tensor[] tensors, Tensor(a!) out, float scale=1.0, Tensor(b!)? nonfinite=None) -> ()");
 
   // The inverse: t = round(scale * flat[...]), or t = round(t + scale * flat[...]) when
-  // accumulate.
+  // accumulate. sq_norms (float64, one element per tensor), when given, receives the sum of
+  // squares of each tensor's written values, taken in the same pass (deterministic order).
   m.def(
       "unpack_(Tensor flat, Tensor(a!)[] tensors, float scale=1.0, bool accumulate=False, "
-      "Tensor(b!)? nonfinite=None) -> ()");
+      "Tensor(b!)? nonfinite=None, Tensor(c!)? sq_norms=None) -> ()");
 
   // Top-k by magnitude with error feedback: residual += grad; select; residual[selected] = 0.
   m.def(

@@ -53,6 +53,43 @@ def _lars_update_fake(
         )
 
 
+@torch.library.register_fake("gradfuse::lars_update_from_norms_")
+def _lars_update_from_norms_fake(
+    params,
+    grads,
+    momentum_bufs,
+    model_copies,
+    use_lars,
+    use_weight_decay,
+    grad_sq_norms,
+    param_sq_norms,
+    lr,
+    momentum,
+    weight_decay,
+    trust_coefficient,
+    eps,
+    nesterov,
+    lr_in_momentum,
+    grad_scale=None,
+    found_inf=None,
+):
+    _check_one_device(
+        "lars_update_from_norms_",
+        [("grad_sq_norms", grad_sq_norms), ("param_sq_norms", param_sq_norms)]
+        + _named("params", params)
+        + _named("grads", grads)
+        + _named("momentum_bufs", momentum_bufs)
+        + _named("model_copies", model_copies)
+        + [("grad_scale", grad_scale), ("found_inf", found_inf)],
+    )
+
+
+@torch.library.register_fake("gradfuse::sum_squares")
+def _sum_squares_fake(tensors):
+    device = tensors[0].device if tensors else "cpu"
+    return torch.empty((len(tensors),), dtype=torch.float64, device=device)
+
+
 @torch.library.register_fake("gradfuse::pack_")
 def _pack_fake(tensors, out, scale=1.0, nonfinite=None):
     _check_one_device(
@@ -61,9 +98,12 @@ def _pack_fake(tensors, out, scale=1.0, nonfinite=None):
 
 
 @torch.library.register_fake("gradfuse::unpack_")
-def _unpack_fake(flat, tensors, scale=1.0, accumulate=False, nonfinite=None):
+def _unpack_fake(flat, tensors, scale=1.0, accumulate=False, nonfinite=None, sq_norms=None):
     _check_one_device(
-        "unpack_", [("flat", flat)] + _named("tensors", tensors) + [("nonfinite", nonfinite)]
+        "unpack_",
+        [("flat", flat)]
+        + _named("tensors", tensors)
+        + [("nonfinite", nonfinite), ("sq_norms", sq_norms)],
     )
 
 

@@ -184,6 +184,7 @@ def _enqueue(
     postscale=1.0,
     splits=(),
     process_set=global_process_set,
+    sq_norm=None,
 ):
     """Submits one collective to `process_set`'s engine and returns its handle. `name` is the
     user's (None: named automatically, per set); `root` is a global rank; a rank outside the
@@ -211,6 +212,7 @@ def _enqueue(
             postscale,
             list(splits),
             ps.process_set_id,
+            sq_norm,
         )
     except (ValueError, TypeError):  # refused here: the other ranks never saw this name
         _sets._unused_name(name, ps)
@@ -405,6 +407,25 @@ def allreduce_async_(
         prescale=prescale_factor,
         postscale=postscale_factor,
         process_set=process_set,
+    )
+
+
+def _allreduce_inplace_with_sq_norm(tensor, sq_norm, name, op, prescale, postscale, process_set):
+    """allreduce_async_ (op not Adasum) whose engine also writes the result's sum of squares
+    into `sq_norm` (one-element float64), taken while it unpacks the fusion buffer: the
+    gradient norm a LARS step needs, without another pass over the gradient."""
+    _check_tensor(tensor, "allreduce_async_")
+    _check_writable(tensor, "allreduce_async_")
+    return _enqueue(
+        name,
+        _ALLREDUCE,
+        tensor,
+        tensor,
+        op=op,
+        prescale=prescale,
+        postscale=postscale,
+        process_set=process_set,
+        sq_norm=sq_norm,
     )
 
 

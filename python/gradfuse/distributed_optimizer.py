@@ -301,6 +301,13 @@ class _DistributedOptimizer:
             # Horovod's fp16 casts floating point only; already 16-bit needs no cast.
             and (not p.grad.is_floating_point() or p.grad.dtype == compression.wire_dtype)
         ):
+            sq_norm = self._gf_sq_norm_slot(p)
+            if sq_norm is not None:
+                op, prescale, postscale = self._gf_scales()
+                handle = collectives._allreduce_inplace_with_sq_norm(
+                    p.grad, sq_norm, name, op, prescale, postscale, self._gf_process_set
+                )
+                return ("dense_norm", (handle,), None)
             return ("dense", (self._gf_allreduce(p.grad, name),), None)
         if isinstance(compression, CastCompressor):  # the cast fused with the scaling
             op, prescale, postscale = self._gf_scales()
@@ -316,6 +323,22 @@ class _DistributedOptimizer:
                 f"{type(wire).__name__} for {name}"
             )
         return ("compressed", (self._gf_allreduce(wire, name),), ctx)
+
+    def _gf_sq_norm_slot(self, p):
+        """Where the engine writes the reduced gradient's squared norm, for optimizers that
+        take it (gradfuse.optim.LARS: its step is then one pass), else None."""
+        slot_of = getattr(self, "_gf_grad_sq_norm_out", None)
+        if (
+            slot_of is None
+            or not p.grad.is_floating_point()
+            or self._gf_op
+            not in (
+                collectives.Average,
+                collectives.Sum,
+            )
+        ):
+            return None
+        return slot_of(p)
 
     def _gf_allreduce(self, tensor, name):
         """Starts the in-place allreduce of `tensor` with this optimizer's op and scaling."""
@@ -343,7 +366,9 @@ class _DistributedOptimizer:
 
     def _gf_finish(self, p, kind, handles, context):
         results = [collectives.synchronize(h) for h in handles]
-        if kind == "cast":
+        if kind == "dense_norm":
+            self._gf_grad_sq_norm_written(p)
+        elif kind == "cast":
             wire, postscale = context
             self._gf_compression.unpack(wire, p.grad, postscale)
         elif kind == "sparse":

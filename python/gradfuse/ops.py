@@ -128,6 +128,70 @@ def lars_update_(
     )
 
 
+def lars_update_from_norms_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_bufs: Sequence[torch.Tensor],
+    grad_sq_norms: torch.Tensor,
+    param_sq_norms: torch.Tensor,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+    eps: float = 1e-8,
+    nesterov: bool = False,
+    lr_in_momentum: bool = False,
+    use_lars: Sequence[bool] | None = None,
+    use_weight_decay: Sequence[bool] | None = None,
+    model_copies: Sequence[torch.Tensor] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """:func:`lars_update_` in one pass, from squared norms computed elsewhere.
+
+    ``grad_sq_norms[i]`` is ``||grads[i]||^2`` (before ``grad_scale``; e.g. from
+    :func:`unpack_`'s ``sq_norms``) and ``param_sq_norms[i]`` is ``||params[i]||^2``; both are
+    float64, one element per param, on the params' device. Each element is then read and
+    written once (20 bytes per fp32 parameter), and ``param_sq_norms`` is overwritten with the
+    new parameters' squared norms, taken while they are written: the next step's input. With
+    the norms :func:`lars_update_` would compute, the result is bitwise the same (CPU).
+    """
+    op = "lars_update_from_norms_"
+    params = _tensor_list(op, "params", params)
+    n = len(params)
+    _ops.lars_update_from_norms_(
+        params,
+        _tensor_list(op, "grads", grads),
+        _tensor_list(op, "momentum_bufs", momentum_bufs),
+        _tensor_list(op, "model_copies", model_copies or []),
+        _flags(op, "use_lars", use_lars, n),
+        _flags(op, "use_weight_decay", use_weight_decay, n),
+        grad_sq_norms,
+        param_sq_norms,
+        _float(op, "lr", lr),
+        _float(op, "momentum", momentum),
+        _float(op, "weight_decay", weight_decay),
+        _float(op, "trust_coefficient", trust_coefficient),
+        _float(op, "eps", eps),
+        bool(nesterov),
+        bool(lr_in_momentum),
+        grad_scale,
+        found_inf,
+    )
+
+
+def sum_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's sum of squares, as a float64 tensor of one element per tensor (on their
+    device), in one pass over all of them. Partial sums per fixed-size chunk are added in chunk
+    order, so the bits depend only on the values (not on threads), and they equal the norms
+    :func:`unpack_` (``sq_norms``) and :func:`lars_update_from_norms_` take in passing."""
+    tensors = _tensor_list("sum_squares", "tensors", tensors)
+    if not tensors:  # no tensor to dispatch on
+        return torch.empty(0, dtype=torch.float64)
+    return _ops.sum_squares(tensors)
+
+
 def pack_(
     tensors: Sequence[torch.Tensor],
     out: torch.Tensor,
@@ -176,9 +240,13 @@ def unpack_(
     scale: float = 1.0,
     accumulate: bool = False,
     nonfinite: torch.Tensor | None = None,
+    sq_norms: torch.Tensor | None = None,
 ) -> None:
     """The inverse of :func:`pack_`: ``t = round(scale * flat[...])``, or with ``accumulate``
-    ``t = round(t + scale * flat[...])``, converting to each tensor's dtype.
+    ``t = round(t + scale * flat[...])``, converting to each tensor's dtype. ``sq_norms``
+    (float64, one element per tensor), when given, receives each tensor's sum of squares of
+    the written values, taken in the same pass (per-chunk partials summed in a fixed order, so
+    the bits do not depend on threads or timing).
 
     Example::
 
@@ -190,6 +258,7 @@ def unpack_(
         _float("unpack_", "scale", scale),
         bool(accumulate),
         nonfinite,
+        sq_norms,
     )
 
 
@@ -250,8 +319,10 @@ def topk_decompress(values: torch.Tensor, indices: torch.Tensor, numel: int) -> 
 
 __all__ = [
     "lars_update_",
+    "lars_update_from_norms_",
     "pack",
     "pack_",
+    "sum_squares",
     "topk_compress",
     "topk_decompress",
     "unpack_",

@@ -1,7 +1,9 @@
 """Optimizers on the fused kernels.
 
-- :class:`LARS` — layer-wise adaptive rate scaling with momentum, one fused
-  ``lars_update_`` call per (device, dtype) bucket per step; bias and normalization parameters
+- :class:`LARS` — layer-wise adaptive rate scaling with momentum, one fused one-pass
+  ``lars_update_from_norms_`` call per (device, dtype) bucket per step (each parameter's
+  squared norm is kept from the previous step's update, each gradient's comes from
+  DistributedOptimizer's unpack of the reduced gradient, or one read pass without it); bias and normalization parameters
   are excluded from LARS scaling and weight decay by default (the large-batch recipe of
   Goyal et al. and Tencent's "ImageNet in 4 minutes").
 - :class:`LARSWrapper` — LARC-style trust-ratio scaling of the gradients in front of any
@@ -86,6 +88,12 @@ class LARS(torch.optim.Optimizer):
             "lr_in_momentum": lr_in_momentum,
         }
         super().__init__(params, defaults)
+        self._norms = _NormCache()
+
+    def forget_norms(self):
+        """Drop the squared norms kept for the one-pass step (after writing parameters or
+        gradients through ``.data``, which torch's version counters do not see)."""
+        self._norms.clear()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,25 +130,108 @@ class LARS(torch.optim.Optimizer):
         for (device, _, _), (params, grads, bufs, use_lars, use_wd) in buckets.items():
             # Non-contiguous parameters are updated through a contiguous copy.
             flat_params = [p if p.is_contiguous() else p.contiguous() for p in params]
-            ops.lars_update_(
-                flat_params,
-                grads,
-                bufs,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-                trust_coefficient=group["trust_coefficient"],
-                eps=group["eps"],
-                nesterov=group["nesterov"],
-                lr_in_momentum=group["lr_in_momentum"],
-                use_lars=use_lars,
-                use_weight_decay=use_wd,
-                grad_scale=None if grad_scale is None else grad_scale.to(device),
-                found_inf=None if found_inf is None else found_inf.to(device),
-            )
+            hyper = {
+                "lr": group["lr"],
+                "momentum": group["momentum"],
+                "weight_decay": group["weight_decay"],
+                "trust_coefficient": group["trust_coefficient"],
+                "eps": group["eps"],
+                "nesterov": group["nesterov"],
+                "lr_in_momentum": group["lr_in_momentum"],
+                "use_lars": use_lars,
+                "use_weight_decay": use_wd,
+                "grad_scale": None if grad_scale is None else grad_scale.to(device),
+                "found_inf": None if found_inf is None else found_inf.to(device),
+            }
+            if not _has_one_pass_kernels(device):
+                ops.lars_update_(flat_params, grads, bufs, **hyper)
+            else:
+                g_sq = self._norms.grad_sq_norms(params)
+                if g_sq is None:
+                    g_sq = ops.sum_squares(grads)
+                w_sq = self._norms.param_sq_norms(params)
+                if w_sq is None:
+                    w_sq = ops.sum_squares(flat_params)
+                ops.lars_update_from_norms_(flat_params, grads, bufs, g_sq, w_sq, **hyper)
             for p, fp in zip(params, flat_params):
                 if fp is not p:
                     p.copy_(fp)
+            if _has_one_pass_kernels(device):
+                self._norms.keep_param_sq_norms(params, w_sq)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._norms = _NormCache()
+
+    # DistributedOptimizer's side of the one-pass step (gradfuse.distributed_optimizer).
+    def _gf_grad_sq_norm_out(self, p):
+        """The one-element float64 tensor the engine writes p's reduced gradient's sum of
+        squares to, or None where this optimizer's kernels cannot take it (then the step
+        computes the norm itself)."""
+        if not _has_one_pass_kernels(p.device):
+            return None
+        return self._norms.grad_slot(p)
+
+    def _gf_grad_sq_norm_written(self, p):
+        """The engine wrote p's slot for the current p.grad."""
+        self._norms.note_grad(p)
+
+
+def _has_one_pass_kernels(device) -> bool:
+    key = "CPU" if device.type == "cpu" else device.type.upper()
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"gradfuse::{name}", key)
+        for name in ("lars_update_from_norms_", "sum_squares")
+    )
+
+
+class _NormCache:
+    """Squared norms LARS took in passing, each valid only for the exact tensor it was taken
+    of: a gradient's (written by the engine as it unpacked the reduced gradient) until that
+    gradient changes or the step uses it; a parameter's (written by the previous step's
+    update) until the parameter changes. A change is seen through the tensor's version counter
+    (every in-place torch op bumps it) and its storage; writes through ``.data`` bypass the
+    counter, so after such a write call ``LARS.forget_norms()``."""
+
+    def __init__(self):
+        self._grad_slots = {}  # param -> one-element float64 tensor
+        self._grad_marks = {}  # param -> (data_ptr, version) of the grad the slot holds
+        self._param_sq = {}  # tuple of param ids -> ([n] float64, [(data_ptr, version)])
+
+    @staticmethod
+    def _mark(t):
+        return (t.data_ptr(), t._version)
+
+    def grad_slot(self, p):
+        slot = self._grad_slots.get(p)
+        if slot is None or slot.device != p.device:
+            slot = self._grad_slots[p] = torch.zeros(1, dtype=torch.float64, device=p.device)
+        self._grad_marks.pop(p, None)  # being rewritten: not valid until note_grad
+        return slot
+
+    def note_grad(self, p):
+        self._grad_marks[p] = self._mark(p.grad)
+
+    def grad_sq_norms(self, params):
+        """The [n] float64 squared norms of the params' grads, or None unless every one is
+        known; used once (the marks are dropped)."""
+        marks = [self._grad_marks.pop(p, None) for p in params]
+        if any(m is None or m != self._mark(p.grad) for m, p in zip(marks, params)):
+            return None
+        return torch.cat([self._grad_slots[p] for p in params])
+
+    def param_sq_norms(self, params):
+        known = self._param_sq.get(tuple(id(p) for p in params))
+        if known is None or known[1] != [self._mark(p) for p in params]:
+            return None
+        return known[0]
+
+    def keep_param_sq_norms(self, params, w_sq):
+        self._param_sq[tuple(id(p) for p in params)] = (w_sq, [self._mark(p) for p in params])
+
+    def clear(self):
+        self._grad_marks.clear()
+        self._param_sq.clear()
 
 
 class LARSWrapper:

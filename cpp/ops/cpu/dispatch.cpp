@@ -58,13 +58,13 @@ const char* simd_name() { return kernels().name; }
 void set_simd(const std::string& name) { active().store(table_for(name)); }
 
 bool convert(const void* src, DType st, void* dst, DType dt, int64_t n, double scale,
-             bool accumulate) {
-  return kernels().convert(src, st, dst, dt, n, scale, accumulate);
+             bool accumulate, double* dst_sum_squares) {
+  return kernels().convert(src, st, dst, dt, n, scale, accumulate, dst_sum_squares);
 }
 double sum_squares(const void* x, DType t, int64_t n) { return kernels().sum_squares(x, t, n); }
-void lars_update(void* p, DType pt, const void* g, DType gt, void* m, void* copy, DType ct,
-                 int64_t n, const LarsStep& s) {
-  kernels().lars_update(p, pt, g, gt, m, copy, ct, n, s);
+double lars_update(void* p, DType pt, const void* g, DType gt, void* m, void* copy, DType ct,
+                   int64_t n, const LarsStep& s) {
+  return kernels().lars_update(p, pt, g, gt, m, copy, ct, n, s);
 }
 int64_t accumulate_and_select(float* r, const void* g, DType gt, int64_t n, float thr,
                               int64_t base, int64_t* out, int64_t cap) {

@@ -8,9 +8,9 @@ namespace gradfuse::cpu {
 
 struct KernelTable {
   const char* name;
-  bool (*convert)(const void*, DType, void*, DType, int64_t, double, bool);
+  bool (*convert)(const void*, DType, void*, DType, int64_t, double, bool, double*);
   double (*sum_squares)(const void*, DType, int64_t);
-  void (*lars_update)(void*, DType, const void*, DType, void*, void*, DType, int64_t,
+  double (*lars_update)(void*, DType, const void*, DType, void*, void*, DType, int64_t,
                       const LarsStep&);
   int64_t (*accumulate_and_select)(float*, const void*, DType, int64_t, float, int64_t, int64_t*,
                                    int64_t);

@@ -12,14 +12,17 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3
 
 // dst[i] = round(scale * src[i])              (accumulate == false)
 // dst[i] = round(dst[i] + scale * src[i])     (accumulate == true)
-// Rounds once, to nearest even. Returns true when any written value is inf or NaN.
+// Rounds once, to nearest even. Returns true when any written value is inf or NaN. When
+// `dst_sum_squares` is not null it receives the sum of squares of the written values, the same
+// bits sum_squares(dst, dst_dtype, n) would give (a gradient's norm taken while it is unpacked).
 // The scale comes as a double so that float64 data is scaled by it exactly (as in double
 // arithmetic, e.g. an Average's 1/3); the fp32 arithmetic of the other dtypes uses it rounded
 // to float.
 bool convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
-             double scale, bool accumulate);
+             double scale, bool accumulate, double* dst_sum_squares = nullptr);
 
-// Sum of x[i]^2 (fp32 lanes, combined in fp64).
+// Sum of x[i]^2: fp32 lanes within blocks of 4096 elements, blocks and the tail in fp64, so
+// the result depends only on the values and n (not on threads or the caller's chunking).
 double sum_squares(const void* x, DType dtype, int64_t n);
 
 // The per-tensor scalars of one LARS step, already resolved by the caller:
@@ -37,8 +40,10 @@ struct LarsStep {
   bool nesterov;
 };
 
-// param/momentum have param_dtype; model_copy (nullptr when absent) has copy_dtype.
-void lars_update(void* param, DType param_dtype, const void* grad, DType grad_dtype,
+// param/momentum have param_dtype; model_copy (nullptr when absent) has copy_dtype. Returns
+// the sum of squares of the new param values (as sum_squares would give it): the next step's
+// ||w||^2, taken while the update writes w.
+double lars_update(void* param, DType param_dtype, const void* grad, DType grad_dtype,
                  void* momentum, void* model_copy, DType copy_dtype, int64_t n,
                  const LarsStep& step);
 

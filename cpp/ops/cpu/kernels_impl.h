@@ -17,27 +17,52 @@ namespace {
 
 // ---- conversion (pack / unpack) ------------------------------------------------------------
 
-template <class V, DType S, DType D>
+// Sums of squares are taken in blocks of kNormBlock elements: fp32 lanes within a block, fp64
+// across blocks, the tail (past the last whole vector) one element at a time in fp64. Every
+// kernel that accumulates a norm (sum_squares, convert with a norm, lars_update) walks a range
+// this same way, so the same values give the same bits whichever kernel saw them last.
+constexpr int64_t kNormBlock = 4096;
+
+// dst[i] = round(scale * src[i] (+ dst[i])) over [begin, end), a multiple of V::kWidth long;
+// with kNorm, *sq += the sum of squares of the written values (by blocks, as above).
+template <class V, DType S, DType D, bool kNorm>
 bool convert_range(const void* src, void* dst, int64_t begin, int64_t end, float scale,
-                   bool accumulate) {
+                   bool accumulate, double* sq) {
   using F = typename V::F;
   const F s = V::set1(scale);
   F bad = V::zero();
-  for (int64_t i = begin; i < end; i += V::kWidth) {
-    F x = V::mul(V::template load<S>(src, i), s);
-    if (accumulate) x = V::add(V::template load<D>(dst, i), x);
-    x = V::template round<D>(x);
-    bad = V::track_nonfinite(bad, x);
-    V::template store<D>(dst, i, x);
+  for (int64_t b = begin; b < end; b += kNormBlock) {
+    const int64_t e = b + kNormBlock < end ? b + kNormBlock : end;
+    F acc = V::zero();
+    for (int64_t i = b; i < e; i += V::kWidth) {
+      F x = V::mul(V::template load<S>(src, i), s);
+      if (accumulate) x = V::add(V::template load<D>(dst, i), x);
+      x = V::template round<D>(x);
+      bad = V::track_nonfinite(bad, x);
+      V::template store<D>(dst, i, x);
+      if constexpr (kNorm) acc = V::fmadd(x, x, acc);
+    }
+    if constexpr (kNorm) *sq += V::hsum(acc);
   }
   return V::any_nonfinite(bad);
 }
 
 template <class V, DType S, DType D>
-bool convert_impl(const void* src, void* dst, int64_t n, float scale, bool accumulate) {
+bool convert_impl(const void* src, void* dst, int64_t n, float scale, bool accumulate,
+                  double* sq) {
   const int64_t n_vec = n - n % V::kWidth;
-  bool bad = convert_range<V, S, D>(src, dst, 0, n_vec, scale, accumulate);
-  bad |= convert_range<VecScalar, S, D>(src, dst, n_vec, n, scale, accumulate);
+  if (sq == nullptr) {
+    return convert_range<V, S, D, false>(src, dst, 0, n_vec, scale, accumulate, nullptr) |
+           convert_range<VecScalar, S, D, false>(src, dst, n_vec, n, scale, accumulate, nullptr);
+  }
+  double total = 0.0;
+  bool bad = convert_range<V, S, D, true>(src, dst, 0, n_vec, scale, accumulate, &total);
+  bad |= convert_range<VecScalar, S, D, false>(src, dst, n_vec, n, scale, accumulate, nullptr);
+  for (int64_t i = n_vec; i < n; ++i) {
+    const double v = VecScalar::load<D>(dst, i);
+    total += v * v;
+  }
+  *sq = total;
   return bad;
 }
 
@@ -106,15 +131,21 @@ inline bool convert_with_f64(const void* src, DType st, void* dst, DType dt, int
 }
 
 template <class V>
+double sum_squares_dispatch(const void* x, DType t, int64_t n);
+
+template <class V>
 bool convert_dispatch(const void* src, DType st, void* dst, DType dt, int64_t n, double scale,
-                      bool accumulate) {
+                      bool accumulate, double* sq) {
   if (st == DType::kFloat64 || dt == DType::kFloat64) {
-    return convert_with_f64(src, st, dst, dt, n, scale, accumulate);
+    const bool bad = convert_with_f64(src, st, dst, dt, n, scale, accumulate);
+    // The fallback path: the norm from a second read of the range, still in cache.
+    if (sq != nullptr) *sq = sum_squares_dispatch<V>(dst, dt, n);
+    return bad;
   }
   // fp32/fp16/bf16 on both sides: fp32 lanes, so the scale as the nearest float.
   const float scale_f = static_cast<float>(scale);
 #define GRADFUSE_CONVERT_CASE(S, D) \
-  if (st == S && dt == D) return convert_impl<V, S, D>(src, dst, n, scale_f, accumulate);
+  if (st == S && dt == D) return convert_impl<V, S, D>(src, dst, n, scale_f, accumulate, sq);
   GRADFUSE_CONVERT_CASE(DType::kFloat32, DType::kFloat32)
   GRADFUSE_CONVERT_CASE(DType::kFloat32, DType::kFloat16)
   GRADFUSE_CONVERT_CASE(DType::kFloat32, DType::kBFloat16)
@@ -134,11 +165,9 @@ template <class V, DType T>
 double sum_squares_impl(const void* x, int64_t n) {
   using F = typename V::F;
   const int64_t n_vec = n - n % V::kWidth;
-  // Blocks of 4096 elements accumulate in fp32 lanes, blocks add up in fp64.
-  constexpr int64_t kBlock = 4096;
   double total = 0.0;
-  for (int64_t b = 0; b < n_vec; b += kBlock) {
-    const int64_t e = b + kBlock < n_vec ? b + kBlock : n_vec;
+  for (int64_t b = 0; b < n_vec; b += kNormBlock) {
+    const int64_t e = b + kNormBlock < n_vec ? b + kNormBlock : n_vec;
     F acc = V::zero();
     for (int64_t i = b; i < e; i += V::kWidth) {
       const F v = V::template load<T>(x, i);
@@ -170,35 +199,51 @@ double sum_squares_dispatch(const void* x, DType t, int64_t n) {
 
 // ---- LARS update ---------------------------------------------------------------------------
 
+// One LARS step over [begin, end) (a multiple of V::kWidth long); returns the sum of squares of
+// the new parameter values (by blocks, as sum_squares), the next step's ||w||^2.
 template <class V, DType P, DType G, bool kHasCopy, DType C>
-void lars_range(void* param, const void* grad, void* mom, void* copy, int64_t begin, int64_t end,
-                const LarsStep& s) {
+double lars_range(void* param, const void* grad, void* mom, void* copy, int64_t begin,
+                  int64_t end, const LarsStep& s) {
   using F = typename V::F;
   const F grad_scale = V::set1(s.grad_scale), wd = V::set1(s.weight_decay);
   const F m = V::set1(s.momentum), step_in = V::set1(s.step_in);
   const F neg_step_out = V::set1(-s.step_out);
-  for (int64_t i = begin; i < end; i += V::kWidth) {
-    const F w = V::template load<P>(param, i);
-    const F d = V::fmadd(wd, w, V::mul(V::template load<G>(grad, i), grad_scale));
-    const F v = V::template round<P>(V::fmadd(m, V::template load<P>(mom, i), V::mul(step_in, d)));
-    const F update = s.nesterov ? V::fmadd(m, v, V::mul(step_in, d)) : v;
-    const F w_new = V::template round<P>(V::fmadd(neg_step_out, update, w));
-    V::template store<P>(mom, i, v);
-    V::template store<P>(param, i, w_new);
-    if constexpr (kHasCopy) V::template store<C>(copy, i, V::template round<C>(w_new));
+  double total = 0.0;
+  for (int64_t b = begin; b < end; b += kNormBlock) {
+    const int64_t e = b + kNormBlock < end ? b + kNormBlock : end;
+    F acc = V::zero();
+    for (int64_t i = b; i < e; i += V::kWidth) {
+      const F w = V::template load<P>(param, i);
+      const F d = V::fmadd(wd, w, V::mul(V::template load<G>(grad, i), grad_scale));
+      const F v =
+          V::template round<P>(V::fmadd(m, V::template load<P>(mom, i), V::mul(step_in, d)));
+      const F update = s.nesterov ? V::fmadd(m, v, V::mul(step_in, d)) : v;
+      const F w_new = V::template round<P>(V::fmadd(neg_step_out, update, w));
+      V::template store<P>(mom, i, v);
+      V::template store<P>(param, i, w_new);
+      if constexpr (kHasCopy) V::template store<C>(copy, i, V::template round<C>(w_new));
+      acc = V::fmadd(w_new, w_new, acc);
+    }
+    total += V::hsum(acc);
   }
+  return total;
 }
 
 template <class V, DType P, DType G, bool kHasCopy, DType C>
-void lars_impl(void* param, const void* grad, void* mom, void* copy, int64_t n,
-               const LarsStep& s) {
+double lars_impl(void* param, const void* grad, void* mom, void* copy, int64_t n,
+                 const LarsStep& s) {
   const int64_t n_vec = n - n % V::kWidth;
-  lars_range<V, P, G, kHasCopy, C>(param, grad, mom, copy, 0, n_vec, s);
+  double total = lars_range<V, P, G, kHasCopy, C>(param, grad, mom, copy, 0, n_vec, s);
   lars_range<VecScalar, P, G, kHasCopy, C>(param, grad, mom, copy, n_vec, n, s);
+  for (int64_t i = n_vec; i < n; ++i) {  // the tail in fp64, as sum_squares_impl
+    const double w = VecScalar::load<P>(param, i);
+    total += w * w;
+  }
+  return total;
 }
 
 template <class V, DType P, DType G>
-void lars_dispatch_copy(void* param, const void* grad, void* mom, void* copy, DType ct, int64_t n,
+double lars_dispatch_copy(void* param, const void* grad, void* mom, void* copy, DType ct, int64_t n,
                         const LarsStep& s) {
   if (copy == nullptr) return lars_impl<V, P, G, false, P>(param, grad, mom, copy, n, s);
   switch (ct) {
@@ -209,7 +254,7 @@ void lars_dispatch_copy(void* param, const void* grad, void* mom, void* copy, DT
 }
 
 template <class V, DType P>
-void lars_dispatch_grad(void* param, const void* grad, DType gt, void* mom, void* copy, DType ct,
+double lars_dispatch_grad(void* param, const void* grad, DType gt, void* mom, void* copy, DType ct,
                         int64_t n, const LarsStep& s) {
   switch (gt) {
     case DType::kFloat16: return lars_dispatch_copy<V, P, DType::kFloat16>(param, grad, mom, copy, ct, n, s);
@@ -219,7 +264,7 @@ void lars_dispatch_grad(void* param, const void* grad, DType gt, void* mom, void
 }
 
 template <class V>
-void lars_dispatch(void* param, DType pt, const void* grad, DType gt, void* mom, void* copy,
+double lars_dispatch(void* param, DType pt, const void* grad, DType gt, void* mom, void* copy,
                    DType ct, int64_t n, const LarsStep& s) {
   switch (pt) {
     case DType::kFloat16: return lars_dispatch_grad<V, DType::kFloat16>(param, grad, gt, mom, copy, ct, n, s);

@@ -44,8 +44,14 @@ void pack_cuda(at::TensorList tensors, const at::Tensor& out, double scale,
 }
 
 void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, bool accumulate,
-                 const std::optional<at::Tensor>& nonfinite) {
+                 const std::optional<at::Tensor>& nonfinite,
+                 const std::optional<at::Tensor>& sq_norms) {
   const auto offsets = check_pack_args("unpack_", tensors, flat, "flat", nonfinite, scale, false);
+  check_sq_norms_arg("unpack_", sq_norms, tensors, flat);
+  // The per-chunk partial sums of the CPU path are not written for CUDA yet; the LARS optimizer
+  // asks for norms only where sum_squares has a kernel (python/gradfuse/optim.py).
+  TORCH_CHECK_NOT_IMPLEMENTED(!sq_norms.has_value(),
+                              "unpack_: sq_norms is not implemented on CUDA yet");
   if (offsets.back() == 0) return;
   const c10::cuda::CUDAGuard device_guard(flat.device());
   const auto segments = segments_of(tensors, offsets);

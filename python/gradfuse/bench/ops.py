@@ -82,6 +82,37 @@ def _time_lars(grads, shapes, dev, reps):
     return t_python, t_sgd, t_lars
 
 
+def _time_lars_one_pass(grads, shapes, dev, reps):
+    """Seconds of the step LARS takes behind DistributedOptimizer: the gradients' squared norms
+    came from the engine's unpack and the weights' from the previous update, so the step is
+    lars_update_from_norms_ alone (20 bytes per fp32 parameter). None where the device has no
+    kernel for it."""
+    if dev.type != "cpu":
+        return None
+    gen = torch.Generator(device=dev).manual_seed(2)
+    params = [torch.randn(*s, generator=gen, device=dev) for s in shapes]
+    bufs = [torch.zeros_like(p) for p in params]
+    use_lars = [len(s) > 1 for s in shapes]
+    g_sq, w_sq = ops.sum_squares(grads), ops.sum_squares(params)
+    return median_seconds(
+        lambda: ops.lars_update_from_norms_(
+            params,
+            grads,
+            bufs,
+            g_sq,
+            w_sq,
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=5e-5,
+            trust_coefficient=0.001,
+            use_lars=use_lars,
+            use_weight_decay=use_lars,
+        ),
+        dev,
+        reps,
+    )
+
+
 def _time_pack(grads, numel, dev, reps):
     """(cat+half, pack_, split+copy_, unpack_) seconds; 6 bytes per element each way."""
     flat = torch.empty(numel, dtype=torch.float16, device=dev)
@@ -171,6 +202,15 @@ def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[li
         t_python,
         20 * numel,
     )
+    t_one_pass = _time_lars_one_pass(grads, shapes, dev, reps)
+    if t_one_pass is not None:
+        add(
+            f"lars step (vs SGD foreach: {t_sgd / t_one_pass:.2f}x)",
+            "gradfuse one pass (DistributedOptimizer)",
+            t_one_pass,
+            t_python,
+            20 * numel,
+        )
 
     t_cat, t_pack, t_split, t_unpack = _time_pack(grads, numel, dev, reps)
     add("pack fp32->fp16", "torch.cat + half", t_cat, None, 6 * numel)
