@@ -141,9 +141,11 @@ def test_queries_before_init():
     with pytest.raises(ValueError, match="MPI is not enabled"):
         hvd.mpi_threads_supported()
     for query in (hvd.is_homogeneous, hvd.rank, hvd.local_size, hvd.cross_rank, hvd.stop_timeline):
-        with pytest.raises(ValueError, match="not been initialized"):
+        with pytest.raises(ValueError, match="not been initialized|has been shut down"):
             query()
-    with pytest.raises(RuntimeError, match="not been initialized"):  # both, for old code
+    with pytest.raises(
+        RuntimeError, match="not been initialized|has been shut down"
+    ):  # both, for old code
         hvd.start_timeline("t.json", mark_cycles=True)
 
 
