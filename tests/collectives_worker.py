@@ -184,6 +184,13 @@ def send_splits(k, n, seed):
 
 def check_alltoall():
     n, r = hvd.size(), hvd.rank()
+    # A column of one element per row: torch calls it contiguous (the size-1 dimension's stride
+    # is n, not 1), and the engine must still send it as bytes.
+    column = (torch.arange(n, dtype=torch.int32, device=device()) + 10 * r).view(1, n).t()
+    assert column.is_contiguous() and column.stride() == (1, n)
+    got = hvd.alltoall(column, name="a2a.column")
+    expected = tensor([[10 * k + r] for k in range(n)], dtype=torch.int32)
+    assert torch.equal(got, expected), (got, expected)
     for i, dtype in enumerate(DTYPES):
         seed = 50_000 + i
         splits = send_splits(r, n, seed)

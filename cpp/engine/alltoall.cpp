@@ -36,10 +36,11 @@ std::vector<at::Tensor> run_alltoall(const Batch& batch, const CollectiveContext
   // Nothing is reduced, so the data travels as bytes: every dtype works, including int16,
   // which Gloo does not support. Split sizes stay in rows of (row * element size) bytes.
   const int64_t row_bytes = row * e.tensor.element_size();
-  // An input with no rows counts as contiguous whatever its strides (a column of an empty
-  // matrix), and view() would refuse them: it sends nothing, so a fresh empty tensor stands in.
-  const at::Tensor input = e.tensor.numel() ? e.tensor : at::empty({0, row}, e.tensor.options());
-  at::Tensor send = input.reshape({input.size(0), row}).view(at::kByte);
+  // Torch calls a tensor contiguous whatever the strides of its size-1 dimensions (one element
+  // of a column: stride 2) or of an empty one, and view() as bytes would refuse them; the same
+  // elements, addressed with the canonical strides.
+  const at::Tensor input = e.tensor.as_strided({e.tensor.size(0), row}, {row, 1});
+  at::Tensor send = input.view(at::kByte);
   at::Tensor recv = output.view({recv_total, row}).view(at::kByte);
   TORCH_CHECK(send.size(1) == row_bytes && recv.size(1) == row_bytes);
   c10d::AllToAllOptions opts;
