@@ -1,62 +1,14 @@
 """gradfuse: fused kernels and a fusing communication engine for data-parallel PyTorch.
 
-``import gradfuse as hvd`` gives the common Horovod surface."""
+``import gradfuse as hvd`` gives the Horovod surface: every name of Horovod's mpi_ops
+(collectives, reduce ops, queries, process sets; one list, in gradfuse.mpi_ops) and the rest of
+horovod.torch, plus gradfuse's own (stats, submitted_together, ops, optim, data)."""
 
 from . import data, mpi_ops, ops, optim, optimizer, timeline
 from ._build import build_info
-from ._engine import (
-    cross_rank,
-    cross_size,
-    init,
-    is_initialized,
-    local_rank,
-    local_size,
-    rank,
-    shutdown,
-    size,
-    stats,
-)
+from ._engine import stats
 from ._version import __version__
-from .basics import (
-    ccl_built,
-    cuda_built,
-    ddl_built,
-    gloo_built,
-    gloo_enabled,
-    is_homogeneous,
-    mpi_built,
-    mpi_enabled,
-    mpi_threads_supported,
-    nccl_built,
-    rocm_built,
-)
-from .collectives import (
-    Adasum,
-    Average,
-    Max,
-    Min,
-    Product,
-    Sum,
-    allgather,
-    allgather_async,
-    allreduce,
-    allreduce_,
-    allreduce_async,
-    allreduce_async_,
-    alltoall,
-    alltoall_async,
-    barrier,
-    broadcast,
-    broadcast_,
-    broadcast_async,
-    broadcast_async_,
-    join,
-    poll,
-    reducescatter,
-    reducescatter_async,
-    submitted_together,
-    synchronize,
-)
+from .collectives import submitted_together
 from .compression import Compression
 from .distributed_optimizer import DistributedOptimizer
 from .exceptions import HorovodInternalError
@@ -66,97 +18,27 @@ from .functions import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
-from .grouped import (
-    grouped_allgather,
-    grouped_allgather_async,
-    grouped_allreduce,
-    grouped_allreduce_,
-    grouped_allreduce_async,
-    grouped_allreduce_async_,
-    grouped_reducescatter,
-    grouped_reducescatter_async,
-)
-from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
-from .sparse import sparse_allreduce_async
+from .mpi_ops import *  # the names listed in mpi_ops.__all__
 from .sync_batch_norm import SyncBatchNorm
-from .timeline import start_timeline, stop_timeline
 
 __all__ = [
-    "Adasum",
-    "Average",
     "Compression",
     "DistributedOptimizer",
     "HorovodInternalError",
-    "Max",
-    "Min",
-    "ProcessSet",
-    "Product",
-    "Sum",
     "SyncBatchNorm",
     "__version__",
-    "add_process_set",
-    "allgather",
-    "allgather_async",
     "allgather_object",
-    "allreduce",
-    "allreduce_",
-    "allreduce_async",
-    "allreduce_async_",
-    "alltoall",
-    "alltoall_async",
-    "barrier",
-    "broadcast",
-    "broadcast_",
-    "broadcast_async",
-    "broadcast_async_",
     "broadcast_object",
     "broadcast_optimizer_state",
     "broadcast_parameters",
     "build_info",
-    "ccl_built",
-    "cross_rank",
-    "cross_size",
-    "cuda_built",
     "data",
-    "ddl_built",
-    "global_process_set",
-    "gloo_built",
-    "gloo_enabled",
-    "grouped_allgather",
-    "grouped_allgather_async",
-    "grouped_allreduce",
-    "grouped_allreduce_",
-    "grouped_allreduce_async",
-    "grouped_allreduce_async_",
-    "grouped_reducescatter",
-    "grouped_reducescatter_async",
-    "init",
-    "is_homogeneous",
-    "is_initialized",
-    "join",
-    "local_rank",
-    "local_size",
-    "mpi_built",
-    "mpi_enabled",
     "mpi_ops",
-    "mpi_threads_supported",
-    "nccl_built",
     "ops",
     "optim",
     "optimizer",
-    "poll",
-    "rank",
-    "reducescatter",
-    "reducescatter_async",
-    "remove_process_set",
-    "rocm_built",
-    "shutdown",
-    "size",
-    "sparse_allreduce_async",
-    "start_timeline",
     "stats",
-    "stop_timeline",
     "submitted_together",
-    "synchronize",
     "timeline",
 ]
+__all__ += mpi_ops.__all__
