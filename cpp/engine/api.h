@@ -31,6 +31,19 @@ int64_t handle_count();
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
 // cache_misses, in_place} of that process set's engine.
 std::vector<int64_t> engine_stats(int process_set_id = 0);
+// Asks that process set's engine for a new fusion threshold and cycle time, in force from the
+// first negotiation cycle in which every rank has asked as often (engine/settings.h); returns
+// the request's generation. ValueError (naming the argument) for a bad value.
+int64_t request_settings(int process_set_id, int64_t fusion_threshold_bytes,
+                         double cycle_time_ms);
+struct AgreedSettings {
+  int64_t generation;  // the last request every rank made (0: the settings of init())
+  int64_t fusion_threshold_bytes;
+  double cycle_time_ms;
+  int64_t since_cycle;           // the negotiation cycle that switched to them (0: start)
+  int64_t requested_generation;  // this rank's last request
+};
+AgreedSettings agreed_settings(int process_set_id);
 // Requests enqueued between hold and release (in every engine) are negotiated together
 // (TensorQueue::hold).
 void hold_submissions();

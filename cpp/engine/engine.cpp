@@ -16,6 +16,7 @@ namespace gradfuse::engine {
 Engine::Engine(EngineConfig config)
     : config_(std::move(config)),
       negotiator_(config_.size, config_.cache_capacity),
+      settings_({config_.fusion_threshold_bytes, config_.cycle_time_ms}, config_.global_ranks),
       stall_(config_.rank, config_.stall_warning_s, config_.stall_shutdown_s,
              config_.pending_names_limit, config_.global_ranks, config_.process_set_id) {
   validate(config_);
@@ -152,8 +153,6 @@ void Engine::stop() {
 }
 
 void Engine::loop() {
-  const auto cycle = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-      std::chrono::duration<double, std::milli>(config_.cycle_time_ms));
   // Idle back-off: while no rank submits anything and this rank has nothing in flight, the
   // wait between negotiations doubles up to kMaxIdleBackoff cycle times, so an idle job (the
   // forward pass) does not spend CPU on an allgather every cycle. It costs no latency when
@@ -164,7 +163,10 @@ void Engine::loop() {
   try {
     while (true) {
       // Sleep until work is enqueued or the (backed-off) cycle time has passed: the other
-      // ranks are in the same loop, and negotiation needs all of them.
+      // ranks are in the same loop, and negotiation needs all of them. The cycle time is the
+      // agreed one (engine/settings.h), which the autotuner may change.
+      const auto cycle = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          std::chrono::duration<double, std::milli>(settings_.cycle_time_ms()));
       queue_.wait_for_work(std::chrono::steady_clock::now() + cycle * backoff);
       if (aborted_) return;  // handles already failed with the liveness verdict
       int stop_rank = -1;

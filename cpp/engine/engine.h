@@ -23,6 +23,7 @@
 #include "engine/liveness.h"
 #include "engine/negotiation.h"
 #include "engine/peer_board.h"
+#include "engine/settings.h"
 #include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
 #include "engine/timeline.h"
@@ -50,6 +51,8 @@ class Engine {
   // Empty while healthy; otherwise why the engine stopped.
   std::string stopped_reason() const;
   const EngineConfig& config() const { return config_; }
+  // The fusion threshold and cycle time in force, changed by agreement (engine/settings.h).
+  SettingsAgreement& settings() { return settings_; }
 
   // Counters since start (observability; the benchmark prints them).
   struct Stats {
@@ -115,6 +118,7 @@ class Engine {
 #endif
   TensorQueue queue_;
   Negotiator negotiator_;
+  SettingsAgreement settings_;
   CudaDeviceBinding cuda_device_;  // this rank's one GPU (engine/devices.h)
   BufferPool buffers_;
   StallInspector stall_;

@@ -66,7 +66,10 @@ void Engine::execute(std::vector<Response> responses) {
       runnable.push_back(std::move(r));
     }
   }
-  std::vector<Batch> batches = make_batches(std::move(runnable), config_.fusion_threshold_bytes);
+  // The threshold agreed in the cycle that negotiated these responses (engine/settings.h: the
+  // same on every rank), read before the loop negotiates again.
+  std::vector<Batch> batches =
+      make_batches(std::move(runnable), settings_.fusion_threshold_bytes());
   // Per batch (two may be in progress): when it started, packed and reduced, for the timeline.
   const bool timed = timeline_.active();
   std::vector<std::chrono::steady_clock::time_point> started_at(batches.size());

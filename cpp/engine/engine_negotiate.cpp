@@ -9,12 +9,15 @@
 namespace gradfuse::engine {
 
 std::vector<Response> Engine::negotiate(int& stop_rank) {
-  // Each rank sends one fixed-size slot: [length, stop flag, clock (ms), the first bytes of its
-  // requests]. Rank 0's clock is the one every rank ages stalled tensors by.
+  // Each rank sends one fixed-size slot: [length, stop flag, clock (ms), settings (from word
+  // kSettingsAt), the first bytes of its requests]. Rank 0's clock is the one every rank ages
+  // stalled tensors by; the settings words are this rank's latest request for a new fusion
+  // threshold and cycle time (engine/settings.h), agreed from every rank's slot.
   // Steady state (a few dozen names) fits in one slot, so a cycle is a single allgather; only
   // longer messages need a second round for the rest.
   constexpr int64_t kSlot = 4096;
-  constexpr int64_t kHeader = 3 * sizeof(int64_t);
+  constexpr int kSettingsAt = 3;  // header words of SettingsAgreement::announce
+  constexpr int64_t kHeader = (kSettingsAt + SettingsAgreement::kWords) * sizeof(int64_t);
   constexpr int64_t kInline = kSlot - kHeader;
   const int n = config_.size;
   // Requests the other ranks have seen run with these exact attributes go as cache indices.
@@ -31,6 +34,7 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   header[2] = std::chrono::duration_cast<std::chrono::milliseconds>(
                   std::chrono::steady_clock::now() - started_)
                   .count();
+  settings_.announce(header + kSettingsAt);
   std::memcpy(slot.data_ptr<uint8_t>() + kHeader, mine.data(), std::min(my_len, kInline));
   std::vector<std::vector<at::Tensor>> slots(1);
   for (int r = 0; r < n; ++r) slots[0].push_back(at::empty({kSlot}, at::kByte));
@@ -55,6 +59,12 @@ std::vector<Response> Engine::negotiate(int& stop_rank) {
   const int64_t clock_ms = reinterpret_cast<const int64_t*>(slots[0][0].data_ptr<uint8_t>())[2];
   std::vector<Response> responses;
   stats_.cycles++;
+  std::vector<const int64_t*> settings_words(n);
+  for (int r = 0; r < n; ++r) {
+    const auto* h = reinterpret_cast<const int64_t*>(slots[0][r].data_ptr<uint8_t>());
+    settings_words[r] = h + kSettingsAt;
+  }
+  settings_.agree(settings_words, stats_.cycles);
   if (longest == 0) {
     stall_.check(negotiator_.controller(), clock_ms, responses);
     return responses;

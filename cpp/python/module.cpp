@@ -122,6 +122,27 @@ PYBIND11_MODULE(_C, m) {
       "busy cycles, tensors, collectives, bytes, negotiation time (ns), stalled tensors given "
       "up on, requests sent as response cache indices and in full, allreduce batches reduced "
       "in place (no fusion buffer).");
+  m.def("engine_request_settings", &gradfuse::engine::request_settings,
+        py::arg("process_set_id"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
+        "Ask a process set's engine for a new fusion threshold and cycle time, in force from "
+        "the first negotiation cycle in which every rank has asked as often; returns the "
+        "request's generation (1, 2, ...). ValueError naming a bad argument.");
+  m.def(
+      "engine_settings",
+      [](int process_set_id) {
+        const auto a = gradfuse::engine::agreed_settings(process_set_id);
+        py::dict d;
+        d["generation"] = a.generation;
+        d["fusion_threshold_bytes"] = a.fusion_threshold_bytes;
+        d["cycle_time_ms"] = a.cycle_time_ms;
+        d["since_cycle"] = a.since_cycle;
+        d["requested_generation"] = a.requested_generation;
+        return d;
+      },
+      py::arg("process_set_id") = 0,
+      "The settings a process set's engine runs with: generation (the last request every rank "
+      "made; 0: init()'s), fusion_threshold_bytes, cycle_time_ms, since_cycle (the "
+      "negotiation cycle that switched to them) and requested_generation (this rank's last).");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait_for", &gradfuse::engine::wait_handle_for, py::arg("handle"),

@@ -1,0 +1,21 @@
+// The control calls of engine/settings.h for cpp/python/module.cpp (api.h): a process set's
+// engine asked for new settings, and the settings it has agreed.
+#include "engine/api.h"
+#include "engine/engine.h"
+
+namespace gradfuse::engine {
+
+int64_t request_settings(int process_set_id, int64_t fusion_threshold_bytes,
+                         double cycle_time_ms) {
+  return process_set_engine(process_set_id)
+      ->settings()
+      .request({fusion_threshold_bytes, cycle_time_ms});
+}
+
+AgreedSettings agreed_settings(int process_set_id) {
+  const SettingsAgreement::Agreed a = process_set_engine(process_set_id)->settings().agreed();
+  return {a.generation, a.settings.fusion_threshold_bytes, a.settings.cycle_time_ms,
+          a.since_cycle, a.requested_generation};
+}
+
+}  // namespace gradfuse::engine
