@@ -35,6 +35,8 @@ class _State:
         peers = sorted(n[self.local_rank] for n in nodes if len(n) > self.local_rank)
         self.cross_rank, self.cross_size = peers.index(rank), len(peers)
         self.groups = groups
+        # The process sets whose engine a DistributedOptimizer tunes (gradfuse.autotune).
+        self.autotuned_sets = set()
 
 
 def _C():
@@ -54,8 +56,11 @@ def init(**options) -> None:
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
     node), cuda_backend ("nccl", the default, one GPU per rank; or "gloo", which lets several
     ranks share one GPU, for tests) and test_local_size (tests only: consecutive ranks act as
-    nodes of that size). process_sets (Horovod's): ProcessSets (or rank lists) to add right
-    away, as add_process_set() does, in order.
+    nodes of that size). autotune (Horovod's HOROVOD_AUTOTUNE; with autotune_log,
+    autotune_warmup_samples, autotune_steps_per_sample, autotune_max_samples):
+    DistributedOptimizer tunes the fusion threshold, cycle time and bucket size that were not
+    set explicitly (gradfuse.autotune). process_sets (Horovod's): ProcessSets (or rank lists)
+    to add right away, as add_process_set() does, in order.
 
     Calling init() while initialized does nothing; after shutdown() it starts again."""
     global _state, _created_default_group
@@ -237,6 +242,11 @@ _AGREED = (
     "pending_names_limit",
     "hierarchical_allreduce",
     "test_local_size",
+    # Every rank's DistributedOptimizer runs the same tuner, whose collectives pair by step.
+    "autotune",
+    "autotune_warmup_samples",
+    "autotune_steps_per_sample",
+    "autotune_max_samples",
 )
 
 

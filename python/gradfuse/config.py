@@ -95,6 +95,43 @@ _OPTIONS = {
         lambda v: v in ("nccl", "gloo"),
         '"nccl" or "gloo" (the transport of CUDA tensors)',
     ),
+    # Autotune (gradfuse.autotune): DistributedOptimizer tunes the fusion threshold, the cycle
+    # time and its bucket size from measured step times, then keeps the best.
+    "autotune": (
+        "GRADFUSE_AUTOTUNE",
+        _flag,
+        False,
+        lambda v: True,
+        "a boolean (True/False, 1/0)",
+    ),
+    "autotune_log": (
+        "GRADFUSE_AUTOTUNE_LOG",
+        str,
+        "",
+        lambda v: True,
+        "a file path (CSV of every autotune sample, written by rank 0)",
+    ),
+    "autotune_warmup_samples": (
+        "GRADFUSE_AUTOTUNE_WARMUP_SAMPLES",
+        int,
+        3,
+        lambda v: v >= 0,
+        "an integer >= 0 (samples measured and discarded before tuning)",
+    ),
+    "autotune_steps_per_sample": (
+        "GRADFUSE_AUTOTUNE_STEPS_PER_SAMPLE",
+        int,
+        10,
+        lambda v: v >= 1,
+        "an integer >= 1 (optimizer steps per sample)",
+    ),
+    "autotune_max_samples": (
+        "GRADFUSE_AUTOTUNE_MAX_SAMPLES",
+        int,
+        20,
+        lambda v: v >= 1,
+        "an integer >= 1 (settings tried before the best is kept)",
+    ),
     # Test only: pretend each node has this many ranks (consecutive ranks form a node), so one
     # host can exercise the hierarchical paths as several nodes. 0: nodes are real hosts.
     "test_local_size": (
@@ -137,6 +174,13 @@ _HOROVOD = {
     "timeline": "HOROVOD_TIMELINE",
     "stall_warning_s": "HOROVOD_STALL_CHECK_TIME_SECONDS",
     "stall_shutdown_s": "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+    "autotune": "HOROVOD_AUTOTUNE",
+    "autotune_log": "HOROVOD_AUTOTUNE_LOG",
+    "autotune_warmup_samples": "HOROVOD_AUTOTUNE_WARMUP_SAMPLES",
+    "autotune_steps_per_sample": "HOROVOD_AUTOTUNE_STEPS_PER_SAMPLE",
+    # Horovod's Bayesian optimisation's budget; gradfuse's search takes it as its own.
+    # (HOROVOD_AUTOTUNE_GAUSSIAN_PROCESS_NOISE has no counterpart: the search has no model.)
+    "autotune_max_samples": "HOROVOD_AUTOTUNE_BAYES_OPT_MAX_SAMPLES",
 }
 # HOROVOD_STALL_CHECK_DISABLE=1 turns Horovod's stall inspector off: no warning (a stall of
 # 1e9 s, 31 years, is never reported) and no shutdown.
@@ -182,6 +226,13 @@ class Config:
     stall_shutdown_s: float
     pending_names_limit: int
     timeline: str
+    autotune: bool
+    autotune_log: str
+    autotune_warmup_samples: int
+    autotune_steps_per_sample: int
+    autotune_max_samples: int
+    # The options the user set (keyword argument or variable); the autotuner leaves them be.
+    explicit: frozenset = frozenset()
 
 
 def _parse(name, raw, parser, check, what, source):
@@ -221,7 +272,7 @@ def resolve(**kwargs) -> Config:
             raise ValueError(
                 f"gradfuse.init() got an unknown option {key!r}; options: {', '.join(_OPTIONS)}"
             )
-    values = {}
+    values, explicit = {}, set()
     for key, (env, parser, default, check, what) in _OPTIONS.items():
         if kwargs.get(key) is not None:
             values[key] = _parse(key, kwargs[key], parser, check, what, f"init({key}=...)")
@@ -230,4 +281,7 @@ def resolve(**kwargs) -> Config:
         else:
             horovod = _from_horovod(key, parser, check, what)
             values[key] = default if horovod is None else horovod
-    return Config(**values)
+            if horovod is None:
+                continue
+        explicit.add(key)
+    return Config(**values, explicit=frozenset(explicit))

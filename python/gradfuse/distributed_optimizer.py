@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 import torch
 
-from . import _engine, collectives
+from . import _engine, autotune, collectives
 from . import process_sets as _sets
 from .compression import CastCompressor, Compression, NoneCompressor, TopKCompressor
 from .process_sets import ProcessSet, global_process_set
@@ -65,6 +65,7 @@ class _DistributedOptimizer:
         if gradient_predivide_factor != 1.0 and op != collectives.Average:
             raise ValueError("gradient_predivide_factor is only valid with op=gradfuse.Average")
         self._gf_check_compression(compression, op)
+        bucket_given = bucket_cap_mb
         bucket_cap_mb = self._gf_check_buckets(groups, bucket_cap_mb, compression)
         if not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb < 0:
             raise ValueError(f"bucket_cap_mb must be a number >= 0, got {bucket_cap_mb!r}")
@@ -85,21 +86,20 @@ class _DistributedOptimizer:
         self._gf_predivide = float(gradient_predivide_factor)
         self._gf_delay = {p: backward_passes_per_step for p in self._gf_params}
         self._gf_pending = {}  # param -> (kind, handles, context), reduction in flight
-        # Buckets (dense and 16-bit reductions), each submitted in its own order when its last
-        # gradient arrives; param -> (bucket index, bucket size).
         if groups is None:
-            self._gf_buckets = self._gf_make_buckets(
+            buckets = self._gf_make_buckets(
                 self._gf_params, int(bucket_cap_mb * 2**20), compression
             )
         else:
-            self._gf_buckets = self._gf_group_buckets(self._gf_params, groups)
-        self._gf_bucket_of = {
-            p: (i, len(bucket)) for i, bucket in enumerate(self._gf_buckets) for p in bucket
-        }
-        # Submission order: bucket by bucket, then the parameters in no bucket.
-        self._gf_order = [p for bucket in self._gf_buckets for p in bucket]
-        self._gf_order += [p for p in self._gf_params if p not in self._gf_bucket_of]
-        self._gf_views = self._gf_make_views() if gradient_as_bucket_view else {}
+            buckets = self._gf_group_buckets(self._gf_params, groups)
+        self._gf_set_buckets(buckets, gradient_as_bucket_view)
+        # Buckets sized by the default cap are autotune's to size (gradfuse.autotune).
+        tunable = (
+            groups is None and bucket_given is None and not isinstance(compression, TopKCompressor)
+        )
+        self._gf_autotune = autotune.attach(
+            process_set, bucket_cap_mb if tunable else None, self._gf_resize if tunable else None
+        )
         self._gf_waiting = {}  # bucket index -> set of its params whose gradient is ready
         self._gf_synchronized = False
         self._gf_should_synchronize = True
@@ -184,6 +184,28 @@ class _DistributedOptimizer:
         if current:
             buckets.append(tuple(current))
         return buckets
+
+    def _gf_set_buckets(self, buckets, as_views):
+        """Buckets (dense and 16-bit reductions), each submitted in its own order when its last
+        gradient arrives, with the gradient views that follow their order (as_views)."""
+        self._gf_buckets = buckets
+        # param -> (bucket index, bucket size)
+        self._gf_bucket_of = {
+            p: (i, len(bucket)) for i, bucket in enumerate(self._gf_buckets) for p in bucket
+        }
+        # Submission order: bucket by bucket, then the parameters in no bucket.
+        self._gf_order = [p for bucket in self._gf_buckets for p in bucket]
+        self._gf_order += [p for p in self._gf_params if p not in self._gf_bucket_of]
+        self._gf_views = self._gf_make_views() if as_views else {}
+
+    def _gf_resize(self, cap_mb):
+        """Autotune, at a step boundary (no reduction in flight): buckets of up to cap_mb MiB,
+        the gradient views (if any) rebuilt to follow them."""
+        cap = int(cap_mb * 2**20)
+        self._gf_set_buckets(
+            self._gf_make_buckets(self._gf_params, cap, self._gf_compression),
+            bool(self._gf_views),
+        )
 
     def _gf_make_views(self):
         """gradient_as_bucket_view: one flat buffer per (device, dtype) holds the gradients in
@@ -456,9 +478,13 @@ class _DistributedOptimizer:
             self.synchronize()
         self._gf_synchronized = False
         if self._gf_topk is None:
-            return self._gf_base.step(self, closure)
-        with self._gf_topk.optimizer_step():  # so SGD's momentum is not applied twice
-            return self._gf_base.step(self, closure)
+            loss = self._gf_base.step(self, closure)
+        else:
+            with self._gf_topk.optimizer_step():  # so SGD's momentum is not applied twice
+                loss = self._gf_base.step(self, closure)
+        if self._gf_autotune is not None:
+            self._gf_autotune.after_step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True):
         if self._gf_pending or self._gf_waiting:
