@@ -290,6 +290,7 @@ else no_time engine_gloo_2ranks "2b. engine + training, 2 ranks, Gloo"; fi
 # Every kernel on small inputs (no 25M-element cases: the tools slow kernels 10-100x).
 sanitizer_k="lars_awkward_sizes or lars_grad_scale or lars_zero_norms or pack_many_small"
 sanitizer_k+=" or fp16_overflow or unpack_mixed_dtypes"
+sanitizer_k+=" or one_pass_grad_scale or unpack_sq_norms_empty" # chunk partials, last block
 sanitizer_k+=" or (topk_exact and 4097) or (topk_sampled and 4097) or topk_nan or topk_ties"
 sanitizer=""
 for c in "$(command -v compute-sanitizer 2>/dev/null)" "$cuda_root/bin/compute-sanitizer" \
