@@ -159,19 +159,24 @@ __device__ __forceinline__ void store_raw(T* p, int64_t i, const T (&in)[N]) {
   }
 }
 
-// Runs body(std::integral_constant<int, W>{}, i) over [0, len) of one block's range: W = N
-// with i stepping by N when the range can be read as aligned N-vectors (`aligned` and len a
-// multiple of N), else W = 1 over every i. Threads stride by blockDim.x, so both paths are
-// coalesced.
+// Runs body over [0, len) of one block's range, cut into N-element groups: thread t takes
+// groups t, t + blockDim.x, ... and each group whole, as one aligned N-vector
+// (body(std::integral_constant<int, N>{}, i)) where `aligned` and the group is complete, else
+// element by element (body(std::integral_constant<int, 1>{}, i), i ascending). So the vector
+// path covers every complete group even when len is not a multiple of N, and which thread sees
+// which element, in which order, does not depend on the alignment: a per-thread sum (a norm)
+// comes out with the same bits either way. Consecutive threads take consecutive groups, so both
+// paths are coalesced.
 template <int N, class Body>
 __device__ __forceinline__ void for_each_in_block(int64_t len, bool aligned, Body&& body) {
-  if (aligned && len % N == 0) {
-    for (int64_t v = threadIdx.x; v < len / N; v += blockDim.x) {
+  const int64_t whole = len / N;
+  for (int64_t v = threadIdx.x; v * N < len; v += blockDim.x) {
+    if (aligned && v < whole) {
       body(std::integral_constant<int, N>{}, v * N);
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      body(std::integral_constant<int, 1>{}, i);
+    } else {
+      for (int64_t i = v * N; i < v * N + N && i < len; ++i) {
+        body(std::integral_constant<int, 1>{}, i);
+      }
     }
   }
 }

@@ -61,15 +61,39 @@ struct LarsOptions {
   const float* found_inf;
 };
 
-// Scratch for the per-tensor norms: lars_scratch_bytes(num_tensors) bytes of device memory
-// (lars_update zeroes it on the stream itself).
-size_t lars_scratch_bytes(int64_t num_tensors);
+// Scratch of lars_update and lars_update_from_norms: lars_scratch_bytes(num_tensors,
+// total_numel) bytes of device memory, total_numel the params' element count in all (the
+// functions initialize what they use on the stream themselves).
+size_t lars_scratch_bytes(int64_t num_tensors, int64_t total_numel);
 
 // `tensors` is a host array of `num_tensors` entries (either all or none with a model_copy).
-// Launches a norm pass (sum of squares of every param and grad of the use_lars tensors) and an
-// update pass, each chunked over all tensors in as few launches as the kernel-argument space
-// allows (multi_tensor.cuh).
+// The standalone two-pass step: a norm pass (sum of squares of every param and grad of the
+// use_lars tensors, deterministic: chunk_sums.cuh) and an update pass, each chunked over all
+// tensors in as few launches as the kernel-argument space allows (multi_tensor.cuh).
 cudaError_t lars_update(const LarsTensor* tensors, int64_t num_tensors, const LarsOptions& opts,
+                        void* scratch, cudaStream_t stream);
+
+// The one-pass step from given squared norms (device float64 arrays of num_tensors elements):
+// grad_sq_norms[i] of grads[i] before the grad scale, param_sq_norms[i] of params[i]. One read
+// and one write of param, grad and momentum (20 B per fp32 parameter). param_sq_norms[i] is
+// then overwritten with the new param's sum of squares, taken as it is written (0 for an empty
+// tensor); with *found_inf != 0 nothing is written.
+cudaError_t lars_update_from_norms(const LarsTensor* tensors, int64_t num_tensors,
+                                   const LarsOptions& opts, const double* grad_sq_norms,
+                                   double* param_sq_norms, void* scratch, cudaStream_t stream);
+
+// ---- sums of squares (norms.cu) -------------------------------------------------------------
+//
+// out[i] = the sum of squares of tensors[i] (float64; 0 when empty), deterministic: the same
+// bits as the norms lars_update_from_norms and unpack take in passing of the same values.
+struct NormTensor {
+  const void* data;
+  int64_t numel;
+  DType dtype;
+};
+
+size_t sum_squares_scratch_bytes(int64_t num_tensors, int64_t total_numel);
+cudaError_t sum_squares(const NormTensor* tensors, int64_t num_tensors, double* out,
                         void* scratch, cudaStream_t stream);
 
 // ---- pack / unpack (pack.cu) --------------------------------------------------------------
@@ -93,9 +117,14 @@ cudaError_t pack(const PackSegment* segments, int64_t num_segments, void* flat, 
 
 // tensor[i] = round(scale * flat[offset + i])                 (accumulate == false)
 // tensor[i] = round(tensor[i] + scale * flat[offset + i])     (accumulate == true)
+// With `sq_norms` (a device array of num_segments float64), sq_norms[s] receives the sum of
+// squares of what was written to segment s (0 when empty), taken in the same pass, with the
+// bits sum_squares would give; it then needs unpack_scratch_bytes(num_segments, total_numel)
+// bytes of `scratch` (total_numel: the segments' elements in all); without, scratch may be null.
+size_t unpack_scratch_bytes(int64_t num_segments, int64_t total_numel);
 cudaError_t unpack(const PackSegment* segments, int64_t num_segments, const void* flat,
                    DType flat_dtype, double scale, bool accumulate, float* nonfinite,
-                   cudaStream_t stream);
+                   double* sq_norms, void* scratch, cudaStream_t stream);
 
 // ---- top-k compression with error feedback (topk.cu) ----------------------------------------
 //

@@ -4,17 +4,23 @@
 
 Parts (each reports passed / failed / skipped with a reason; exit 1 when one failed):
 
-- ``sync``: the steady-state hot path — lars_update_, pack_/unpack_, exact topk_compress and
-  topk_decompress, and one gradfuse.DistributedOptimizer step at world size 1 — runs under
+- ``sync``: the steady-state hot path — lars_update_, the one-pass LARS step from
+  sum_squares / unpack_'s sq_norms, pack_/unpack_, exact topk_compress and topk_decompress, and one gradfuse.DistributedOptimizer step at world size 1 — runs under
   ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up: any host synchronization raises.
-- ``graph``: LARS + pack + unpack captured in a CUDA graph and replayed give the same bits as
-  eager execution on the same inputs.
+- ``graph``: LARS (two-pass and one-pass) + pack + unpack with sq_norms + sum_squares captured
+  in a CUDA graph and replayed give the same bits as eager execution on the same inputs (the
+  norms are deterministic: no atomics decide their low bits).
 - ``topk``: sampled topk_compress at density 0.001 on 25.6M values (ResNet-50's size) is at
   least 10x faster than ``torch.topk`` alone, on a dense and on a 0.1%-non-zero gradient; the
   bytes moved per parameter and the achieved bandwidth are printed. Then 3 DistributedOptimizer
   steps with exact top-k compression run under ``set_sync_debug_mode("error")``.
-- ``huge``: pack_, unpack_, lars_update_ and topk_compress on one tensor of more than 2**31
-  elements (64-bit index math). Inputs repeat a short random pattern, so the reference for every
+- ``bandwidth``: on ResNet-50's 161 fp32 tensors (25.6M parameters), the one-pass LARS step
+  (``lars_update_from_norms_``, 20 B/param) and ``pack_`` to fp16 (6 B/param) each reach at
+  least 85% of the measured device copy bandwidth (CUDA-event timing over back-to-back calls);
+  the two-pass ``lars_update_``, ``unpack_`` with ``sq_norms`` and ``sum_squares`` are printed
+  beside them, each with its bytes moved per parameter.
+- ``huge``: pack_, unpack_, lars_update_ (and sum_squares) and topk_compress on one tensor of
+  more than 2**31 elements (64-bit index math). Inputs repeat a short random pattern, so the reference for every
   element comes from the pattern (computed on the CPU in float64) and every element is checked.
 
 ``--device cpu --small`` runs what it can on the CPU with tiny sizes (``huge`` with ~100K
@@ -33,7 +39,7 @@ import traceback
 
 import torch
 
-PARTS = ("sync", "graph", "topk", "huge")
+PARTS = ("sync", "graph", "topk", "bandwidth", "huge")
 # Length of the repeating input pattern: a prime, so the pattern does not line up with the
 # kernels' chunk sizes (powers of two) and a misplaced element shows.
 PERIOD = 65521
@@ -147,10 +153,14 @@ def hot_path_workload(dev):
     topk_grad = torch.randn(100_003, generator=gen).to(dev)
     topk_residual = torch.zeros_like(topk_grad)
 
+    g_sq = torch.zeros(len(grads), dtype=torch.float64, device=dev)
+
     def step():
         ops.lars_update_(params, grads, bufs, lr=0.1, weight_decay=1e-4)
         ops.pack_(grads, flat, scale=0.5, nonfinite=nonfinite)
-        ops.unpack_(flat, restored, scale=2.0)
+        ops.unpack_(flat, restored, scale=2.0, sq_norms=g_sq)
+        w_sq = ops.sum_squares(params)
+        ops.lars_update_from_norms_(params, restored, bufs, g_sq, w_sq, lr=0.1, weight_decay=1e-4)
         values, indices = ops.topk_compress(topk_grad, topk_residual, 0.01)
         ops.topk_decompress(values.repeat(4), indices.repeat(4), topk_grad.numel())
         opt.zero_grad()
@@ -185,8 +195,8 @@ def part_sync(dev, small):
         sync(dev)
         check()
         return (
-            "3 steady-state steps (LARS, pack_, unpack_, exact top-k, decompress, "
-            "DistributedOptimizer) without a sync"
+            "3 steady-state steps (LARS two-pass and one-pass, sum_squares, pack_, unpack_ with "
+            "sq_norms, exact top-k, decompress, DistributedOptimizer + one-pass LARS) without a sync"
         )
     finally:
         gradfuse.shutdown()
@@ -212,6 +222,8 @@ def part_graph(dev, small):
     flat = torch.empty(sum(numels), dtype=torch.bfloat16, device=dev)
     restored = [torch.zeros(n, device=dev) for n in numels]
     nonfinite = torch.zeros(1, device=dev)
+    g_sq = torch.zeros(len(numels), dtype=torch.float64, device=dev)
+    w_sq = torch.zeros(len(numels), dtype=torch.float64, device=dev)
 
     def reset():
         for k, tensors in static.items():
@@ -221,6 +233,8 @@ def part_graph(dev, small):
         for t in restored:
             t.zero_()
         nonfinite.zero_()
+        g_sq.zero_()
+        w_sq.zero_()
 
     def step():
         ops.lars_update_(
@@ -233,11 +247,15 @@ def part_graph(dev, small):
             nesterov=True,
         )
         ops.pack_(static["params"], flat, scale=0.25, nonfinite=nonfinite)
-        ops.unpack_(flat, restored, scale=4.0, accumulate=True)
+        ops.unpack_(flat, restored, scale=4.0, accumulate=True, sq_norms=g_sq)
+        w_sq.copy_(ops.sum_squares(static["params"]))
+        ops.lars_update_from_norms_(
+            static["params"], restored, static["bufs"], g_sq, w_sq, lr=0.01, weight_decay=1e-4
+        )
 
     def outputs():
         sync(dev)
-        tensors = static["params"] + static["bufs"] + restored + [flat, nonfinite]
+        tensors = static["params"] + static["bufs"] + restored + [flat, nonfinite, g_sq, w_sq]
         return [t.clone() for t in tensors]
 
     reset()
@@ -263,7 +281,10 @@ def part_graph(dev, small):
         for i, (a, b) in enumerate(zip(got, eager)):
             if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
                 raise AssertionError(f"replay {replay}: output tensor {i} differs from eager")
-    return f"captured LARS + pack_ + unpack_ over {len(numels)} tensors; 2 replays equal eager"
+    return (
+        f"captured LARS (two-pass, one-pass) + pack_ + unpack_ with sq_norms + sum_squares over "
+        f"{len(numels)} tensors; 2 replays equal eager, norms included"
+    )
 
 
 # ---- topk: sampled top-k against torch.topk -----------------------------------------------------
@@ -365,6 +386,99 @@ def topk_optimizer_without_sync(dev):
         gradfuse.shutdown()
 
 
+# ---- bandwidth: one-pass LARS and pack against the copy bandwidth ------------------------------
+
+BANDWIDTH_TARGET = 0.85
+# Bytes each op must move per fp32 parameter: read w, g, v and write w, v (one-pass LARS); the
+# two-pass op reads w and g once more for the norms; pack reads fp32 and writes fp16; unpack the
+# reverse; sum_squares reads.
+BYTES_PER_PARAM = {
+    "one-pass LARS": 20,
+    "two-pass lars_update_": 28,
+    "pack_ fp32->fp16": 6,
+    "unpack_ fp16->fp32 + sq_norms": 6,
+    "sum_squares": 4,
+}
+GATED = ("one-pass LARS", "pack_ fp32->fp16")
+
+
+def seconds_per_call(fn, dev, reps):
+    """Seconds per call over `reps` back-to-back calls (CUDA events on a GPU: no host sync
+    between calls, as in training), after a warm-up."""
+    for _ in range(3):
+        fn()
+    sync(dev)
+    if dev.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / reps
+
+
+def copy_seconds(nbytes, gen, dev, reps):
+    """Seconds of one device-to-device copy of nbytes (the buffers freed after)."""
+    src = torch.randn(nbytes // 4, generator=gen, device=dev)
+    dst = torch.empty_like(src)
+    return seconds_per_call(lambda: dst.copy_(src), dev, reps)
+
+
+def part_bandwidth(dev, small):
+    from gradfuse import ops
+    from gradfuse.bench.shapes import resnet50_shapes
+
+    shapes = resnet50_shapes()[:12] if small else resnet50_shapes()
+    reps = 3 if small else 50
+    gen = torch.Generator(device=dev).manual_seed(6)
+    params = [torch.randn(*s, generator=gen, device=dev) for s in shapes]
+    grads = [torch.randn(*s, generator=gen, device=dev) * 1e-3 for s in shapes]
+    bufs = [torch.zeros_like(p) for p in params]
+    numel = sum(p.numel() for p in params)
+    use_lars = [len(s) > 1 for s in shapes]
+    hyper = {"lr": 1e-3, "weight_decay": 5e-5, "use_lars": use_lars, "use_weight_decay": use_lars}
+    flat = torch.empty(numel, dtype=torch.float16, device=dev)
+    restored = [torch.empty_like(g) for g in grads]
+    g_sq, w_sq = ops.sum_squares(grads), ops.sum_squares(params)
+
+    copy_bytes = (32 << 20) if small else (1 << 30)
+    copy_bw = 2 * copy_bytes / copy_seconds(copy_bytes, gen, dev, max(3, reps // 5))
+
+    calls = {
+        "one-pass LARS": lambda: ops.lars_update_from_norms_(
+            params, grads, bufs, g_sq, w_sq, **hyper
+        ),
+        "two-pass lars_update_": lambda: ops.lars_update_(params, grads, bufs, **hyper),
+        "pack_ fp32->fp16": lambda: ops.pack_(grads, flat),
+        "unpack_ fp16->fp32 + sq_norms": lambda: ops.unpack_(flat, restored, sq_norms=g_sq),
+        "sum_squares": lambda: ops.sum_squares(grads),
+    }
+    shares, report = {}, [f"{len(shapes)} tensors, {numel} params; copy {copy_bw / 1e9:.0f} GB/s"]
+    for name, fn in calls.items():
+        seconds = seconds_per_call(fn, dev, reps)
+        gbps = BYTES_PER_PARAM[name] * numel / seconds / 1e9
+        shares[name] = gbps * 1e9 / copy_bw
+        line = (
+            f"{name}: {seconds * 1e6:.0f} us, {BYTES_PER_PARAM[name]} B/param -> {gbps:.0f} GB/s "
+            f"= {100 * shares[name]:.0f}% of copy"
+        )
+        print(f"gpu_check bandwidth {line}", flush=True)
+        report.append(line)
+    assert all(bool(torch.isfinite(p).all()) for p in params), "LARS made a non-finite weight"
+    if dev.type != "cuda":
+        raise Skip("the 85% targets are for a GPU; CPU figures: " + "; ".join(report))
+    below = [f"{n} {100 * shares[n]:.0f}%" for n in GATED if shares[n] < BANDWIDTH_TARGET]
+    assert not below, f"below {100 * BANDWIDTH_TARGET:.0f}% of copy bandwidth: {below}; " + (
+        "; ".join(report)
+    )
+    return "; ".join(report)
+
+
 # ---- huge: tensors above 2**31 elements ---------------------------------------------------------
 
 
@@ -433,6 +547,9 @@ def check_lars(dev, numel, p, gen):
         return math.sqrt(rows * float((t * t).sum()) + float((t[:rest] * t[:rest]).sum()))
 
     w_norm, g_norm = norm(w0), norm(g0)
+    # The deterministic norms over tens of thousands of chunks (g is not written by the step).
+    g_sq = ops.sum_squares([g]).item()
+    assert abs(g_sq - g_norm**2) <= 1e-5 * g_norm**2, f"sum_squares: {g_sq} vs {g_norm**2}"
     trust = tc * w_norm / (g_norm + wd * w_norm + eps)
     d = g0.double() + wd * w0.double()
     v_ref = momentum * v0.double() + trust * d
@@ -522,7 +639,13 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     if dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
-    functions = {"sync": part_sync, "graph": part_graph, "topk": part_topk, "huge": part_huge}
+    functions = {
+        "sync": part_sync,
+        "graph": part_graph,
+        "topk": part_topk,
+        "bandwidth": part_bandwidth,
+        "huge": part_huge,
+    }
 
     results = {}
     for name in parts:

@@ -4,7 +4,8 @@ Skipped as a whole without a GPU (or with a CPU-only build of gradfuse). Inputs 
 random data each run (the seed is printed, so a failure can be replayed) in awkward sizes:
 empty, single, odd, around the 4-wide vector width and the 64K-element chunk, many small
 tensors (several kernel-argument tables), misaligned views (the scalar fallback) and one
-tensor of about 25M elements.
+tensor of about 25M elements. The norms (sum_squares, unpack_'s sq_norms, both LARS ops) must
+be deterministic: bitwise equal run to run, whatever the alignment.
 """
 
 import math
@@ -137,8 +138,8 @@ def test_lars_awkward_sizes(gen, nesterov, lr_in_momentum):
 
 
 def test_lars_many_small_tensors_and_cpu_agreement(gen):
-    # 700 tensors: several launches of the 36-tensor update table and the 64-tensor norm table,
-    # with tensors cut between launches.
+    # 700 tensors: several launches of the 4 KiB tables (42 tensors per update launch) or two of
+    # the 32 KiB ones, with tensors cut between launches.
     numels = torch.randint(1, 3000, (700,), generator=gen).tolist()
     numels[350] = 200_000
     params, grads, bufs = lars_case(gen, numels)
@@ -280,6 +281,334 @@ def test_lars_bad_input_same_error_as_cpu(case):
 def test_lars_mixed_devices_rejected():
     with pytest.raises(ValueError, match=r"grads\[0\] is on cpu but params\[0\] is on cuda"):
         lars([torch.zeros(3, device=DEV)], [torch.zeros(3)], [torch.zeros(3, device=DEV)])
+
+
+# ---- one-pass LARS and deterministic norms -------------------------------------------------
+
+
+def sq_ref(t):
+    return t.detach().cpu().double().pow(2).sum().item()
+
+
+def assert_sq_close(got, tensors, rtol=5e-6):
+    for value, t in zip(got.cpu().tolist(), tensors):
+        ref = sq_ref(t)
+        assert abs(value - ref) <= rtol * ref + 1e-300, (value, ref, t.numel(), t.dtype)
+
+
+# Many chunks per tensor (partials summed by the last block), sizes around the chunk, odd tails.
+NORM_SIZES = AWKWARD + [3 * 65536 + 5, 2_000_003]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sum_squares_close_and_bitwise_run_to_run(gen, dtype):
+    tensors = [randn(gen, n, dtype=dtype) for n in NORM_SIZES] + [misaligned(randn(gen, 999))]
+    first = ops.sum_squares(tensors)
+    assert first.dtype == torch.float64 and first.device.type == torch.device(DEV).type
+    assert first.shape == (len(tensors),)
+    assert_sq_close(first, tensors)
+    for _ in range(20):
+        assert_bits_equal(ops.sum_squares(tensors), first)
+    assert first[0].item() == 0.0  # the empty tensor
+
+
+def test_sum_squares_mixed_dtypes_alignment_and_specials(gen):
+    tensors = [randn(gen, n, dtype=FLOATS[i % 4]) for i, n in enumerate(NORM_SIZES)]
+    got = ops.sum_squares(tensors)
+    # One call over mixed dtypes equals one call per tensor; a misaligned copy of the same
+    # values gives the same bits (the same element-to-thread order on both paths).
+    for t, value in zip(tensors, got):
+        assert_bits_equal(ops.sum_squares([t]), value.view(1))
+        assert_bits_equal(ops.sum_squares([misaligned(t)]), value.view(1))
+    a, b = randn(gen, 70001), randn(gen, 33)
+    a[69999], b[5] = float("nan"), float("inf")
+    got = ops.sum_squares([a, b, randn(gen, 9)])
+    assert got[0].isnan() and got[1].isinf() and got[2].isfinite()
+
+
+@pytest.mark.parametrize("flat_dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_unpack_sq_norms_are_the_written_values_norms(gen, flat_dtype, out_dtype, accumulate):
+    sizes = NORM_SIZES[:-1] + [5] * 40
+    outs = [randn(gen, n, dtype=out_dtype) for n in sizes]
+    outs[-1] = misaligned(outs[-1])
+    flat = misaligned(randn(gen, sum(sizes) + 3, dtype=flat_dtype))
+    before = [t.clone() for t in outs]
+    sq = torch.full((len(outs),), float("nan"), dtype=torch.float64, device=DEV)  # poisoned
+    ops.unpack_(flat, outs, 0.25, accumulate, None, sq)
+    # Bitwise what a separate pass over the written tensors gives, and close to float64.
+    assert_bits_equal(sq, ops.sum_squares(outs))
+    assert_sq_close(sq, outs)
+    # Run to run: the same inputs give the same bits.
+    for _ in range(5):
+        again = [b.clone() for b in before]
+        sq2 = torch.empty_like(sq)
+        ops.unpack_(flat, again, 0.25, accumulate, None, sq2)
+        assert_bits_equal(sq2, sq)
+
+
+def test_unpack_sq_norms_empty_tensors_and_no_elements(gen):
+    outs = [torch.empty(0, device=DEV), randn(gen, 7), torch.empty(0, 3, device=DEV)]
+    sq = torch.full((3,), float("nan"), dtype=torch.float64, device=DEV)
+    ops.unpack_(randn(gen, 7), outs, 1.0, False, None, sq)
+    assert sq[0].item() == 0.0 and sq[2].item() == 0.0 and sq[1].item() == sq_ref(outs[1])
+    sq.fill_(float("nan"))
+    ops.unpack_(randn(gen, 2), [torch.empty(0, device=DEV)], 1.0, False, None, sq[:1])
+    assert sq[0].item() == 0.0
+
+
+def one_pass(params, grads, bufs, g_sq, w_sq, copies=(), **kw):
+    gradfuse.ops.lars_update_from_norms_(
+        params, grads, bufs, g_sq, w_sq, model_copies=list(copies), **{**HYPER, **kw}
+    )
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("lr_in_momentum", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "grad_dtype"),
+    [(torch.float32, None), (torch.float32, torch.float16), (torch.bfloat16, None)],
+)
+def test_one_pass_equals_two_pass_bitwise(gen, nesterov, lr_in_momentum, dtype, grad_dtype):
+    sizes = NORM_SIZES + [3] * 20
+    params, grads, bufs = lars_case(gen, sizes, dtype, grad_dtype)
+    params[1], grads[1], bufs[1] = (misaligned(t) for t in (params[1], grads[1], bufs[1]))
+    p2, g2, b2 = ([t.clone() for t in ts] for ts in (params, grads, bufs))
+    use_lars = [i % 3 != 1 for i in range(len(sizes))]
+    use_wd = [i % 4 != 2 for i in range(len(sizes))]
+    flags = {"nesterov": nesterov, "lr_in_momentum": lr_in_momentum}
+    lars(p2, g2, b2, use_lars=use_lars, use_wd=use_wd, **flags)
+    w_sq = ops.sum_squares(params)
+    one_pass(
+        params,
+        grads,
+        bufs,
+        ops.sum_squares(grads),
+        w_sq,
+        use_lars=use_lars,
+        use_weight_decay=use_wd,
+        **flags,
+    )
+    # The two-pass op's norm pass takes the same deterministic sums: the same bits.
+    for a, b in zip(params + bufs, p2 + b2):
+        assert_bits_equal(a.float(), b.float())
+    # The new norms, taken while the update wrote them: what sum_squares gives now.
+    assert_bits_equal(w_sq, ops.sum_squares(params))
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("copy_dtype", [None, torch.float16])
+def test_one_pass_matches_the_cpu_given_the_same_norms(gen, param_dtype, copy_dtype):
+    # Given the same norms, both devices compute each element with the same fused
+    # multiply-adds and roundings: the same bits. Only the norms' summation order differs.
+    sizes = [1, 9, 1000, 65537, 200_003]
+    params, grads, bufs = lars_case(gen, sizes, param_dtype)
+    copies = (
+        [] if copy_dtype is None else [torch.zeros(n, dtype=copy_dtype, device=DEV) for n in sizes]
+    )
+    cpu = [[t.cpu() for t in ts] for ts in (params, grads, bufs, copies)]
+    g_sq, w_sq = ops.sum_squares(cpu[1]), ops.sum_squares(cpu[0])
+    w_sq_gpu = w_sq.to(DEV)
+    kw = {"use_lars": [True, False, True, True, True], "nesterov": True}
+    one_pass(params, grads, bufs, g_sq.to(DEV), w_sq_gpu, copies, **kw)
+    one_pass(cpu[0], cpu[1], cpu[2], g_sq, w_sq, cpu[3], **kw)
+    for a, b in zip(params + bufs + copies, cpu[0] + cpu[2] + cpu[3]):
+        assert torch.equal(a.cpu(), b)
+    torch.testing.assert_close(w_sq_gpu.cpu(), w_sq, rtol=1e-6, atol=0)
+
+
+def test_one_pass_grad_scale_found_inf_and_zero_norms(gen):
+    sizes = [50, 9, 70000]
+    params, grads, bufs = lars_case(gen, sizes)
+    scale = 1024.0
+    scaled = [g * scale for g in grads]
+    g_sq = ops.sum_squares(scaled)  # of the scaled grads, as unpack takes them
+    w_sq = ops.sum_squares(params)
+    before = [t.clone() for t in params + bufs + [w_sq]]
+    one_pass(
+        params,
+        scaled,
+        bufs,
+        g_sq,
+        w_sq,
+        grad_scale=torch.tensor([scale], device=DEV),
+        found_inf=torch.ones(1, device=DEV),
+    )
+    assert all(torch.equal(a, b) for a, b in zip(params + bufs + [w_sq], before))
+    refs = [lars_reference(p, g, v) for p, g, v in zip(params, grads, bufs)]
+    one_pass(
+        params,
+        scaled,
+        bufs,
+        g_sq,
+        w_sq,
+        grad_scale=torch.tensor([scale], device=DEV),
+        found_inf=torch.zeros(1, device=DEV),
+    )
+    for p, (p_ref, _) in zip(params, refs):
+        assert rel_err(p, p_ref) < 1e-6
+    # A zero norm gives trust ratio 1, a NaN norm poisons its tensor only.
+    p, g, v = lars_case(gen, [37, 37, 0])
+    ref, _ = lars_reference(p[0], g[0], v[0], use_lars=False, lr=0.5, weight_decay=0.0)
+    norms_g = torch.tensor([0.0, float("nan"), 5.0], dtype=torch.float64, device=DEV)
+    norms_w = torch.tensor([1.0, 1.0, 7.0], dtype=torch.float64, device=DEV)
+    one_pass(p, g, v, norms_g, norms_w, lr=0.5, weight_decay=0.0)
+    assert rel_err(p[0], ref) < 1e-6  # trust ratio 1
+    assert p[1].isnan().all()
+    assert norms_w[2].item() == 0.0  # the empty tensor's new norm
+
+
+def test_two_pass_lars_bitwise_run_to_run(gen):
+    # Many chunks per tensor: the norm pass's partials and last-block sums decide the trust
+    # ratio's low bits; 20 runs from the same inputs must agree exactly.
+    params, grads, bufs = lars_case(gen, [2_000_003, 65537, 3 * 65536, 9])
+    start = [[t.clone() for t in ts] for ts in (params, grads, bufs)]
+    lars(params, grads, bufs)
+    for _ in range(20):
+        p, g, v = ([t.clone() for t in ts] for ts in start)
+        lars(p, g, v)
+        for a, b in zip(p + v, params + bufs):
+            assert_bits_equal(a, b)
+
+
+def kernel_launches(fn, name):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if name in e.name and e.device_type.name == "CUDA")
+
+
+def test_resnet50_shapes_one_launch_each(gen):
+    from gradfuse.bench.shapes import resnet50_shapes
+
+    shapes = resnet50_shapes()
+    params = [randn(gen, *s) for s in shapes]
+    grads = [randn(gen, *s, scale=1e-3) for s in shapes]
+    bufs = [torch.zeros_like(p) for p in params]
+    use_lars = [len(s) > 1 for s in shapes]
+    flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float16, device=DEV)
+    restored = [torch.empty_like(g) for g in grads]
+    g_sq = torch.empty(len(shapes), dtype=torch.float64, device=DEV)
+    w_sq = ops.sum_squares(params)
+    cpu_params = [p.cpu() for p in params]
+    calls = {
+        "pack": lambda: ops.pack_(grads, flat, 1.0),
+        "unpack": lambda: ops.unpack_(flat, restored, 1.0, False, None, g_sq),
+        "lars_update_kernel": lambda: one_pass(
+            params, restored, bufs, g_sq, w_sq, use_lars=use_lars, use_weight_decay=use_lars
+        ),
+        "sum_squares_kernel": lambda: ops.sum_squares(grads),
+    }
+    counts = {
+        name: kernel_launches(fn, "convert_kernel" if name in ("pack", "unpack") else name)
+        for name, fn in calls.items()
+    }
+    if torch.cuda.get_device_capability()[0] >= 7:  # 32 KiB kernel arguments: one table
+        assert counts == dict.fromkeys(calls, 1), counts
+    assert_sq_close(g_sq, restored)
+    for r, g in zip(restored, grads):
+        assert torch.equal(r, g.half().float())
+    # The step against the CPU twin from the same norms: bitwise equal.
+    cpu_bufs = [torch.zeros_like(p) for p in cpu_params]
+    one_pass(
+        cpu_params,
+        [r.cpu() for r in restored],
+        cpu_bufs,
+        ops.sum_squares([r.cpu() for r in restored]),
+        ops.sum_squares(cpu_params),
+        use_lars=use_lars,
+        use_weight_decay=use_lars,
+    )
+    for p, c in zip(params, cpu_params):
+        torch.testing.assert_close(p.cpu(), c, rtol=1e-6, atol=1e-7)
+
+
+def test_one_pass_ops_never_sync(gen):
+    params, grads, bufs = lars_case(gen, [100_003, 7, 65537])
+    flat = torch.empty(sum(p.numel() for p in params), device=DEV)
+    sq = torch.empty(3, dtype=torch.float64, device=DEV)
+
+    def step():
+        ops.unpack_(flat, grads, 1.0, False, None, sq)
+        w_sq = ops.sum_squares(params)
+        one_pass(params, grads, bufs, sq, w_sq, lr=1e-3)
+        lars(params, grads, bufs, lr=1e-3)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def test_lars_optimizer_uses_one_pass_on_cuda_and_matches_cpu(gen):
+    from gradfuse.optim import LARS, _has_one_pass_kernels
+
+    assert _has_one_pass_kernels(torch.device(DEV))
+    shapes = [(64, 32), (64,), (10, 64), (10,)]
+    init = [randn(gen, *s, device="cpu") for s in shapes]
+    grads = [[randn(gen, *s, device="cpu", scale=1e-2) for s in shapes] for _ in range(5)]
+    results = []
+    for device in ("cpu", DEV):
+        params = [torch.nn.Parameter(t.to(device)) for t in init]
+        opt = LARS(params, lr=0.1, weight_decay=1e-4, trust_coefficient=0.02)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.to(device)
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def norm_bad_inputs(device):
+    z = lambda *s, **kw: torch.zeros(*s, device=device, **kw)
+    d = torch.float64
+    return [
+        ([z(3)], z(1), z(1, dtype=d)),  # grad norms not float64
+        ([z(3)], z(2, dtype=d), z(1, dtype=d)),  # wrong length
+        ([z(3)], z(1, dtype=d), z(1, 1, dtype=d)),  # not 1-D
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_one_pass_bad_input_same_error_as_cpu(case):
+    (pc, gc, wc), (pg, gg, wg) = norm_bad_inputs("cpu")[case], norm_bad_inputs(DEV)[case]
+
+    def call(params, g_sq, w_sq):
+        return lambda: one_pass(
+            params,
+            [torch.zeros_like(p) for p in params],
+            [torch.zeros_like(p) for p in params],
+            g_sq,
+            w_sq,
+        )
+
+    assert_same_error(call(pc, gc, wc), call(pg, gg, wg))
+    assert_same_error(
+        lambda: ops.sum_squares([torch.zeros(2), torch.zeros(2, dtype=torch.int32)]),
+        lambda: ops.sum_squares(
+            [torch.zeros(2, device=DEV), torch.zeros(2, dtype=torch.int32, device=DEV)]
+        ),
+    )
+    assert_same_error(
+        lambda: ops.unpack_(
+            torch.zeros(4), [torch.zeros(4)], 1.0, False, None, torch.zeros(2, dtype=torch.float64)
+        ),
+        lambda: ops.unpack_(
+            torch.zeros(4, device=DEV),
+            [torch.zeros(4, device=DEV)],
+            1.0,
+            False,
+            None,
+            torch.zeros(2, dtype=torch.float64, device=DEV),
+        ),
+    )
 
 
 # ---- pack / unpack ----------------------------------------------------------------------------

@@ -239,3 +239,62 @@ def test_bad_flag_and_unpack_messages():
         ops.unpack_(torch.zeros(1), [torch.zeros(2)])
     with pytest.raises(ValueError, match="pack: tensors must not be empty"):
         ops.pack([])
+
+
+def at_offset(t, k):
+    """A contiguous copy of t starting k elements into its storage (k > 0: off 16-byte
+    alignment for every k the vector width does not divide)."""
+    base = torch.full((t.numel() + k,), float("nan"), dtype=t.dtype)
+    view = base[k:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# Every size class around the 8-lane vectors and 4096-element norm blocks, and many tiny ones.
+SIZE_CLASSES = [0, 1, 7, 8, 9, 1023, 4097] + [1, 2, 3, 5] * 12
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_offset", [0, 1, 4, 7])
+@pytest.mark.parametrize("out_offset", [0, 2, 5, 7])
+def test_any_alignment_is_bitwise_torch_rounding(simd, gen, low, in_offset, out_offset):
+    # fp32 -> fp16/bf16 and back at every alignment of the inputs and outputs: the vector body
+    # and the scalar tail write what torch's .to() writes, and nothing past the end.
+    tensors = [at_offset(randn(gen, n, scale=100.0), in_offset) for n in SIZE_CLASSES]
+    total = sum(t.numel() for t in tensors)
+    out = at_offset(torch.full((total + 9,), 7.0, dtype=low), out_offset)  # poisoned, a tail
+    flag = torch.zeros(1)
+    ops.pack_(tensors, out, 1.0, flag)
+    ref = torch.cat([t.flatten() for t in tensors])
+    assert torch.equal(out[:total], ref.to(low))
+    assert torch.equal(out[total:], torch.full((9,), 7.0, dtype=low))
+    assert flag.item() == 0.0
+    # The float64 view of the same: each value within half an ulp of the exact one.
+    err = (out[:total].double() - ref.double()).abs()
+    assert (err <= ref.double().abs() * ULP[low] / 2 + torch.finfo(low).tiny).all()
+
+    back = [at_offset(torch.full_like(t, float("nan")), out_offset) for t in tensors]
+    sq = torch.full((len(back),), float("nan"), dtype=torch.float64)
+    ops.unpack_(out, back, 1.0, False, flag, sq)
+    assert torch.equal(torch.cat([b.flatten() for b in back]), out[:total].float())
+    assert torch.equal(sq, ops.sum_squares(back)) and flag.item() == 0.0
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_specials_at_any_lane_are_kept_and_flagged(simd, low, offset):
+    # NaN, +-inf, fp16 overflow (65520 rounds to inf), signed zero and values that underflow,
+    # in the vector body and in the tail.
+    specials = [float("nan"), float("inf"), -float("inf"), 65520.0, -0.0, 1e-9, 65519.0, -3e38]
+    x = torch.tensor(specials * 3 + [1.5] * 5)  # 29 elements: 3 vectors and a tail of 5
+    for i in range(x.numel()):
+        clean = x.clone()
+        clean[:] = 1.0
+        clean[i] = x[i]
+        src = at_offset(clean, offset)
+        out = at_offset(torch.empty(x.numel(), dtype=low), offset)
+        flag = torch.zeros(1)
+        ops.pack_([src], out, 1.0, flag)
+        expected = clean.to(low)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+        assert flag.item() == float(not expected.isfinite().all()), (i, clean[i])

@@ -21,6 +21,7 @@ import warnings
 import gradfuse as hvd
 import torch
 from gradfuse.data import DistributedBatchSampler
+from gradfuse.optim import _has_one_pass_kernels
 from multiproc import checks_of, device, full, ones, worker_main, zeros
 from sklearn.datasets import load_digits
 
@@ -155,7 +156,7 @@ def check_lars_takes_grad_norms_from_the_engine():
         optimizer_for("lars", model.parameters()), named_parameters=model.named_parameters()
     )
     params = list(model.parameters())
-    one_pass = device().type == "cpu"  # the one-pass kernels are CPU-only so far
+    one_pass = _has_one_pass_kernels(device())  # CPU, and CUDA in a CUDA build
     ref = [p.detach().clone() for p in params]
     ref_bufs = [torch.zeros_like(p) for p in params]
     use = [p.ndim > 1 for p in params]

@@ -1,5 +1,6 @@
-// lars_update_ on CUDA: the same validation as the CPU (check_lars_args, cpp/ops/lars.cpp),
-// then cuda::lars_update on the current stream. No host sync: found_inf and grad_scale are
+// lars_update_ and lars_update_from_norms_ on CUDA: the same validation as the CPU
+// (check_lars_args, check_lars_norm_args: cpp/ops/lars.cpp), then cuda::lars_update /
+// cuda::lars_update_from_norms on the current stream. No host sync: found_inf and grad_scale are
 // read by the kernels on the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,6 +18,58 @@ namespace {
 
 constexpr const char* kOp = "lars_update_";
 
+std::vector<cuda::LarsTensor> lars_tensors(at::TensorList params, at::TensorList grads,
+                                           at::TensorList momentum_bufs,
+                                           at::TensorList model_copies,
+                                           const c10::List<bool>& use_lars,
+                                           const c10::List<bool>& use_weight_decay) {
+  const bool has_copy = !model_copies.empty();
+  std::vector<cuda::LarsTensor> tensors(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    cuda::LarsTensor& t = tensors[i];
+    t.param = params[i].data_ptr();
+    t.grad = grads[i].const_data_ptr();
+    t.momentum = momentum_bufs[i].data_ptr();
+    t.model_copy = has_copy ? model_copies[i].data_ptr() : nullptr;
+    t.numel = params[i].numel();
+    t.use_lars = use_lars.get(i);
+    t.use_weight_decay = use_weight_decay.get(i);
+  }
+  return tensors;
+}
+
+cuda::LarsOptions lars_options(at::TensorList params, at::TensorList grads,
+                               at::TensorList model_copies, double lr, double momentum,
+                               double weight_decay, double trust_coefficient, double eps,
+                               bool nesterov, bool lr_in_momentum,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf) {
+  cuda::LarsOptions opts{};
+  opts.lr = lr;
+  opts.momentum = static_cast<float>(momentum);
+  opts.weight_decay = weight_decay;
+  opts.trust_coefficient = trust_coefficient;
+  opts.eps = eps;
+  opts.nesterov = nesterov;
+  opts.lr_in_momentum = lr_in_momentum;
+  opts.param_dtype = cuda_dtype(params[0].scalar_type());
+  opts.grad_dtype = cuda_dtype(grads[0].scalar_type());
+  opts.copy_dtype =
+      model_copies.empty() ? opts.param_dtype : cuda_dtype(model_copies[0].scalar_type());
+  opts.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  opts.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+  return opts;
+}
+
+// Scratch for the norm sums, from torch's caching allocator: freed at return, but the
+// allocator keeps the block reserved for this stream until the kernels queued here have used it.
+at::Tensor lars_scratch(at::TensorList params) {
+  int64_t total = 0;
+  for (const auto& p : params) total += p.numel();
+  const auto bytes = cuda::lars_scratch_bytes(static_cast<int64_t>(params.size()), total);
+  return at::empty({static_cast<int64_t>(bytes)}, params[0].options().dtype(at::kByte));
+}
+
 void lars_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_bufs,
                       at::TensorList model_copies, const c10::List<bool>& use_lars,
                       const c10::List<bool>& use_weight_decay, double lr, double momentum,
@@ -28,44 +81,51 @@ void lars_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   const auto n = static_cast<int64_t>(params.size());
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-
-  const bool has_copy = !model_copies.empty();
-  std::vector<cuda::LarsTensor> tensors(n);
-  for (int64_t i = 0; i < n; ++i) {
-    cuda::LarsTensor& t = tensors[i];
-    t.param = params[i].data_ptr();
-    t.grad = grads[i].const_data_ptr();
-    t.momentum = momentum_bufs[i].data_ptr();
-    t.model_copy = has_copy ? model_copies[i].data_ptr() : nullptr;
-    t.numel = params[i].numel();
-    t.use_lars = use_lars.get(i);
-    t.use_weight_decay = use_weight_decay.get(i);
-  }
-  cuda::LarsOptions opts{};
-  opts.lr = lr;
-  opts.momentum = static_cast<float>(momentum);
-  opts.weight_decay = weight_decay;
-  opts.trust_coefficient = trust_coefficient;
-  opts.eps = eps;
-  opts.nesterov = nesterov;
-  opts.lr_in_momentum = lr_in_momentum;
-  opts.param_dtype = cuda_dtype(params[0].scalar_type());
-  opts.grad_dtype = cuda_dtype(grads[0].scalar_type());
-  opts.copy_dtype = has_copy ? cuda_dtype(model_copies[0].scalar_type()) : opts.param_dtype;
-  opts.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
-  opts.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
-
-  // Per-tensor norm sums, from torch's caching allocator: freed at return, but the allocator
-  // keeps the block reserved for this stream until the kernels queued here have used it.
-  const at::Tensor scratch = at::empty({static_cast<int64_t>(cuda::lars_scratch_bytes(n))},
-                                       params[0].options().dtype(at::kByte));
+  const auto tensors =
+      lars_tensors(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay);
+  const auto opts = lars_options(params, grads, model_copies, lr, momentum, weight_decay,
+                                 trust_coefficient, eps, nesterov, lr_in_momentum, grad_scale,
+                                 found_inf);
+  const at::Tensor scratch = lars_scratch(params);
   check_cuda(cuda::lars_update(tensors.data(), n, opts, scratch.data_ptr(),
                                c10::cuda::getCurrentCUDAStream().stream()),
              kOp, "the LARS kernels");
 }
 
+void lars_update_from_norms_cuda(at::TensorList params, at::TensorList grads,
+                                 at::TensorList momentum_bufs, at::TensorList model_copies,
+                                 const c10::List<bool>& use_lars,
+                                 const c10::List<bool>& use_weight_decay,
+                                 const at::Tensor& grad_sq_norms,
+                                 const at::Tensor& param_sq_norms, double lr, double momentum,
+                                 double weight_decay, double trust_coefficient, double eps,
+                                 bool nesterov, bool lr_in_momentum,
+                                 const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf) {
+  check_lars_args(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay, lr,
+                  momentum, weight_decay, trust_coefficient, eps, grad_scale, found_inf);
+  check_lars_norm_args(params, grad_sq_norms, param_sq_norms);
+  const auto n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const auto tensors =
+      lars_tensors(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay);
+  const auto opts = lars_options(params, grads, model_copies, lr, momentum, weight_decay,
+                                 trust_coefficient, eps, nesterov, lr_in_momentum, grad_scale,
+                                 found_inf);
+  const at::Tensor scratch = lars_scratch(params);
+  check_cuda(cuda::lars_update_from_norms(tensors.data(), n, opts,
+                                          grad_sq_norms.const_data_ptr<double>(),
+                                          param_sq_norms.data_ptr<double>(), scratch.data_ptr(),
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+             "lars_update_from_norms_", "the LARS kernel");
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradfuse, CUDA, m) { m.impl("lars_update_", &lars_update_cuda); }
+TORCH_LIBRARY_IMPL(gradfuse, CUDA, m) {
+  m.impl("lars_update_", &lars_update_cuda);
+  m.impl("lars_update_from_norms_", &lars_update_from_norms_cuda);
+}
 
 }  // namespace gradfuse::ops

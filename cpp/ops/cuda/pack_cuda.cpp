@@ -1,6 +1,6 @@
 // pack_ / unpack_ on CUDA: the same validation as the CPU (check_pack_args, cpp/ops/pack.cpp),
-// then cuda::pack / cuda::unpack on the current stream. No host sync: the non-finite flag is
-// set on the device.
+// then cuda::pack / cuda::unpack on the current stream. No host sync: the non-finite flag and
+// unpack_'s sq_norms are written on the device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -48,18 +48,23 @@ void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, b
                  const std::optional<at::Tensor>& sq_norms) {
   const auto offsets = check_pack_args("unpack_", tensors, flat, "flat", nonfinite, scale, false);
   check_sq_norms_arg("unpack_", sq_norms, tensors, flat);
-  // The per-chunk partial sums of the CPU path are not written for CUDA yet; the LARS optimizer
-  // asks for norms only where sum_squares has a kernel (python/gradfuse/optim.py).
-  TORCH_CHECK_NOT_IMPLEMENTED(!sq_norms.has_value(),
-                              "unpack_: sq_norms is not implemented on CUDA yet");
-  if (offsets.back() == 0) return;
+  if (offsets.back() == 0 && !sq_norms.has_value()) return;
   const c10::cuda::CUDAGuard device_guard(flat.device());
   const auto segments = segments_of(tensors, offsets);
-  check_cuda(
-      cuda::unpack(segments.data(), static_cast<int64_t>(segments.size()), flat.const_data_ptr(),
-                   cuda_dtype(flat.scalar_type()), scale, accumulate, flag_ptr(nonfinite),
-                   c10::cuda::getCurrentCUDAStream().stream()),
-      "unpack_", "the unpack kernel");
+  const auto n = static_cast<int64_t>(segments.size());
+  // The norms' per-chunk partials, from torch's caching allocator (kept for this stream until
+  // the kernels queued here have used it).
+  at::Tensor scratch;
+  if (sq_norms.has_value()) {
+    scratch = at::empty({static_cast<int64_t>(cuda::unpack_scratch_bytes(n, offsets.back()))},
+                        flat.options().dtype(at::kByte));
+  }
+  check_cuda(cuda::unpack(segments.data(), n, flat.const_data_ptr(),
+                          cuda_dtype(flat.scalar_type()), scale, accumulate, flag_ptr(nonfinite),
+                          sq_norms.has_value() ? sq_norms->data_ptr<double>() : nullptr,
+                          scratch.defined() ? scratch.data_ptr() : nullptr,
+                          c10::cuda::getCurrentCUDAStream().stream()),
+             "unpack_", "the unpack kernel");
 }
 
 }  // namespace

@@ -82,12 +82,17 @@ def _time_lars(grads, shapes, dev, reps):
     return t_python, t_sgd, t_lars
 
 
+def _has_kernel(name: str, dev: torch.device) -> bool:
+    key = "CPU" if dev.type == "cpu" else dev.type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gradfuse::{name}", key)
+
+
 def _time_lars_one_pass(grads, shapes, dev, reps):
     """Seconds of the step LARS takes behind DistributedOptimizer: the gradients' squared norms
     came from the engine's unpack and the weights' from the previous update, so the step is
     lars_update_from_norms_ alone (20 bytes per fp32 parameter). None where the device has no
     kernel for it."""
-    if dev.type != "cpu":
+    if not _has_kernel("lars_update_from_norms_", dev):
         return None
     gen = torch.Generator(device=dev).manual_seed(2)
     params = [torch.randn(*s, generator=gen, device=dev) for s in shapes]
@@ -113,8 +118,18 @@ def _time_lars_one_pass(grads, shapes, dev, reps):
     )
 
 
+def _time_norms(grads, dev, reps):
+    """(torch._foreach_norm, sum_squares) seconds over the gradients (4 bytes per value read);
+    None for sum_squares where the device has no kernel for it."""
+    t_foreach = median_seconds(lambda: torch._foreach_norm(grads), dev, reps)
+    if not _has_kernel("sum_squares", dev):
+        return t_foreach, None
+    return t_foreach, median_seconds(lambda: ops.sum_squares(grads), dev, reps)
+
+
 def _time_pack(grads, numel, dev, reps):
-    """(cat+half, pack_, split+copy_, unpack_) seconds; 6 bytes per element each way."""
+    """(cat+half, pack_, split+copy_, unpack_, unpack_ with sq_norms) seconds; 6 bytes per
+    element each way."""
     flat = torch.empty(numel, dtype=torch.float16, device=dev)
     restored = [torch.empty_like(g) for g in grads]
     sizes = [g.numel() for g in grads]
@@ -124,7 +139,9 @@ def _time_pack(grads, numel, dev, reps):
         lambda: [r.copy_(c.view_as(r)) for r, c in zip(restored, flat.split(sizes))], dev, reps
     )
     t_unpack = median_seconds(lambda: ops.unpack_(flat, restored), dev, reps)
-    return t_cat, t_pack, t_split, t_unpack
+    sq = torch.empty(len(grads), dtype=torch.float64, device=dev)
+    t_norms = median_seconds(lambda: ops.unpack_(flat, restored, sq_norms=sq), dev, reps)
+    return t_cat, t_pack, t_split, t_unpack, t_norms
 
 
 def _time_topk(grads, density, dev, reps):
@@ -212,11 +229,23 @@ def run(device: str = "cpu", density: float = 0.001, reps: int = 11) -> tuple[li
             20 * numel,
         )
 
-    t_cat, t_pack, t_split, t_unpack = _time_pack(grads, numel, dev, reps)
+    t_foreach, t_sum_squares = _time_norms(grads, dev, reps)
+    add("squared norms of 161 tensors", "torch._foreach_norm", t_foreach, None, 4 * numel)
+    if t_sum_squares is not None:
+        add(
+            "squared norms of 161 tensors",
+            "gradfuse sum_squares (deterministic)",
+            t_sum_squares,
+            t_foreach,
+            4 * numel,
+        )
+
+    t_cat, t_pack, t_split, t_unpack, t_norms = _time_pack(grads, numel, dev, reps)
     add("pack fp32->fp16", "torch.cat + half", t_cat, None, 6 * numel)
     add("pack fp32->fp16", "gradfuse pack_", t_pack, t_cat, 6 * numel)
     add("unpack fp16->fp32", "torch split + copy_", t_split, None, 6 * numel)
     add("unpack fp16->fp32", "gradfuse unpack_", t_unpack, t_split, 6 * numel)
+    add("unpack fp16->fp32", "gradfuse unpack_ + sq_norms (one pass)", t_norms, t_split, 6 * numel)
 
     # Error feedback must read grad and residual and write residual: 12 bytes per element.
     t_ref, t_alone, t_exact, t_sampled = _time_topk(grads, density, dev, reps)
