@@ -11,6 +11,8 @@ from gradfuse import _build
 # Each op and the dispatch key its CPU implementation is registered under.
 OPS = {
     "lars_update_": "CPU",
+    "lars_update_from_norms_": "CPU",
+    "sum_squares": "CPU",
     "pack_": "CPU",
     "unpack_": "CPU",
     "topk_compress": "CPU",
