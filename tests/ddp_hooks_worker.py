@@ -350,6 +350,12 @@ def check_bad_input_raises_clearly():
         "Compression.topk(ratio, ...)",
         lambda: gddp.TopKHookState(make_model(), gradfuse.Compression.fp16),
     )
+    ratio = 0.01 * (1 + dist.get_rank())
+    expect_error(
+        ValueError,
+        "must be the same on every rank, got rank 0: ('Compression.topk(ratio=0.01",
+        lambda: gddp.TopKHookState(make_model(), gradfuse.Compression.topk(ratio)),
+    )
     first = dist.new_group([0])  # on the other ranks: GroupMember.NON_GROUP_MEMBER
     text = "must span every rank" if dist.get_rank() == 0 else "not a member of process_group"
     expect_error(ValueError, text, lambda: gddp.HierarchicalState(first))

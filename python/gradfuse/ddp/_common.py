@@ -75,3 +75,13 @@ def offset_in(buffer: torch.Tensor, view: torch.Tensor) -> int:
 # the old ones.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def agree(group: dist.ProcessGroup, who: str, what: str, value) -> None:
+    """Raises the same ValueError on every rank of ``group`` unless every rank passes an
+    equal ``value`` (a collective: made where every rank makes the state)."""
+    every = [None] * group.size()
+    dist.all_gather_object(every, value, group=group)
+    if any(v != every[0] for v in every):
+        per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(every))
+        raise ValueError(f"{who}: {what} must be the same on every rank, got {per_rank}")

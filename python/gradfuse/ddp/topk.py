@@ -23,6 +23,7 @@ from .. import ops
 from ..compression import TopKCompressor, TopKState
 from ._common import (
     IterationClock,
+    agree,
     all_gather_single,
     check_bucket,
     check_state,
@@ -46,6 +47,8 @@ class TopKHookState:
             them off for that step). Or None, with ``Compression.topk(momentum=m)`` and a
             momentum-free optimizer; without either there is no momentum correction.
         process_group: DDP's group (None: the default group).
+
+    Made on every rank of the group at once (it checks that they agree).
     """
 
     def __init__(
@@ -70,6 +73,14 @@ class TopKHookState:
         self.process_group = resolve_group(process_group, _WHO)
         self.settings = compression
         self._params = list(model.parameters())
+        # Ranks that disagree would gather picks of different lengths: raise at once instead.
+        shapes = [tuple(p.shape) for p in self._params]
+        agree(
+            self.process_group,
+            _WHO,
+            "the settings and parameter shapes",
+            (repr(compression), shapes),
+        )
         self._dgc = TopKState(compression, optimizer)
         self._clock = IterationClock()
         self._unstepped = False  # an iteration's gradients not yet stepped inside optimizer_step
