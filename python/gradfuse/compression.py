@@ -212,22 +212,24 @@ class TopKCompressor(Compressor):
 
 class TopKState:
     """One optimizer's DGC state: per parameter the residual (what error feedback has not sent
-    yet) and the velocity (momentum correction), and the step count of the warm-up.
+    yet) and the velocity (momentum correction), and the step count of the warm-up. Shared by
+    DistributedOptimizer and gradfuse.ddp's ``topk_hook``; ``optimizer`` may be None (no SGD to
+    take momentum over from: momentum correction then uses ``settings.momentum`` alone).
 
     ``compress(grad, param)`` returns ``(payload, ctx)``: ``payload`` is a dense tensor to
     allreduce, or a ``(values, indices)`` pair to allgather; ``decompress(reduced, ctx)``
     returns the dense sum over ranks (the reduced tensor itself for a dense payload).
     """
 
-    def __init__(self, settings: TopKCompressor, optimizer: torch.optim.Optimizer):
+    def __init__(self, settings: TopKCompressor, optimizer: torch.optim.Optimizer | None):
         self.settings = settings
         self.step = 0
         self.memory = {}  # param -> {"residual": float32, "momentum": float32}
         # Momentum correction taken over from SGD reads each group as it is at every step, so
-        # momentum schedules keep working.
+        # momentum schedules (and the groups a load_state_dict() puts in place) take effect.
         auto = settings.momentum is None and isinstance(optimizer, torch.optim.SGD)
-        self._groups = list(optimizer.param_groups) if auto else []
-        self._group_of = {p: g for g in self._groups for p in g["params"]}
+        self._optimizer = optimizer if auto else None
+        self._group_of_key, self._group_of_cache = None, {}
         if settings.momentum and isinstance(optimizer, torch.optim.SGD):
             with_momentum = [i for i, g in enumerate(optimizer.param_groups) if g["momentum"]]
             if with_momentum:
@@ -238,7 +240,7 @@ class TopKState:
                 )
 
     def _momentum_of(self, param) -> _Momentum | None:
-        group = self._group_of.get(param)
+        group = self._group_of().get(param)
         if group is not None:
             if not group["momentum"]:
                 return None
@@ -290,8 +292,27 @@ class TopKState:
         values, indices = reduced
         return ops.topk_decompress(values, indices, numel).view(shape)
 
+    @property
+    def _groups(self) -> list:
+        """The SGD's param groups as they are now: load_state_dict() replaces the dicts."""
+        return self._optimizer.param_groups if self._optimizer is not None else []
+
+    def _group_of(self) -> dict:
+        """param -> its SGD group, rebuilt when the groups are replaced or added to."""
+        key = tuple((id(g), len(g["params"])) for g in self._groups)
+        if key != self._group_of_key:
+            self._group_of_cache = {p: g for g in self._groups for p in g["params"]}
+            self._group_of_key = key
+        return self._group_of_cache
+
+    @property
+    def takes_over_momentum(self) -> bool:
+        """Whether SGD groups' momentum is applied here (then the SGD must step inside
+        :meth:`momentum_off`, or :meth:`optimizer_step`)."""
+        return any(g["momentum"] for g in self._groups)
+
     @contextlib.contextmanager
-    def optimizer_step(self):
+    def momentum_off(self):
         """Around the wrapped optimizer's step: the SGD groups whose momentum (and weight
         decay, nesterov, maximize) was applied before compression step with them off."""
         taken = [(g, {k: g[k] for k in _TAKEN_OVER}) for g in self._groups if g["momentum"]]
@@ -302,6 +323,13 @@ class TopKState:
         finally:
             for group, values in taken:
                 group.update(values)
+
+    @contextlib.contextmanager
+    def optimizer_step(self):
+        """:meth:`momentum_off`, then the warm-up's step count advances (DistributedOptimizer
+        counts steps by its optimizer's; gradfuse.ddp's hook counts DDP's iterations)."""
+        with self.momentum_off():
+            yield
         self.step += 1
 
     def state_dict(self, params) -> dict:

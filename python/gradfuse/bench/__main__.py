@@ -3,6 +3,7 @@
   gradfuse-bench ops [--device cpu|cuda]             fused ops vs the torch code doing the same work
   gradfuse-bench allreduce --np 4                    allreduce sizes 1 KiB-256 MiB, vs torch
   gradfuse-bench train --np 1,2,4 --model mlp        synthetic training, gradfuse vs DDP
+      [--ddp-hook fp16,topk,powersgd,...]            and DDP with comm hooks beside it
 
 Every subcommand prints a table; --json PATH writes the results, --plot PATH.png draws them.
 """
@@ -15,6 +16,8 @@ import sys
 
 import torch
 
+from .ddp_hooks import HOOKS
+
 
 def _ranks(text: str) -> list[int]:
     try:
@@ -24,6 +27,16 @@ def _ranks(text: str) -> list[int]:
     if not ranks or min(ranks) < 1:
         raise argparse.ArgumentTypeError(f"--np needs rank counts >= 1, got {text!r}")
     return ranks
+
+
+def _hooks(text: str) -> list[str]:
+    hooks = text.split(",")
+    unknown = [h for h in hooks if h not in HOOKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"--ddp-hook takes a comma list of {', '.join(HOOKS)}; got {', '.join(unknown)}"
+        )
+    return hooks
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=32, help="per rank")
     train.add_argument("--steps", type=int, default=10, help="timed steps per round")
     train.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework")
+    train.add_argument(
+        "--ddp-hook",
+        type=_hooks,
+        default=[],
+        help="DDP rows with comm hooks, a comma list of " + ",".join(HOOKS),
+    )
     for p in (ops, allreduce, train):
         p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
         p.add_argument("--plot", metavar="PATH", help="also draw the results (PNG)")
@@ -85,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from . import train as bench
 
-        results = bench.run(args.np, args.model, args.batch_size, args.steps, args.rounds)
+        results = bench.run(
+            args.np, args.model, args.batch_size, args.steps, args.rounds, args.ddp_hook
+        )
         print(bench.format_table(results))
         if args.plot:
             bench.plot(results, args.plot)

@@ -7,13 +7,19 @@ Each rank count is one ``gradfuse.run`` job running both frameworks in the same 
 
 from __future__ import annotations
 
+from .ddp_hooks import POWERSGD_RANK, TOPK_DENSITY
 from .jobs import run_worker
 
 # What each job measures: DistributedOptimizer as is, with gradient_as_bucket_view=True, and DDP.
 FRAMEWORKS = ("gradfuse", "gradfuse_views", "ddp")
 
 
-def run(ranks: list[int], model: str, batch_size: int, steps: int, rounds: int) -> list[dict]:
+def run(
+    ranks: list[int], model: str, batch_size: int, steps: int, rounds: int, ddp_hooks=()
+) -> list[dict]:
+    """``ddp_hooks``: names from ddp_hooks.HOOKS, each a DDP row with that comm hook ("none"
+    is the plain DDP row every run has)."""
+    hooks = [h for h in ddp_hooks if h != "none"]
     results = [
         run_worker(
             n,
@@ -27,16 +33,20 @@ def run(ranks: list[int], model: str, batch_size: int, steps: int, rounds: int) 
                 str(steps),
                 "--rounds",
                 str(rounds),
+                "--ddp-hooks",
+                ",".join(hooks),
             ],
         )
         for n in ranks
     ]
+    frameworks = FRAMEWORKS + tuple(f"ddp_{h}" for h in hooks)
     base = {
         fw: next((r[f"{fw}_per_rank"] for r in results if r["ranks"] == 1), None)
-        for fw in FRAMEWORKS
+        for fw in frameworks
     }
     for r in results:
-        for fw in FRAMEWORKS:
+        r["ddp_hooks"] = hooks
+        for fw in frameworks:
             r[f"{fw}_total"] = r[f"{fw}_per_rank"] * r["ranks"]
             r[f"{fw}_efficiency"] = (r[f"{fw}_per_rank"] / base[fw]) if base[fw] else None
     return results
@@ -70,7 +80,29 @@ def format_table(results: list[dict]) -> str:
         "samples/s; efficiency = per-rank rate at N ranks / rate at 1 rank; views = "
         "DistributedOptimizer(gradient_as_bucket_view=True)"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + _hook_table(results))
+
+
+def _hook_table(results: list[dict]) -> list[str]:
+    """DDP with each comm hook beside plain DDP, per rank count."""
+    if not results[0]["ddp_hooks"]:
+        return []
+    lines = [
+        "",
+        (
+            f"torch DDP with comm hooks (gradfuse.ddp's, and DDP's own torch-fp16 and powersgd; "
+            f"topk at density {TOPK_DENSITY}, powersgd at rank {POWERSGD_RANK})"
+        ),
+        f"{'ranks':>5} | {'hook':<13} | {'samples/s/rank':>14} {'total':>8} | {'vs DDP':>6}",
+    ]
+    for r in results:
+        for hook in r["ddp_hooks"]:
+            per_rank, total = r[f"ddp_{hook}_per_rank"], r[f"ddp_{hook}_total"]
+            lines.append(
+                f"{r['ranks']:>5} | {hook:<13} | {per_rank:>14.1f} {total:>8.1f} | "
+                f"{total / r['ddp_total']:>5.2f}x"
+            )
+    return lines
 
 
 def plot(results: list[dict], path: str) -> None:

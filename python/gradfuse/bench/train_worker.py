@@ -7,6 +7,7 @@ Started by ``python -m gradfuse.run -np N -m gradfuse.bench.train_worker ...``."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -16,14 +17,16 @@ import torch.distributed as dist
 
 import gradfuse as hvd
 
+from . import ddp_hooks
 from .models import MODELS
 
 
-def _step_fn(model, optimizer, batch, labels):
+def _step_fn(model, optimizer, batch, labels, stepping=contextlib.nullcontext):
     def step():
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(batch), labels).backward()
-        optimizer.step()
+        with stepping():
+            optimizer.step()
 
     return step
 
@@ -46,6 +49,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, required=True, help="per rank")
     p.add_argument("--steps", type=int, required=True, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ddp-hooks", default="", help="comma list of ddp_hooks.HOOKS")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -73,6 +77,9 @@ def main(argv=None):
         "gradfuse_views": _step_fn(views_model, views_opt, batch, labels),
         "ddp": _step_fn(ddp_model, ddp_opt, batch, labels),
     }
+    for hook in filter(None, args.ddp_hooks.split(",")):
+        hooked = ddp_hooks.make(hook, MODELS[args.model](), lr=0.01, momentum=0.9)
+        steps[f"ddp_{hook}"] = _step_fn(*hooked[:2], batch, labels, hooked[2])
     for step in steps.values():  # warm-up: allocator, first negotiation, DDP's buckets
         for _ in range(2):
             step()
