@@ -23,21 +23,27 @@ def phase(name, tensor, start, end):
 def test_timeline_summary_tells_overlapped_negotiation_from_serial():
     from gradfuse.bench.timeline_summary import format_summary, summarize
 
-    # Batch 0 (a, b) runs 100-200 us. c is agreed at 150 us, during it; d at 320 us, after c's
-    # collective (220-300 us) ended: one of the two later batches overlapped.
+    # Batch 0 (a, b) runs 100-200 us. c, submitted at 120 us, is agreed at 150 us: during it.
+    # d, submitted at 250 us while c's collective (220-300 us) runs, is agreed only at 320 us.
+    # e is submitted at 420 us, after d's collective ended: it waited for backward.
     events = [{"name": "thread_name", "ph": "M", "tid": 1, "args": {"name": "a"}}]
-    for tensor, agreed, coll in (
-        ("a", 90, (100, 200)),
-        ("b", 95, (100, 200)),
-        ("c", 150, (220, 300)),
-        ("d", 320, (330, 400)),
+    for tensor, submitted, agreed, coll in (
+        ("a", 0, 90, (100, 200)),
+        ("b", 10, 95, (100, 200)),
+        ("c", 120, 150, (220, 300)),
+        ("d", 250, 320, (330, 400)),
+        ("e", 420, 440, (450, 500)),
     ):
-        events += [phase("negotiate", tensor, 0, agreed), phase("collective", tensor, *coll)]
+        events += [
+            phase("negotiate", tensor, submitted, agreed),
+            phase("collective", tensor, *coll),
+        ]
     s = summarize(events)
-    assert s["tensors"] == 4 and [b["tensors"] for b in s["collectives"]] == [2, 1, 1]
-    assert [b.get("agreed_during_previous") for b in s["collectives"]] == [None, True, False]
-    assert [round(b.get("gap_ms", -1), 3) for b in s["collectives"]] == [-1, 0.02, 0.03]
-    assert s["overlapped"] == 1 and "partly (1 of 2 batches" in format_summary(s)
+    assert s["tensors"] == 5 and [b["tensors"] for b in s["collectives"]] == [2, 1, 1, 1]
+    assert [b.get("agreed_during_previous") for b in s["collectives"]] == [None, True, False, None]
+    assert [round(b.get("gap_ms", -1), 3) for b in s["collectives"]] == [-1, 0.02, 0.03, 0.05]
+    assert s["submitted_during_previous"] == 2 and s["overlapped"] == 1
+    assert "partly (1 of the 2 batches submitted while" in format_summary(s)
     with pytest.raises(ValueError, match="no phase events"):
         summarize(events[:1])
 

@@ -1,8 +1,9 @@
 """Reading an engine timeline (gradfuse.start_timeline / GRADFUSE_TIMELINE) of one training
-step: its collectives in time order and, for each, whether the batch's agreement (the end of
-its tensors' "negotiate" phase) came while the previous collective was still running, i.e.
-whether negotiation overlaps the previous collective or sits between collectives on the
-critical path."""
+step: its collectives in time order and, for each batch submitted in full while the previous
+collective was still running, whether it was also agreed (the end of its tensors' "negotiate"
+phase) before that collective ended, i.e. whether negotiation overlaps the previous collective
+or sits between collectives on the critical path. A batch whose last tensor came after the
+previous collective ended waited for backward, not for negotiation."""
 
 from __future__ import annotations
 
@@ -17,41 +18,57 @@ def summarize(events: list[dict]) -> dict:
     if not spans:
         raise ValueError("the timeline has no phase events (was a collective run while on?)")
     origin = min(e["ts"] for e in spans)
-    agreed = {}  # tensor -> when its negotiation ended
+
+    def ms(us):
+        return (us - origin) / 1e3
+
+    negotiated = {}  # tensor -> (submitted, agreed)
+    batches = {}  # (start, duration) of a collective -> its batch
     for e in spans:
         if e["name"] == "negotiate":
-            agreed[e["args"]["tensor"]] = (e["ts"] + e["dur"] - origin) / 1e3
-    batches = {}
-    for e in spans:
-        if e["name"] == "collective":
+            negotiated[e["args"]["tensor"]] = (ms(e["ts"]), ms(e["ts"] + e["dur"]))
+        elif e["name"] == "collective":
             batch = batches.setdefault(
                 (e["ts"], e["dur"]),
-                {
-                    "start_ms": (e["ts"] - origin) / 1e3,
-                    "end_ms": (e["ts"] + e["dur"] - origin) / 1e3,
-                },
+                {"start_ms": ms(e["ts"]), "end_ms": ms(e["ts"] + e["dur"]), "tensors": []},
             )
-            batch.setdefault("tensors", []).append(e["args"]["tensor"])
+            batch["tensors"].append(e["args"]["tensor"])
     ordered = sorted(batches.values(), key=lambda b: b["start_ms"])
     for prev, batch in zip([None, *ordered], ordered):
-        batch["agreed_ms"] = max(agreed.get(t, batch["start_ms"]) for t in batch["tensors"])
-        batch["tensors"] = len(batch["tensors"])
+        times = [negotiated.get(t, (batch["start_ms"],) * 2) for t in batch.pop("tensors")]
+        batch["tensors"] = len(times)
+        batch["submitted_ms"] = max(submitted for submitted, _ in times)
+        batch["agreed_ms"] = max(agreed for _, agreed in times)
         if prev is not None:
             batch["gap_ms"] = batch["start_ms"] - prev["end_ms"]  # the wire idle before it
-            batch["agreed_during_previous"] = batch["agreed_ms"] < prev["end_ms"]
+            if batch["submitted_ms"] < prev["end_ms"]:
+                batch["agreed_during_previous"] = batch["agreed_ms"] < prev["end_ms"]
     later = ordered[1:]
+    candidates = [b for b in later if "agreed_during_previous" in b]
     return {
-        "tensors": len(agreed),
+        "tensors": len(negotiated),
         "collectives": ordered,
         "span_ms": max(b["end_ms"] for b in ordered),
         "collective_ms": sum(b["end_ms"] - b["start_ms"] for b in ordered),
-        "overlapped": sum(b["agreed_during_previous"] for b in later),
+        "submitted_during_previous": len(candidates),
+        "overlapped": sum(b["agreed_during_previous"] for b in candidates),
         "median_gap_ms": statistics.median(b["gap_ms"] for b in later) if later else None,
     }
 
 
 def summarize_file(path) -> dict:
     return summarize(timeline.load(path))
+
+
+def _verdict(s: dict) -> str:
+    n, k = s["submitted_during_previous"], s["overlapped"]
+    if n == 0:
+        return "not tested (no batch was submitted while the previous collective ran)"
+    word = "yes" if k == n else "partly" if k else "no"
+    return (
+        f"{word} ({k} of the {n} batches submitted while the previous collective ran were "
+        f"agreed before it ended)"
+    )
 
 
 def format_summary(s: dict) -> str:
@@ -62,17 +79,16 @@ def format_summary(s: dict) -> str:
     )
     lines = [head]
     if n > 1:
-        verdict = "yes" if s["overlapped"] == n - 1 else "partly" if s["overlapped"] else "no"
-        lines.append(
-            f"  negotiation overlaps the previous collective: {verdict} ({s['overlapped']} of "
-            f"{n - 1} batches agreed before the previous collective ended); median idle gap "
-            f"between collectives {s['median_gap_ms']:.2f} ms"
-        )
-    lines.append(f"  {'batch':>5} {'tensors':>7} {'agreed ms':>10} {'start ms':>9} {'end ms':>9}")
+        lines.append(f"  negotiation overlaps the previous collective: {_verdict(s)}")
+        lines.append(f"  median idle gap between collectives {s['median_gap_ms']:.2f} ms")
+    lines.append(
+        f"  {'batch':>5} {'tensors':>7} {'submitted':>10} {'agreed':>9} {'start':>9} {'end':>9} ms"
+    )
+    notes = {True: "  agreed during the previous", False: "  agreed after the previous ended"}
     for i, b in enumerate(s["collectives"]):
         lines.append(
-            f"  {i:>5} {b['tensors']:>7} {b['agreed_ms']:>10.2f} {b['start_ms']:>9.2f} "
-            f"{b['end_ms']:>9.2f}"
-            + ("  (agreed during the previous)" if b.get("agreed_during_previous") else "")
+            f"  {i:>5} {b['tensors']:>7} {b['submitted_ms']:>10.2f} {b['agreed_ms']:>9.2f} "
+            f"{b['start_ms']:>9.2f} {b['end_ms']:>9.2f}"
+            + notes.get(b.get("agreed_during_previous"), "")
         )
     return "\n".join(lines)
