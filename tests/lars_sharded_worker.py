@@ -131,6 +131,24 @@ def check_grad_placed_unlike_its_param_raises():
         raise AssertionError("a Replicate gradient of a Shard(0) parameter was accepted")
 
 
+def check_sharded_params_without_the_one_pass_kernel_raise():
+    """Where the device lacks lars_update_from_norms_ (CUDA in this build), a sharded parameter
+    is refused by name on every rank rather than stepped with its shard's own norm."""
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh(), [Shard(0)]))
+    p.grad = distribute_tensor(torch.ones(4, 2), mesh(), [Shard(0)])
+    real = optim._has_one_pass_kernels
+    optim._has_one_pass_kernels = lambda device: False
+    try:
+        optim.LARS([p], lr=0.1).step()
+    except NotImplementedError as e:
+        assert "sharded as DTensors on cpu need the one-pass kernel" in str(e), e
+    else:
+        raise AssertionError("a sharded parameter was stepped without the one-pass kernel")
+    finally:
+        optim._has_one_pass_kernels = real
+    torch.testing.assert_close(p.full_tensor(), torch.ones(4, 2))  # untouched
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
