@@ -3,9 +3,11 @@
 - :class:`LARS` — layer-wise adaptive rate scaling with momentum, one fused one-pass
   ``lars_update_from_norms_`` call per (device, dtype) bucket per step (each parameter's
   squared norm is kept from the previous step's update, each gradient's comes from
-  DistributedOptimizer's unpack of the reduced gradient, or one read pass without it); bias and normalization parameters
-  are excluded from LARS scaling and weight decay by default (the large-batch recipe of
-  Goyal et al. and Tencent's "ImageNet in 4 minutes").
+  DistributedOptimizer's unpack of the reduced gradient, or one read pass without it); bias
+  and normalization parameters are excluded from LARS scaling and weight decay by default (the
+  large-batch recipe of Goyal et al. and Tencent's "ImageNet in 4 minutes"). A plain torch
+  optimizer: no gradfuse.init() needed; torch.compile traces its step whole; sharded
+  parameters (FSDP2, DTensor) get the trust ratio of the full tensors.
 - :class:`LARSWrapper` — LARC-style trust-ratio scaling of the gradients in front of any
   existing optimizer.
 """
@@ -46,6 +48,11 @@ class LARS(torch.optim.Optimizer):
         lr_in_momentum: ``False`` (default): ``v = m*v + trust*d; w -= lr*v`` (torch SGD
             placement, the learning rate can change without rescaling the buffers);
             ``True``: ``v = m*v + lr*trust*d; w -= v`` (You et al., 2017).
+
+    Sharded parameters (DTensors, e.g. from FSDP2's ``fully_shard``) are stepped shard by
+    shard with the full tensors' norms: each rank's squared norms are summed over the process
+    groups of the mesh dimensions the parameter is sharded over (one small allreduce per
+    bucket), so every rank computes the trust ratio single-process LARS would.
 
     Works with ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands this optimizer the scale
     and the found-inf flag, which the kernel applies on the device (no unscale pass, no sync).
