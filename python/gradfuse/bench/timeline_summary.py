@@ -78,8 +78,8 @@ def format_summary(s: dict) -> str:
         f"{s['span_ms']:.1f} ms, collectives busy {s['collective_ms']:.1f} ms"
     )
     lines = [head]
+    lines.append(f"  negotiation overlaps the previous collective: {_verdict(s)}")
     if n > 1:
-        lines.append(f"  negotiation overlaps the previous collective: {_verdict(s)}")
         lines.append(f"  median idle gap between collectives {s['median_gap_ms']:.2f} ms")
     lines.append(
         f"  {'batch':>5} {'tensors':>7} {'submitted':>10} {'agreed':>9} {'start':>9} {'end':>9} ms"
