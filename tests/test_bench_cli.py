@@ -1,72 +1,51 @@
-"""gradfuse-bench runs end to end (tiny sizes; the numbers are not checked: no timing
-thresholds in tests) and rejects bad arguments."""
+"""gradfuse-bench's parts and its refusals of bad arguments. Each subcommand's end-to-end run,
+as the README gives it, is in tests/test_readme_commands.py."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
-from multiproc import worker_env
 
 
-def bench(tmp_path, *args):
-    out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gradfuse.bench", *args, "--json", str(out)],
-        env=worker_env(tmp_path, 0),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+def test_resnet50_has_resnet50s_parameter_shapes():
+    import torch
+    from gradfuse.bench.models import resnet50
+    from gradfuse.bench.shapes import resnet50_shapes
+
+    model = resnet50()
+    assert [tuple(p.shape) for p in model.parameters()] == resnet50_shapes()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
-@pytest.mark.timeout(300)
-def test_ops(tmp_path):
-    out, result = bench(tmp_path, "ops", "--reps", "1")
-    assert "gradfuse lars_update_" in out and "copy bandwidth" in out
-    assert {r["impl"].split(" (")[0] for r in result["rows"]} >= {
-        "gradfuse lars_update_",
-        "gradfuse pack_",
-        "gradfuse exact",
-        "gradfuse sampled",
-    }
+def phase(name, tensor, start, end):
+    return {"name": name, "ph": "X", "ts": start, "dur": end - start, "args": {"tensor": tensor}}
 
 
-@pytest.mark.timeout(300)
-def test_allreduce(tmp_path):
-    out, result = bench(tmp_path, "allreduce", "--np", "2", "--max-size", "4096")
-    assert result["ranks"] == 2 and [r["bytes"] for r in result["rows"]] == [1024, 4096]
-    assert all(r["gradfuse_busbw"] > 0 and r["torch_flat_busbw"] > 0 for r in result["rows"])
-    assert "busbw" in out
+def test_timeline_summary_tells_overlapped_negotiation_from_serial():
+    from gradfuse.bench.timeline_summary import format_summary, summarize
 
-
-@pytest.mark.timeout(300)
-def test_train(tmp_path):
-    out, result = bench(
-        tmp_path,
-        "train",
-        "--np",
-        "1,2",
-        "--model",
-        "mlp",
-        "--steps",
-        "1",
-        "--rounds",
-        "1",
-        "--batch-size",
-        "4",
-    )
-    assert [r["ranks"] for r in result] == [1, 2]
-    assert all(
-        r["gradfuse_per_rank"] > 0 and r["gradfuse_views_per_rank"] > 0 and r["ddp_per_rank"] > 0
-        for r in result
-    )
-    assert "gradfuse/DDP" in out
+    # Batch 0 (a, b) runs 100-200 us. c, submitted at 120 us, is agreed at 150 us: during it.
+    # d, submitted at 250 us while c's collective (220-300 us) runs, is agreed only at 320 us.
+    # e is submitted at 420 us, after d's collective ended: it waited for backward.
+    events = [{"name": "thread_name", "ph": "M", "tid": 1, "args": {"name": "a"}}]
+    for tensor, submitted, agreed, coll in (
+        ("a", 0, 90, (100, 200)),
+        ("b", 10, 95, (100, 200)),
+        ("c", 120, 150, (220, 300)),
+        ("d", 250, 320, (330, 400)),
+        ("e", 420, 440, (450, 500)),
+    ):
+        events += [
+            phase("negotiate", tensor, submitted, agreed),
+            phase("collective", tensor, *coll),
+        ]
+    s = summarize(events)
+    assert s["tensors"] == 5 and [b["tensors"] for b in s["collectives"]] == [2, 1, 1, 1]
+    assert [b.get("agreed_during_previous") for b in s["collectives"]] == [None, True, False, None]
+    assert [round(b.get("gap_ms", -1), 3) for b in s["collectives"]] == [-1, 0.02, 0.03, 0.05]
+    assert s["submitted_during_previous"] == 2 and s["overlapped"] == 1
+    assert "partly (1 of the 2 batches submitted while" in format_summary(s)
+    with pytest.raises(ValueError, match="no phase events"):
+        summarize(events[:1])
 
 
 @pytest.mark.parametrize(
@@ -76,21 +55,26 @@ def test_train(tmp_path):
         (["train", "--np", "0"], "--np needs rank counts >= 1"),
         (["allreduce", "--np", "0"], "--np must be >= 1"),
         (["allreduce", "--max-size", "10"], "--max-size must be at least 1024"),
+        (["resnet50-allreduce", "--np", "0"], "--np must be >= 1, got 0"),
+        (["resnet50-allreduce", "--iters", "0"], "--iters must be >= 1, got 0"),
+        (["resnet50-allreduce", "--scale", "2"], "--scale must be in (0, 1], got 2.0"),
+        (["train", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+        (["train", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["train", "--model", "resnet50", "--batch-size", "1"], "needs --batch-size >= 2"),
+        (["train", "--bucket-view", "maybe"], "argument --bucket-view: invalid choice"),
+        (["train", "--model", "resnet51"], "argument --model: invalid choice"),
         (["ops", "--device", "cuda:0"], None),
     ],
 )
-def test_bad_arguments(args, message):
+def test_bad_arguments(args, message, capsys):
     import torch
+    from gradfuse.bench.__main__ import main
 
     if message is None:
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
         message = "no CUDA device is available"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gradfuse.bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before any job starts
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err, err

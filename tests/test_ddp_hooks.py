@@ -8,11 +8,10 @@ input. One group of ranks per configuration (tests/ddp_hooks_worker.py):
   node of 3 (the reduce-scatter pads), and nodes of 2 that do not divide 3;
 - 4 ranks as 2 nodes x 2 (GRADFUSE_TEST_LOCAL_SIZE): the hierarchical path across nodes.
 
-And the `gradfuse-bench train --ddp-hook` rows."""
+(The `gradfuse-bench train --ddp-hook` rows run in tests/test_readme_commands.py.)"""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import ddp_hooks_worker
-from multiproc import assert_check_ok, ranks_override, run_ranks, worker_env
+from multiproc import assert_check_ok, ranks_override, run_ranks
 
 EVERY = sorted(set(ddp_hooks_worker.CHECKS) - {"hierarchical_uneven_nodes_raise_everywhere"})
 CONFIGS = {
@@ -76,29 +75,6 @@ def groups(tmp_path_factory):
 def test_ddp_hooks(groups, config, check):
     proc, results = groups(config)
     assert_check_ok(proc, results, check)
-
-
-@pytest.mark.timeout(300)
-def test_bench_train_ddp_hook_rows(tmp_path):
-    """`gradfuse-bench train --ddp-hook ...` runs every hook and reports a row per hook (1
-    rank, tiny sizes: the numbers are not checked)."""
-    hooks = ["fp16", "bf16", "topk", "hierarchical", "torch-fp16", "powersgd"]
-    out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gradfuse.bench", "train", "--np", "1", "--model", "mlp"]
-        + ["--steps", "1", "--rounds", "1", "--batch-size", "2"]
-        + ["--ddp-hook", ",".join(["none", *hooks]), "--json", str(out)],
-        env=worker_env(tmp_path, 0),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = json.loads(out.read_text())
-    assert result["ddp_hooks"] == hooks
-    assert all(result[f"ddp_{h}_per_rank"] > 0 for h in hooks)
-    assert "torch DDP with comm hooks" in proc.stdout and "powersgd" in proc.stdout
 
 
 def test_bench_rejects_an_unknown_ddp_hook():

@@ -61,6 +61,32 @@ def test_lars_matches_reference_over_steps(gen, nesterov, lr_in_momentum):
             p.data.copy_(s)  # keep the two trajectories on the same point
 
 
+@pytest.mark.timeout(300)
+def test_compiled_step_matches_eager(gen):
+    """torch.compile(fullgraph=True) of a function calling opt.step() traces LARS whole (the
+    custom ops' fake kernels, no norm cache in the graph) and steps as eager does."""
+    torch.manual_seed(int(gen.initial_seed()) % 2**31)
+    eager_model = small_cnn()
+    compiled_model = small_cnn()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    hyper = {"lr": 0.05, "weight_decay": 1e-3, "trust_coefficient": 0.02, "nesterov": True}
+    eager_opt = LARS(eager_model.parameters(), **hyper)
+    compiled_opt = LARS(compiled_model.parameters(), **hyper)
+
+    @torch.compile(fullgraph=True)
+    def compiled_step():
+        compiled_opt.step()
+
+    for i in range(3):  # the first step creates the momentum buffers inside the graph
+        for model, step in ((eager_model, eager_opt.step), (compiled_model, compiled_step)):
+            model.zero_grad()
+            loss_of(model, torch.Generator().manual_seed(i)).backward()
+            step()
+        for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not compiled_opt._norms._param_sq  # the graph keeps no norms: nothing stale
+
+
 def test_per_group_override_and_state_dict_round_trip(gen):
     model = small_cnn()
     head = list(model[4].parameters())

@@ -3,21 +3,27 @@
 - :class:`LARS` — layer-wise adaptive rate scaling with momentum, one fused one-pass
   ``lars_update_from_norms_`` call per (device, dtype) bucket per step (each parameter's
   squared norm is kept from the previous step's update, each gradient's comes from
-  DistributedOptimizer's unpack of the reduced gradient, or one read pass without it); bias and normalization parameters
-  are excluded from LARS scaling and weight decay by default (the large-batch recipe of
-  Goyal et al. and Tencent's "ImageNet in 4 minutes").
+  DistributedOptimizer's unpack of the reduced gradient, or one read pass without it); bias
+  and normalization parameters are excluded from LARS scaling and weight decay by default (the
+  large-batch recipe of Goyal et al. and Tencent's "ImageNet in 4 minutes"). A plain torch
+  optimizer: no gradfuse.init() needed; torch.compile traces its step whole; sharded
+  parameters (FSDP2, DTensor) get the trust ratio of the full tensors.
 - :class:`LARSWrapper` — LARC-style trust-ratio scaling of the gradients in front of any
   existing optimizer.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 
 from . import ops
+
+try:  # sharded parameters (FSDP2, DTensor): their norms are summed over the shards
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = None
 
 
 def _is_bias_or_norm(p: torch.Tensor) -> bool:
@@ -42,6 +48,11 @@ class LARS(torch.optim.Optimizer):
         lr_in_momentum: ``False`` (default): ``v = m*v + trust*d; w -= lr*v`` (torch SGD
             placement, the learning rate can change without rescaling the buffers);
             ``True``: ``v = m*v + lr*trust*d; w -= v`` (You et al., 2017).
+
+    Sharded parameters (DTensors, e.g. from FSDP2's ``fully_shard``) are stepped shard by
+    shard with the full tensors' norms: each rank's squared norms are summed over the process
+    groups of the mesh dimensions the parameter is sharded over (one small allreduce per
+    bucket), so every rank computes the trust ratio single-process LARS would.
 
     Works with ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands this optimizer the scale
     and the found-inf flag, which the kernel applies on the device (no unscale pass, no sync).
@@ -108,28 +119,9 @@ class LARS(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group, grad_scale, found_inf):
-        # One fused call per (device, param dtype, grad dtype): the kernel wants one of each.
-        buckets = defaultdict(lambda: ([], [], [], [], []))
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("LARS does not support sparse gradients")
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.contiguous_format
-                )
-            params, grads, bufs, use_lars, use_wd = buckets[(p.device, p.dtype, p.grad.dtype)]
-            excluded = group["exclude_bias_and_norm"] and _is_bias_or_norm(p)
-            params.append(p)
-            grads.append(p.grad.contiguous())
-            bufs.append(state["momentum_buffer"])
-            use_lars.append(not excluded)
-            use_wd.append(not excluded)
-        for (device, _, _), (params, grads, bufs, use_lars, use_wd) in buckets.items():
+        for (device, _, _, norm_groups), bucket in _buckets(self, group).items():
             # Non-contiguous parameters are updated through a contiguous copy.
-            flat_params = [p if p.is_contiguous() else p.contiguous() for p in params]
+            flat_params = [p if p.is_contiguous() else p.contiguous() for p in bucket.params]
             hyper = {
                 "lr": group["lr"],
                 "momentum": group["momentum"],
@@ -138,26 +130,49 @@ class LARS(torch.optim.Optimizer):
                 "eps": group["eps"],
                 "nesterov": group["nesterov"],
                 "lr_in_momentum": group["lr_in_momentum"],
-                "use_lars": use_lars,
-                "use_weight_decay": use_wd,
+                "use_lars": bucket.use_lars,
+                "use_weight_decay": bucket.use_lars,
                 "grad_scale": None if grad_scale is None else grad_scale.to(device),
                 "found_inf": None if found_inf is None else found_inf.to(device),
             }
-            if not _has_one_pass_kernels(device):
-                ops.lars_update_(flat_params, grads, bufs, **hyper)
+            if norm_groups or _has_one_pass_kernels(device):
+                g_sq, w_sq = self._sq_norms(bucket, flat_params, norm_groups, device)
+                ops.lars_update_from_norms_(
+                    flat_params, bucket.grads, bucket.bufs, g_sq, w_sq, **hyper
+                )
+                if not torch.compiler.is_compiling():
+                    # The kernel left the updated (local) parameters' squared norms in w_sq.
+                    self._norms.keep_param_sq_norms(bucket.owners, bucket.params, w_sq)
             else:
-                g_sq = self._norms.grad_sq_norms(params)
-                if g_sq is None:
-                    g_sq = ops.sum_squares(grads)
-                w_sq = self._norms.param_sq_norms(params)
-                if w_sq is None:
-                    w_sq = ops.sum_squares(flat_params)
-                ops.lars_update_from_norms_(flat_params, grads, bufs, g_sq, w_sq, **hyper)
-            for p, fp in zip(params, flat_params):
+                ops.lars_update_(flat_params, bucket.grads, bucket.bufs, **hyper)
+            for p, fp in zip(bucket.params, flat_params):
                 if fp is not p:
                     p.copy_(fp)
-            if _has_one_pass_kernels(device):
-                self._norms.keep_param_sq_norms(params, w_sq)
+
+    def _sq_norms(self, bucket, flat_params, norm_groups, device):
+        """The bucket's squared gradient and parameter norms: kept ones where still valid
+        (eager only: the cache reads data pointers, which a compiled graph cannot), otherwise
+        one read pass; for sharded parameters this rank's partial sums, summed over the shards'
+        process groups into the full tensors' norms."""
+        if not _has_one_pass_kernels(device):
+            raise NotImplementedError(
+                f"LARS: parameters sharded as DTensors on {device} need the one-pass kernel "
+                f"lars_update_from_norms_, which this build lacks for {device.type}"
+            )
+        compiling = torch.compiler.is_compiling()
+        g_sq = None if compiling else self._norms.grad_sq_norms(bucket.owners)
+        if g_sq is None:
+            g_sq = ops.sum_squares(bucket.grads)
+        w_sq = None if compiling else self._norms.param_sq_norms(bucket.owners, bucket.params)
+        if w_sq is None:
+            w_sq = ops.sum_squares(flat_params)
+        if not norm_groups:
+            return g_sq, w_sq
+        both = torch.cat([g_sq, w_sq])
+        for process_group in norm_groups:  # one small allreduce per sharded mesh dimension
+            torch.distributed.all_reduce(both, group=process_group)
+        n = len(bucket.params)
+        return both[:n], both[n:].clone()  # the kernel refuses norms that share memory
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -177,6 +192,64 @@ class LARS(torch.optim.Optimizer):
         self._norms.note_grad(p)
 
 
+class _Bucket:
+    """The parameters one fused call steps: one device, parameter dtype, gradient dtype and set
+    of process groups over which the norms are summed. ``owners`` are the optimizer's
+    parameters (DTensors for sharded ones); ``params``, ``grads`` and ``bufs`` the tensors the
+    kernel writes (each DTensor's local shard)."""
+
+    def __init__(self):
+        self.owners, self.params, self.grads, self.bufs, self.use_lars = [], [], [], [], []
+
+
+def _buckets(opt, group) -> dict:
+    buckets = {}
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("LARS does not support sparse gradients")
+        state = opt.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        key = (p.device, p.dtype, p.grad.dtype, _norm_groups(p))
+        bucket = buckets.setdefault(key, _Bucket())
+        bucket.owners.append(p)
+        bucket.params.append(_local(p))
+        bucket.grads.append(_local(p.grad).contiguous())
+        bucket.bufs.append(_local(state["momentum_buffer"]))
+        # Excluded parameters get neither LARS scaling nor weight decay.
+        bucket.use_lars.append(not (group["exclude_bias_and_norm"] and _is_bias_or_norm(p)))
+    return buckets
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: writes to it update the DTensor); any other tensor."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _norm_groups(p: torch.Tensor) -> tuple:
+    """The process groups over which the squared norms of p's local shard (and its gradient's)
+    sum to those of the full tensors: one per device-mesh dimension p is sharded over; () for a
+    tensor that is not a DTensor or is replicated."""
+    if _DTensor is None or not isinstance(p, _DTensor):
+        return ()
+    if not isinstance(p.grad, _DTensor) or p.grad.placements != p.placements:
+        got = getattr(p.grad, "placements", type(p.grad).__name__)
+        raise ValueError(
+            f"LARS: a DTensor parameter's gradient must be a DTensor placed like it "
+            f"({p.placements}), got {got}"
+        )
+    if any(placement.is_partial() for placement in p.placements):
+        raise ValueError(f"LARS: a parameter with a Partial placement has no norm: {p.placements}")
+    return tuple(
+        p.device_mesh.get_group(dim)
+        for dim, placement in enumerate(p.placements)
+        if placement.is_shard()
+    )
+
+
+@torch.compiler.assume_constant_result  # a fact of this build: a constant in compiled graphs
 def _has_one_pass_kernels(device) -> bool:
     key = "CPU" if device.type == "cpu" else device.type.upper()
     return all(
@@ -196,7 +269,7 @@ class _NormCache:
     def __init__(self):
         self._grad_slots = {}  # param -> one-element float64 tensor
         self._grad_marks = {}  # param -> (data_ptr, version) of the grad the slot holds
-        self._param_sq = {}  # tuple of param ids -> ([n] float64, [(data_ptr, version)])
+        self._param_sq = {}  # tuple of owner ids -> ([n] float64, [(data_ptr, version)])
 
     @staticmethod
     def _mark(t):
@@ -220,14 +293,16 @@ class _NormCache:
             return None
         return torch.cat([self._grad_slots[p] for p in params])
 
-    def param_sq_norms(self, params):
-        known = self._param_sq.get(tuple(id(p) for p in params))
+    def param_sq_norms(self, owners, params):
+        """The [n] float64 squared norms kept for ``params`` (the tensors the kernel wrote:
+        each owner itself, or its local shard), or None unless they are unchanged since."""
+        known = self._param_sq.get(tuple(id(p) for p in owners))
         if known is None or known[1] != [self._mark(p) for p in params]:
             return None
         return known[0]
 
-    def keep_param_sq_norms(self, params, w_sq):
-        self._param_sq[tuple(id(p) for p in params)] = (w_sq, [self._mark(p) for p in params])
+    def keep_param_sq_norms(self, owners, params, w_sq):
+        self._param_sq[tuple(id(p) for p in owners)] = (w_sq, [self._mark(p) for p in params])
 
     def clear(self):
         self._grad_marks.clear()

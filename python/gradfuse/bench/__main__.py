@@ -2,6 +2,7 @@
 
   gradfuse-bench ops [--device cpu|cuda]             fused ops vs the torch code doing the same work
   gradfuse-bench allreduce --np 4                    allreduce sizes 1 KiB-256 MiB, vs torch
+  gradfuse-bench resnet50-allreduce --np 4           ResNet-50's gradients: engine vs floor
   gradfuse-bench train --np 1,2,4 --model mlp        synthetic training, gradfuse vs DDP
       [--ddp-hook fp16,topk,powersgd,...]            and DDP with comm hooks beside it
 
@@ -58,22 +59,63 @@ def _parser() -> argparse.ArgumentParser:
         default=256 << 20,
         help="largest message in bytes (sizes are 1 KiB * 4^i up to it)",
     )
+    resnet50 = sub.add_parser(
+        "resnet50-allreduce",
+        help="ResNet-50's 161 gradients: engine (separate tensors, views), torch, the floor",
+    )
+    resnet50.add_argument("--np", type=int, default=4, help="ranks on this host")
+    resnet50.add_argument("--iters", type=int, default=10, help="timed iterations per row")
+    resnet50.add_argument(
+        "--latency-iters", type=int, default=200, help="timed 1 KiB allreduces per row"
+    )
+    resnet50.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="each gradient's share of its values, in (0, 1] (below 1: a quick run)",
+    )
+    train = _train_parser(sub)
+    for p in (ops, allreduce, resnet50, train):
+        p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+        p.add_argument("--plot", metavar="PATH", help="also draw the results (PNG)")
+    return parser
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    from .models import MODELS
+    from .train_worker import BUCKET_VIEWS
+
     train = sub.add_parser("train", help="synthetic training throughput, gradfuse vs DDP")
     train.add_argument("--np", type=_ranks, default=[1, 2, 4], help="rank counts, e.g. 1,2,4")
-    train.add_argument("--model", choices=["mlp", "resnet18-like"], default="resnet18-like")
-    train.add_argument("--batch-size", type=int, default=32, help="per rank")
+    train.add_argument("--model", choices=sorted(MODELS), default="resnet18-like")
+    train.add_argument("--batch-size", type=int, help="per rank (default: 8 for resnet50, else 32)")
     train.add_argument("--steps", type=int, default=10, help="timed steps per round")
     train.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework")
+    train.add_argument(
+        "--bucket-view",
+        choices=sorted(BUCKET_VIEWS),
+        default="both",
+        help="gradient_as_bucket_view of DistributedOptimizer and DDP: off, on or both rows",
+    )
+    train.add_argument(
+        "--timeline",
+        metavar="PATH",
+        help="after the rounds, record one gradfuse step's engine timeline (rank 0) to PATH "
+        "(PATH.npN.json with several --np) and summarize it",
+    )
     train.add_argument(
         "--ddp-hook",
         type=_hooks,
         default=[],
         help="DDP rows with comm hooks, a comma list of " + ",".join(HOOKS),
     )
-    for p in (ops, allreduce, train):
-        p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-        p.add_argument("--plot", metavar="PATH", help="also draw the results (PNG)")
-    return parser
+    return train
+
+
+def _positive(parser, **values) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "allreduce":
         from . import allreduce as bench
 
-        if args.np < 1:
-            parser.error(f"--np must be >= 1, got {args.np}")
+        _positive(parser, np=args.np)
         sizes = [s for s in bench.default_sizes() if s <= args.max_size]
         if not sizes:
             parser.error(f"--max-size must be at least 1024, got {args.max_size}")
@@ -101,11 +142,32 @@ def main(argv: list[str] | None = None) -> int:
         print(bench.format_table(results))
         if args.plot:
             bench.plot(results, args.plot)
+    elif args.command == "resnet50-allreduce":
+        from . import resnet50_allreduce as bench
+
+        _positive(parser, np=args.np, iters=args.iters, latency_iters=args.latency_iters)
+        if not 0 < args.scale <= 1:
+            parser.error(f"--scale must be in (0, 1], got {args.scale}")
+        results = bench.run(args.np, args.iters, args.latency_iters, args.scale)
+        print(bench.format_table(results))
+        if args.plot:
+            bench.plot(results, args.plot)
     else:
         from . import train as bench
 
+        _positive(parser, batch_size=args.batch_size, steps=args.steps, rounds=args.rounds)
+        if args.model == "resnet50" and args.batch_size == 1:
+            # Its last stage is 1x1 on 32x32 images: BatchNorm needs two values per channel.
+            parser.error("--model resnet50 needs --batch-size >= 2, got 1")
         results = bench.run(
-            args.np, args.model, args.batch_size, args.steps, args.rounds, args.ddp_hook
+            args.np,
+            args.model,
+            args.batch_size,
+            args.steps,
+            args.rounds,
+            bucket_view=args.bucket_view,
+            timeline=args.timeline,
+            ddp_hooks=args.ddp_hook,
         )
         print(bench.format_table(results))
         if args.plot:

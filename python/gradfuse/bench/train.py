@@ -1,67 +1,91 @@
 """``gradfuse-bench train``: synthetic-data throughput in the manner of Horovod's synthetic
 benchmark, gradfuse and torch DDP side by side, at several rank counts on this host.
 
-Each rank count is one ``gradfuse.run`` job running both frameworks in the same processes
-(train_worker.py). Reported: samples/s per rank and in total, and the scaling efficiency
-``total(N) / (N * total(1))`` against the 1-rank run of the same framework."""
+Each rank count is one ``gradfuse.run`` job running every configuration in the same processes
+(train_worker.py), alternating rounds. Reported per configuration: the median over rounds of
+samples/s per rank, the scaling efficiency ``rate(N) / rate(1)`` against the 1-rank run of the
+same configuration, and gradfuse/DDP: the median over rounds of the ratio of the two rates
+measured back to back (> 1: gradfuse is faster)."""
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
+
 from .ddp_hooks import POWERSGD_RANK, TOPK_DENSITY
 from .jobs import run_worker
+from .models import DEFAULT_BATCH
+from .train_worker import BUCKET_VIEWS, config_name
 
-# What each job measures: DistributedOptimizer as is, with gradient_as_bucket_view=True, and DDP.
-FRAMEWORKS = ("gradfuse", "gradfuse_views", "ddp")
+
+def _timeline_path(timeline: str, ranks: int, several: bool) -> str:
+    path = Path(timeline)
+    return str(path.with_name(f"{path.stem}.np{ranks}{path.suffix}")) if several else timeline
 
 
 def run(
-    ranks: list[int], model: str, batch_size: int, steps: int, rounds: int, ddp_hooks=()
+    ranks: list[int],
+    model: str,
+    batch_size: int | None,
+    steps: int,
+    rounds: int,
+    bucket_view: str = "both",
+    timeline: str | None = None,
+    ddp_hooks=(),
 ) -> list[dict]:
     """``ddp_hooks``: names from ddp_hooks.HOOKS, each a DDP row with that comm hook ("none"
     is the plain DDP row every run has)."""
+    batch_size = batch_size or DEFAULT_BATCH[model]
     hooks = [h for h in ddp_hooks if h != "none"]
-    results = [
-        run_worker(
-            n,
-            "gradfuse.bench.train_worker",
-            [
-                "--model",
-                model,
-                "--batch-size",
-                str(batch_size),
-                "--steps",
-                str(steps),
-                "--rounds",
-                str(rounds),
-                "--ddp-hooks",
-                ",".join(hooks),
-            ],
-        )
-        for n in ranks
-    ]
-    frameworks = FRAMEWORKS + tuple(f"ddp_{h}" for h in hooks)
+    results = []
+    for n in ranks:
+        args = ["--model", model, "--batch-size", str(batch_size), "--steps", str(steps)]
+        args += ["--rounds", str(rounds), "--bucket-view", bucket_view]
+        args += ["--ddp-hooks", ",".join(hooks)]
+        path = timeline and _timeline_path(timeline, n, len(ranks) > 1)
+        if path:
+            args += ["--timeline", path]
+        result = run_worker(n, "gradfuse.bench.train_worker", args)
+        result["bucket_view"] = bucket_view
+        result["ddp_hooks"] = hooks
+        if path:
+            from . import timeline_summary
+
+            result["timeline"] = {"path": path, **timeline_summary.summarize_file(path)}
+        results.append(result)
+    _add_ratios_and_efficiency(results)
+    return results
+
+
+def _add_ratios_and_efficiency(results: list[dict]) -> None:
+    names = list(results[0]["rounds"])
     base = {
-        fw: next((r[f"{fw}_per_rank"] for r in results if r["ranks"] == 1), None)
-        for fw in frameworks
+        name: next((r[f"{name}_per_rank"] for r in results if r["ranks"] == 1), None)
+        for name in names
     }
     for r in results:
-        r["ddp_hooks"] = hooks
-        for fw in frameworks:
-            r[f"{fw}_total"] = r[f"{fw}_per_rank"] * r["ranks"]
-            r[f"{fw}_efficiency"] = (r[f"{fw}_per_rank"] / base[fw]) if base[fw] else None
-    return results
+        for name in names:
+            r[f"{name}_total"] = r[f"{name}_per_rank"] * r["ranks"]
+            r[f"{name}_efficiency"] = r[f"{name}_per_rank"] / base[name] if base[name] else None
+        for view in BUCKET_VIEWS[r["bucket_view"]]:
+            ours, ddp = config_name("gradfuse", view), config_name("ddp", view)
+            r[f"{ours}_vs_ddp"] = statistics.median(
+                a / b for a, b in zip(r["rounds"][ours], r["rounds"][ddp])
+            )
 
 
 def format_table(results: list[dict]) -> str:
     first = results[0]
+    size = first["image_size"]
+    rounds = len(next(iter(first["rounds"].values())))
     title = (
         f"synthetic training, model {first['model']} ({first['parameters'] / 1e6:.2f}M "
-        f"parameters), batch {first['batch_per_rank']} per rank, CPU ranks over Gloo"
+        f"parameters), batch {first['batch_per_rank']} x 3x{size}x{size} per rank, CPU ranks "
+        f"over Gloo, medians of {rounds} alternating rounds"
     )
     header = (
-        f"{'ranks':>5} | {'gradfuse/rank':>13} {'total':>8} {'eff.':>6} | "
-        f"{'DDP/rank':>9} {'total':>8} {'eff.':>6} | {'gradfuse/DDP':>12} | "
-        f"{'views/rank':>10} {'views/DDP':>9}"
+        f"{'ranks':>5} | {'bucket view':>11} | {'gradfuse/rank':>13} {'eff.':>6} | "
+        f"{'DDP/rank':>9} {'eff.':>6} | {'gradfuse/DDP':>12}"
     )
     lines = [title, header]
 
@@ -69,18 +93,26 @@ def format_table(results: list[dict]) -> str:
         return f"{100 * x:5.0f}%" if x is not None else "     -"
 
     for r in results:
-        lines.append(
-            f"{r['ranks']:>5} | {r['gradfuse_per_rank']:>13.1f} {r['gradfuse_total']:>8.1f} "
-            f"{eff(r['gradfuse_efficiency'])} | {r['ddp_per_rank']:>9.1f} {r['ddp_total']:>8.1f} "
-            f"{eff(r['ddp_efficiency'])} | {r['gradfuse_total'] / r['ddp_total']:>11.2f}x | "
-            f"{r['gradfuse_views_per_rank']:>10.1f} "
-            f"{r['gradfuse_views_total'] / r['ddp_total']:>8.2f}x"
-        )
+        for view in BUCKET_VIEWS[r["bucket_view"]]:
+            ours, ddp = config_name("gradfuse", view), config_name("ddp", view)
+            lines.append(
+                f"{r['ranks']:>5} | {'on' if view else 'off':>11} | "
+                f"{r[f'{ours}_per_rank']:>13.1f} {eff(r[f'{ours}_efficiency'])} | "
+                f"{r[f'{ddp}_per_rank']:>9.1f} {eff(r[f'{ddp}_efficiency'])} | "
+                f"{r[f'{ours}_vs_ddp']:>11.2f}x"
+            )
     lines.append(
-        "samples/s; efficiency = per-rank rate at N ranks / rate at 1 rank; views = "
-        "DistributedOptimizer(gradient_as_bucket_view=True)"
+        "samples/s per rank; eff. = rate at N ranks / rate at 1 rank; gradfuse/DDP = median over "
+        "rounds of the two rates measured back to back; bucket view = gradient_as_bucket_view "
+        "(DistributedOptimizer's and DDP's)"
     )
-    return "\n".join(lines + _hook_table(results))
+    lines += _hook_table(results)
+    for r in results:
+        if "timeline" in r:
+            from . import timeline_summary
+
+            lines.append(f"{r['ranks']} ranks: " + timeline_summary.format_summary(r["timeline"]))
+    return "\n".join(lines)
 
 
 def _hook_table(results: list[dict]) -> list[str]:
@@ -96,11 +128,12 @@ def _hook_table(results: list[dict]) -> list[str]:
         f"{'ranks':>5} | {'hook':<13} | {'samples/s/rank':>14} {'total':>8} | {'vs DDP':>6}",
     ]
     for r in results:
+        ddp = config_name("ddp", False) if "ddp_total" in r else config_name("ddp", True)
         for hook in r["ddp_hooks"]:
             per_rank, total = r[f"ddp_{hook}_per_rank"], r[f"ddp_{hook}_total"]
             lines.append(
                 f"{r['ranks']:>5} | {hook:<13} | {per_rank:>14.1f} {total:>8.1f} | "
-                f"{total / r['ddp_total']:>5.2f}x"
+                f"{total / r[f'{ddp}_total']:>5.2f}x"
             )
     return lines
 
@@ -113,14 +146,10 @@ def plot(results: list[dict], path: str) -> None:
 
     ranks = [r["ranks"] for r in results]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ranks, [r["gradfuse_total"] for r in results], "o-", label="gradfuse")
-    ax.plot(
-        ranks,
-        [r["gradfuse_views_total"] for r in results],
-        "^-",
-        label="gradfuse, gradient_as_bucket_view",
-    )
-    ax.plot(ranks, [r["ddp_total"] for r in results], "s--", label="torch DDP")
+    styles = {"gradfuse": "o-", "gradfuse_views": "^-", "ddp": "s--", "ddp_views": "v--"}
+    for name in results[0]["rounds"]:
+        label = name.replace("_views", ", gradient_as_bucket_view").replace("ddp", "torch DDP")
+        ax.plot(ranks, [r[f"{name}_total"] for r in results], styles.get(name, "x:"), label=label)
     ax.set_xlabel("ranks")
     ax.set_ylabel("samples/s (total)")
     ax.set_xticks(ranks)

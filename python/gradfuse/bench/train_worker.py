@@ -1,6 +1,8 @@
 """One rank of ``gradfuse-bench train``: synthetic-data training throughput of the same model
 with gradfuse's DistributedOptimizer and with torch DDP, in the same processes, alternating
-rounds so both see the same machine state. Rank 0 writes the result as JSON.
+rounds so both see the same machine state. Each framework runs with and (or) without its
+gradients as views of the communication buckets (``gradient_as_bucket_view`` in both).
+Rank 0 writes the result as JSON, with every round's rate.
 
 Started by ``python -m gradfuse.run -np N -m gradfuse.bench.train_worker ...``."""
 
@@ -20,6 +22,15 @@ import gradfuse as hvd
 from . import ddp_hooks
 from .models import MODELS
 
+IMAGE_SIZE = 32  # every model takes 3x32x32 images (ResNet-50 too: a short CPU step)
+# --bucket-view: which gradient layouts run ("off": separate gradients, "on": bucket views).
+BUCKET_VIEWS = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def config_name(framework: str, bucket_view: bool) -> str:
+    """The result key of one configuration: gradfuse, gradfuse_views, ddp, ddp_views."""
+    return framework + ("_views" if bucket_view else "")
+
 
 def _step_fn(model, optimizer, batch, labels, stepping=contextlib.nullcontext):
     def step():
@@ -29,6 +40,35 @@ def _step_fn(model, optimizer, batch, labels, stepping=contextlib.nullcontext):
             optimizer.step()
 
     return step
+
+
+def _gradfuse(model_name, bucket_view):
+    model = MODELS[model_name]()
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+        named_parameters=model.named_parameters(),
+        gradient_as_bucket_view=bucket_view,
+    )
+    return model, opt
+
+
+def _ddp(model_name, bucket_view):
+    model = torch.nn.parallel.DistributedDataParallel(
+        MODELS[model_name](), gradient_as_bucket_view=bucket_view
+    )
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def configurations(args) -> dict:
+    """Configuration name -> (model, optimizer, stepping), in the order the rounds run them;
+    `stepping` is the context optimizer.step() runs in (a comm hook's state may need one)."""
+    configs = {}
+    for view in BUCKET_VIEWS[args.bucket_view]:
+        configs[config_name("gradfuse", view)] = (*_gradfuse(args.model, view), None)
+        configs[config_name("ddp", view)] = (*_ddp(args.model, view), None)
+    for hook in filter(None, args.ddp_hooks.split(",")):
+        configs[f"ddp_{hook}"] = ddp_hooks.make(hook, MODELS[args.model](), lr=0.01, momentum=0.9)
+    return configs
 
 
 def _samples_per_second(step, batch_size, steps):
@@ -43,43 +83,36 @@ def _samples_per_second(step, batch_size, steps):
     return batch_size * steps / elapsed.item()
 
 
+def _record_timeline(step, path):
+    """One more step of `step` with the engine's timeline on (rank 0 writes `path`)."""
+    hvd.start_timeline(path)
+    try:
+        step()
+    finally:
+        hvd.stop_timeline()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--batch-size", type=int, required=True, help="per rank")
     p.add_argument("--steps", type=int, required=True, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bucket-view", choices=sorted(BUCKET_VIEWS), default="both")
+    p.add_argument("--timeline", help="write a timeline of one gradfuse step here")
     p.add_argument("--ddp-hooks", default="", help="comma list of ddp_hooks.HOOKS")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
     hvd.init()
     torch.manual_seed(0)
-    batch = torch.randn(args.batch_size, 3, 32, 32)
+    batch = torch.randn(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
     labels = torch.randint(0, 10, (args.batch_size,))
-
-    ours_model = MODELS[args.model]()
-    ours_opt = hvd.DistributedOptimizer(
-        torch.optim.SGD(ours_model.parameters(), lr=0.01, momentum=0.9),
-        named_parameters=ours_model.named_parameters(),
-    )
-    # The same with gradients as views of one flat buffer: reduced in place, no fusion copies.
-    views_model = MODELS[args.model]()
-    views_opt = hvd.DistributedOptimizer(
-        torch.optim.SGD(views_model.parameters(), lr=0.01, momentum=0.9),
-        named_parameters=views_model.named_parameters(),
-        gradient_as_bucket_view=True,
-    )
-    ddp_model = torch.nn.parallel.DistributedDataParallel(MODELS[args.model]())
-    ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01, momentum=0.9)
+    configs = configurations(args)
     steps = {
-        "gradfuse": _step_fn(ours_model, ours_opt, batch, labels),
-        "gradfuse_views": _step_fn(views_model, views_opt, batch, labels),
-        "ddp": _step_fn(ddp_model, ddp_opt, batch, labels),
+        name: _step_fn(model, opt, batch, labels, stepping or contextlib.nullcontext)
+        for name, (model, opt, stepping) in configs.items()
     }
-    for hook in filter(None, args.ddp_hooks.split(",")):
-        hooked = ddp_hooks.make(hook, MODELS[args.model](), lr=0.01, momentum=0.9)
-        steps[f"ddp_{hook}"] = _step_fn(*hooked[:2], batch, labels, hooked[2])
     for step in steps.values():  # warm-up: allocator, first negotiation, DDP's buckets
         for _ in range(2):
             step()
@@ -87,13 +120,19 @@ def main(argv=None):
     for _ in range(args.rounds):
         for name, step in steps.items():
             rates[name].append(_samples_per_second(step, args.batch_size, args.steps))
+    if args.timeline:
+        _record_timeline(
+            next(s for n, s in steps.items() if n.startswith("gradfuse")), args.timeline
+        )
     if hvd.rank() == 0:
-        params = sum(p.numel() for p in ours_model.parameters())
+        model = next(iter(configs.values()))[0]
         result = {
             "model": args.model,
             "ranks": hvd.size(),
             "batch_per_rank": args.batch_size,
-            "parameters": params,
+            "image_size": IMAGE_SIZE,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "rounds": rates,
             **{f"{name}_per_rank": statistics.median(r) for name, r in rates.items()},
         }
         with open(args.out, "w") as f:
