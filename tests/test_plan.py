@@ -314,3 +314,19 @@ def test_fit_never_goes_negative():
     assert a == 0 and b > 0 and math.isfinite(b)
     with pytest.raises(ValueError, match="at least two"):
         calibrate.fit_line([(1, 1.0)])
+
+
+def test_hybrid_wins_when_a_fused_message_exceeds_the_crossover(tmp_path):
+    # A 512 MiB gradient (flat is cheaper above the crossover) and small ones (hierarchical is
+    # cheaper below it): the plan picks hybrid with the crossover as its threshold.
+    path = tmp_path / "big.json"
+    tensors = [[128 << 20]] + [[16384]] * 8
+    path.write_text(json.dumps({"name": "big", "tensors": tensors, "forward_s": 0.05}))
+    result = plan.run(str(path), [1024], 8, "p40-25gbe", 64, "fp32")
+    (run,) = result["runs"]
+    assert run["best"] == "hybrid"
+    steps = {name: a["step_s"] for name, a in run["algorithms"].items()}
+    assert steps["hybrid"] < min(steps["flat"], steps["hierarchical"])
+    assert run["settings"]["hierarchical_threshold_bytes"] == run["crossover_bytes"]
+    assert 16384 * 4 < run["crossover_bytes"] < (512 << 20)
+    assert run["env"]["GRADFUSE_HIERARCHICAL_THRESHOLD"] == str(run["crossover_bytes"])

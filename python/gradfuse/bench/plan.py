@@ -14,7 +14,7 @@ from . import plan_model, plan_profiles, plan_workload
 from .plan_step import Choice, StepPrediction, predict
 
 THRESHOLDS_MB = (1, 2, 4, 8, 16, 32, 64, 128)
-CYCLES_MS = (0.5, 1.0, 2.0, 5.0)
+CYCLES_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 WIRE_BYTES = {"fp32": 4, "fp16": 2}
 # What gradfuse runs itself; "tree" is NCCL's (NCCL_ALGO=Tree), reported for comparison.
 ENGINE_ALGORITHMS = ("flat", "hierarchical", "hybrid")
@@ -53,9 +53,10 @@ def plan_one(workload, profile, p: int, k: int, batch: int, wire: str) -> dict:
             )
         crossover = plan_model.crossover_bytes(p, k, intra, inter)
         if crossover is not None:
-            algorithms["hybrid"] = best_choice(
-                workload, profile, p, k, batch, wire_bytes, "hybrid", crossover
-            )
+            hybrid = best_choice(workload, profile, p, k, batch, wire_bytes, "hybrid", crossover)
+            # Only worth a row when some fused message exceeds the crossover.
+            if hybrid.total_s < algorithms["hierarchical"].total_s * (1 - 1e-9):
+                algorithms["hybrid"] = hybrid
     runnable = {a: pred for a, pred in algorithms.items() if a in ENGINE_ALGORITHMS}
     best = min(runnable, key=lambda a: runnable[a].total_s)
     return {
@@ -131,7 +132,7 @@ def run(
 
 
 def _mb(nbytes) -> str:
-    return f"{nbytes / (1 << 20):g}"
+    return f"{nbytes / (1 << 20):.4g}"
 
 
 def format_table(result: dict) -> str:

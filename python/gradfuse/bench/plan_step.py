@@ -12,10 +12,11 @@ in backward; what is left after backward ends is exposed.
 What the model assumes: backward takes twice the forward's FLOPs and each layer's share of it
 follows its FLOPs; gradients become ready in reverse layer order; one collective at a time
 (the engine's rule); pack and unpack are not overlapped with the collective; the optimizer is
-the fused LARS after the last gradient; no stragglers, no data loading. Where ranks outnumber
-a node's cores (profile cores_per_node: CPU ranks), compute and the optimizer slow down by
-ranks / cores, and communication does not overlap backward (the engine's thread and Gloo need
-the cores backward is using), so it is all exposed."""
+the fused LARS after the last gradient; no stragglers, no data loading. CPU ranks (profile
+cores_per_node): where they outnumber a node's cores, compute and the optimizer slow down by
+ranks / cores; and unless a core is left over, communication does not overlap backward (the
+engine's thread and Gloo's reductions need the cores backward is using): every gradient is
+taken as ready when backward ends, so all of it is exposed."""
 
 from __future__ import annotations
 
@@ -103,7 +104,9 @@ def predict(
             algorithm = "hierarchical" if small else "flat"
         return allreduce_time(algorithm, nbytes, p, min(k, p), intra, inter)
 
-    overlap = share == 1.0
+    # CPU ranks overlap communication with backward only with a core to spare for it.
+    cores = profile.cores_per_node
+    overlap = not cores or min(p, k) < cores
     fractions = workload.ready_fractions()
     order = sorted(range(len(fractions)), key=lambda i: (fractions[i], -i))
     ready = [backward * fractions[i] if overlap else backward for i in order]
