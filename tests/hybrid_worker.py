@@ -7,6 +7,7 @@ float64 reference over every rank's (integer-valued, so exact) data."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -83,6 +84,31 @@ def check_threshold_must_agree():
         "rank 1: 1001",
     )
     hvd.init()
+
+
+def check_plan_file_sets_the_engine():
+    # init(plan=...) takes the settings `gradfuse-bench plan --json` chose for this job's size.
+    n, r, k = hvd.size(), hvd.rank(), int(os.environ["GRADFUSE_TEST_LOCAL_SIZE"])
+    settings = {
+        "fusion_threshold_bytes": 1 << 20,
+        "cycle_time_ms": 2.0,
+        "hierarchical_allreduce": True,
+        "hierarchical_threshold_bytes": 64,
+    }
+    path = f"{os.environ['WORKER_RESULTS']}.plan{r}.json"
+    with open(path, "w") as f:
+        json.dump({"runs": [{"gpus": n + 1, "settings": {}}, {"gpus": n, "settings": settings}]}, f)
+    hvd.shutdown()
+    hvd.init(plan=path, test_local_size=k)
+    try:
+        for numel, hier in ((16, True), (17, False)):  # 64 bytes: at the threshold
+            mine = data(r, 1200 + numel, (numel,), torch.float32)
+            (out,) = _allreduce_checked([mine], hvd.Sum, hier, f"plan.{numel}")
+            expected = [data(q, 1200 + numel, (numel,), torch.float32) for q in range(n)]
+            close(out, reference(hvd.Sum, expected), torch.float32)
+    finally:
+        hvd.shutdown()
+        hvd.init()
 
 
 CHECKS = checks_of(globals())

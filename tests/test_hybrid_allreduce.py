@@ -21,6 +21,7 @@ CHECKS = [
     "path_follows_message_size",
     "fused_message_decides_not_its_tensors",
     "threshold_must_agree",
+    "plan_file_sets_the_engine",
 ]
 CONFIGS = {"2ranks-2x1": (2, "1"), "4ranks-2x2": (4, "2")}
 
