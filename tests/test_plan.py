@@ -330,3 +330,33 @@ def test_hybrid_wins_when_a_fused_message_exceeds_the_crossover(tmp_path):
     assert run["settings"]["hierarchical_threshold_bytes"] == run["crossover_bytes"]
     assert 16384 * 4 < run["crossover_bytes"] < (512 << 20)
     assert run["env"]["GRADFUSE_HIERARCHICAL_THRESHOLD"] == str(run["crossover_bytes"])
+
+
+def test_links_of_a_multi_host_job():
+    # calibrate_worker's points from 2 hosts x 4 ranks: intra rings of 4, inter rings of 2
+    # (one per local rank, all at once), so the inter beta is per node: the ring's / 4.
+    def rows(alpha, beta, m):
+        return [
+            {
+                "bytes": n,
+                "allreduce_s": 2 * (m - 1) * (alpha + n / m * beta),
+                "allgather_s": (m - 1) * (alpha + n / m * beta),
+            }
+            for n in calibrate.default_sizes()
+        ]
+
+    result = {
+        "ranks": 8,
+        "nodes": 2,
+        "ranks_per_node": 4,
+        "device": "cuda",
+        "levels": {
+            "intra": {"ranks": 4, "rows": rows(2e-6, 1 / 200e9, 4)},
+            "inter": {"ranks": 2, "rows": rows(8e-6, 1 / 20e9, 2)},
+        },
+    }
+    links = calibrate.links_of(result)["levels"]
+    assert links["intra"]["alpha_s"] == pytest.approx(2e-6, rel=1e-6)
+    assert links["intra"]["beta_s_per_byte"] == pytest.approx(1 / 200e9, rel=1e-6)
+    assert links["inter"]["alpha_s"] == pytest.approx(8e-6, rel=1e-6)
+    assert links["inter"]["beta_s_per_byte"] == pytest.approx(1 / 80e9, rel=1e-6)

@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", choices=["mlp", "resnet18-like"], default="resnet18-like")
     calibrate.add_argument("--batch-size", type=int, default=32, help="per rank, for compute")
     calibrate.add_argument("--out", default="gradfuse_profile.json", help="the profile (JSON)")
+    calibrate.add_argument(
+        "--points",
+        nargs="+",
+        metavar="JSON",
+        help="fit these calibrate_worker results (a multi-host job) instead of measuring here",
+    )
     return parser
 
 
@@ -181,7 +187,19 @@ def _calibrate(parser, args) -> int:
     sizes = calibrate.default_sizes(args.max_size)
     if len(sizes) < 2:
         parser.error(f"--max-size must be at least 16384 (two sizes), got {args.max_size}")
-    profile = calibrate.run(args.np, args.device, sizes, args.model, args.batch_size)
+    points = []
+    for path in args.points or []:
+        try:
+            with open(path) as f:
+                points.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--points {path}: cannot read calibrate_worker results: {e}")
+    try:
+        profile = calibrate.run(
+            args.np, args.device, sizes, args.model, args.batch_size, points=points
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        parser.error(f"--points: not calibrate_worker results ({e!r})" if points else str(e))
     print(calibrate.format_table(profile))
     with open(args.out, "w") as f:
         json.dump(profile, f, indent=2)

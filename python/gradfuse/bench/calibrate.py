@@ -2,7 +2,10 @@
 profile (plan_profiles.py describes the fields).
 
 - Links: allreduce and allgather times across message sizes on the engine's transport (Gloo
-  for CPU, NCCL for CUDA; calibrate_worker.py), fitted to time = a + b * bytes by least
+  for CPU, NCCL for CUDA; calibrate_worker.py; on this host, or across hosts by running the
+  worker under the cluster's launcher, e.g. ``torchrun --nnodes 2 --nproc-per-node 8 -m
+  gradfuse.bench.calibrate_worker --sizes 4096,...,4194304 --device cuda --out pts.json``,
+  then ``gradfuse-bench calibrate --points pts.json``), fitted to time = a + b * bytes by least
   relative error. A ring allreduce on m ranks is 2(m - 1) steps moving 2(m - 1)/m of the
   bytes, so alpha = a / (2(m - 1)) and beta = b * m / (2(m - 1)). Inside a node, "intra"; across
   hosts (a job spanning several), "inter", with beta per node (its k rings share the NICs).
@@ -69,22 +72,20 @@ def _fit_error(rows, a, b) -> float:
 
 
 def measure_links(ranks: list[int], device: str, sizes: list[int]) -> dict:
-    """{np: {level: link}} for each rank count (one gradfuse.run job each)."""
-    out = {}
-    for n in ranks:
-        result = run_worker(
-            n,
-            "gradfuse.bench.calibrate_worker",
-            ["--sizes", ",".join(map(str, sizes)), "--device", device],
-        )
-        k = result["ranks_per_node"]
-        levels = {}
-        for level, data in result["levels"].items():
-            rings = k if level == "inter" else 1
-            levels[level] = ring_link(data["rows"], data["ranks"], rings)
-            levels[level]["points"] = data["rows"]
-        out[n] = {"levels": levels, "ranks_per_node": k, "nodes": result["nodes"]}
-    return out
+    """{np: {level: link}} for each rank count (one gradfuse.run job each, on this host)."""
+    args = ["--sizes", ",".join(map(str, sizes)), "--device", device]
+    return {n: links_of(run_worker(n, "gradfuse.bench.calibrate_worker", args)) for n in ranks}
+
+
+def links_of(result: dict) -> dict:
+    """The fitted links of one calibrate_worker job's points (its --out JSON)."""
+    k = result["ranks_per_node"]
+    levels = {}
+    for level, data in result["levels"].items():
+        rings = k if level == "inter" else 1
+        levels[level] = ring_link(data["rows"], data["ranks"], rings)
+        levels[level]["points"] = data["rows"]
+    return {"levels": levels, "ranks_per_node": k, "nodes": result["nodes"]}
 
 
 def _lars_and_pack(device: torch.device, numel: int) -> tuple[float, float]:
@@ -129,8 +130,16 @@ def _compute_rate(device: torch.device, model: str, batch: int) -> float:
     return 3 * work.forward_flops_per_sample * batch / seconds
 
 
-def run(ranks: list[int], device: str, sizes: list[int], model: str, batch: int) -> dict:
-    links = measure_links(ranks, device, sizes)
+def run(
+    ranks: list[int], device: str, sizes: list[int], model: str, batch: int, points=None
+) -> dict:
+    """The profile; `points`: calibrate_worker results (e.g. from a multi-host torchrun job)
+    to fit instead of measuring links on this host."""
+    if points:
+        links = {p["ranks"]: links_of(p) for p in points}
+        ranks = sorted(links)
+    else:
+        links = measure_links(ranks, device, sizes)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     lars_rate, pack_rate = _lars_and_pack(dev, 4 << 20)
     threads = torch.get_num_threads()
