@@ -78,6 +78,22 @@ def check_train_hooks(out, result, _):
     assert "torch DDP with comm hooks" in out and "powersgd" in out
 
 
+def check_calibrate(out, _result, tmp):
+    profile = json.loads((tmp / "me.json").read_text())
+    assert profile["intra"]["beta_s_per_byte"] > 0 and "profile written to" in out
+
+
+def check_plan(out, result, _):
+    assert [r["gpus"] for r in result["runs"]] == [8, 64, 1024]
+    assert "GRADFUSE_FUSION_THRESHOLD=" in out
+
+
+def check_plan_validate(out, result, _):
+    assert [r["ranks"] for r in result["here"]] == [1, 2]
+    assert all(r["measured_step_s"] > 0 and r["predicted_step_s"] > 0 for r in result["here"])
+    assert result["seeds"] and "validation here" in out
+
+
 def check_pytest(out, _result, _):
     assert " passed" in out and "failed" not in out
 
@@ -108,6 +124,15 @@ SMOKE = {
         + ["--bucket-view", "off"],
         check_train_hooks,
     ),
+    "gradfuse-bench calibrate": (
+        ["--out", "{tmp}/me.json", "--max-size", "16384", "--model", "mlp", "--batch-size", "2"],
+        check_calibrate,
+    ),
+    "gradfuse-bench plan": ([], check_plan),
+    "gradfuse-bench plan --validate": (
+        ["--np", "1,2", "--train-model", "mlp", "--batch-size", "2"],
+        check_plan_validate,
+    ),
     "python -m pytest bench/test_bench_ops.py": (
         ["--benchmark-disable", "-q", "-p", "no:cacheprovider"],
         check_pytest,
@@ -125,12 +150,15 @@ def test_every_readme_command_has_a_smoke_run():
 
 def argv(command: str, tmp_path: Path) -> tuple[list[str], dict]:
     """The command as a process runs it here, and its extra environment."""
-    words = shlex.split(command) + SMOKE[key(command)][0]
+    options = [w.replace("{tmp}", str(tmp_path)) for w in SMOKE[key(command)][0]]
+    words = shlex.split(command) + options
     env = {}
     if words[0] == "gradfuse-bench":
         script = Path(sys.executable).parent / "gradfuse-bench"  # the installed entry point
         assert script.exists(), f"gradfuse-bench is not installed beside {sys.executable}"
-        words = [str(script), *words[1:], "--json", str(tmp_path / "out.json")]
+        words = [str(script), *words[1:]]
+        if words[1] != "calibrate":  # calibrate writes its profile to --out
+            words += ["--json", str(tmp_path / "out.json")]
     elif words[0] == "python":
         words[0] = sys.executable
     elif words[0] == "bash":  # the script's OUTDIR, its interpreter, its smallest sizes

@@ -157,7 +157,7 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
   auto launch = [state, buffer, opts, group = ctx.group, hierarchy = ctx.hierarchy,
                  buffers = ctx.buffers, times = ctx.times] {
     stamp(times, &BatchTimes::packed);
-    if (hierarchy) {
+    if (hierarchy.takes(buffer.nbytes())) {
       // Three dependent collectives: they run here, to completion.
       hierarchical_allreduce(buffer, opts.reduceOp, hierarchy, buffers, kHierarchyPadSlot);
       return;

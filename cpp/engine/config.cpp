@@ -23,6 +23,9 @@ void validate(const EngineConfig& c) {
   TORCH_CHECK_VALUE(c.cuda_local_group.empty() == c.cuda_cross_group.empty(),
                     "gradfuse: cuda_local_group and cuda_cross_group must both be given or both be "
                     "empty");
+  TORCH_CHECK_VALUE(c.hierarchical_max_bytes >= -1,
+                    "gradfuse: hierarchical_max_bytes must be >= -1 (-1: no limit), got ",
+                    c.hierarchical_max_bytes);
   TORCH_CHECK_VALUE(c.fusion_threshold_bytes >= 0,
                     "gradfuse: fusion_threshold_bytes must be >= 0, got ",
                     c.fusion_threshold_bytes);

@@ -28,6 +28,9 @@ struct EngineConfig {
   std::string cross_group;
   std::string cuda_local_group;
   std::string cuda_cross_group;
+  // Hybrid all-reduce: with the groups above, fused messages of more than this many bytes go
+  // flat instead of hierarchical (engine/hierarchical.h); -1: every message is hierarchical.
+  int64_t hierarchical_max_bytes = -1;
   int64_t fusion_threshold_bytes = 64 << 20;
   // Response cache entries (engine/response_cache.h); 0 disables the cache.
   int64_t cache_capacity = 1024;

@@ -57,10 +57,12 @@ void Engine::connect() {
   if (!config_.local_group.empty()) {
     cpu_hierarchy_.local = c10d::resolve_process_group(config_.local_group);
     cpu_hierarchy_.cross = c10d::resolve_process_group(config_.cross_group);
+    cpu_hierarchy_.max_bytes = config_.hierarchical_max_bytes;
   }
   if (!config_.cuda_local_group.empty()) {
     cuda_hierarchy_.local = c10d::resolve_process_group(config_.cuda_local_group);
     cuda_hierarchy_.cross = c10d::resolve_process_group(config_.cuda_cross_group);
+    cuda_hierarchy_.max_bytes = config_.hierarchical_max_bytes;
   }
   TORCH_CHECK_VALUE(control_->getSize() == config_.size && control_->getRank() == config_.rank,
                     "gradfuse: control group '", config_.control_group, "' has rank ",

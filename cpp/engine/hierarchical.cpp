@@ -2,12 +2,21 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+
 #include "engine/fusion.h"
 
 namespace gradfuse::engine {
 
+namespace {
+std::atomic<int64_t> hierarchical_runs{0};
+}  // namespace
+
+int64_t hierarchical_allreduce_count() { return hierarchical_runs.load(); }
+
 void hierarchical_allreduce(const at::Tensor& flat, c10d::ReduceOp op, const HierarchyGroups& g,
                             BufferPool* buffers, int pad_slot) {
+  ++hierarchical_runs;
   const int64_t n = flat.numel();
   if (n == 0) return;  // every rank agrees on the length, so every rank skips
   const int64_t local_size = g.local->getSize();

@@ -11,6 +11,7 @@
 #include "engine/devices.h"
 #include "engine/fusion.h"
 #include "engine/handles.h"
+#include "engine/hierarchical.h"
 #include "engine/negotiation.h"
 #include "engine/response_cache.h"
 #include "engine/tensor_queue.h"
@@ -214,5 +215,7 @@ std::vector<std::string> name_reuse(
   for (const auto& [name, handle] : handles) HandleTable::get().discard(handle);
   return out;
 }
+
+int64_t hierarchical_allreduce_count() { return engine::hierarchical_allreduce_count(); }
 
 }  // namespace gradfuse::engine::testing

@@ -37,6 +37,10 @@ std::string encode_requests(const std::vector<RequestSpec>& requests);
 // message (with an empty response cache); throws (RuntimeError) when it is corrupt.
 int64_t decode_requests(const std::string& bytes, int sender);
 
+// Messages this process reduced hierarchically (engine/hierarchical.h): which path the hybrid
+// all-reduce chose.
+int64_t hierarchical_allreduce_count();
+
 // unsupported_device_error for a device given as a string ("cuda:0", "cpu", "meta").
 std::string device_error(const std::string& op, const std::string& device, bool built_with_cuda,
                          bool has_cuda_group);

@@ -50,7 +50,8 @@ PYBIND11_MODULE(_C, m) {
          double timeout_s, const std::string& store_host, int store_port,
          const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
          const std::string& timeline_path, int64_t cache_capacity, int64_t pending_names_limit,
-         int process_set_id, const std::vector<int>& global_ranks) {
+         int process_set_id, const std::vector<int>& global_ranks,
+         int64_t hierarchical_max_bytes) {
         gradfuse::engine::EngineConfig c;
         c.process_set_id = process_set_id;
         c.global_ranks = global_ranks;
@@ -65,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
         c.cross_group = cross_group;
         c.cuda_local_group = cuda_local_group;
         c.cuda_cross_group = cuda_cross_group;
+        c.hierarchical_max_bytes = hierarchical_max_bytes;
         c.timeout_s = timeout_s;
         c.store_host = store_host;
         c.store_port = store_port;
@@ -85,6 +87,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
       py::arg("cache_capacity") = 1024, py::arg("pending_names_limit") = 65536,
       py::arg("process_set_id") = 0, py::arg("global_ranks") = std::vector<int>{},
+      py::arg("hierarchical_max_bytes") = -1,
       "Start the engine of process set `process_set_id` (0: the global set, by init(); others "
       "by add_process_set on their members, rank and size within the set, global_ranks its "
       "members) with its background thread on the named process groups.");
@@ -184,6 +187,8 @@ PYBIND11_MODULE(_C, m) {
   testing.def("device_error", &t::device_error, py::arg("op"), py::arg("device"),
               py::arg("built_with_cuda"), py::arg("has_cuda_group"));
   testing.def("device_binding", &t::device_binding, py::arg("steps"));
+  testing.def("hierarchical_allreduce_count", &t::hierarchical_allreduce_count,
+              "Messages this process reduced hierarchically (engine/hierarchical.h).");
   py::class_<t::FakeDeviceWork>(testing, "FakeDeviceWork")
       .def(py::init<>())
       .def("finish", &t::FakeDeviceWork::finish)

@@ -54,7 +54,9 @@ def init(**options) -> None:
     stall_shutdown_s, pending_names_limit (names submitted by some ranks and not yet by all;
     past it the newest fail), timeline (a Chrome-trace file path, written by rank 0),
     hierarchical_allreduce (reduce-scatter in the node, allreduce across nodes, allgather in the
-    node), cuda_backend ("nccl", the default, one GPU per rank; or "gloo", which lets several
+    node), hierarchical_threshold_bytes (hybrid: fused messages larger than this go flat; -1,
+    the default: all hierarchical), plan (a `gradfuse-bench plan --json` file or
+    GRADFUSE_PLAN: its settings for this job's size, below explicit arguments), cuda_backend ("nccl", the default, one GPU per rank; or "gloo", which lets several
     ranks share one GPU, for tests) and test_local_size (tests only: consecutive ranks act as
     nodes of that size). autotune (Horovod's HOROVOD_AUTOTUNE; with autotune_log,
     autotune_warmup_samples, autotune_steps_per_sample, autotune_max_samples):
@@ -67,7 +69,8 @@ def init(**options) -> None:
     if _forked_from is not None:
         raise RuntimeError(_FORKED.format(pid=_forked_from))
     process_sets = options.pop("process_sets", None)
-    cfg = _config.resolve(**options)
+    planned = options.get("plan") is not None or os.environ.get("GRADFUSE_PLAN")
+    cfg = _config.resolve(plan_size=_job_size() if planned else None, **options)
     with _lock:
         if _state is not None and _C().engine_running():
             return
@@ -135,6 +138,15 @@ def init(**options) -> None:
             raise
 
 
+def _job_size():
+    """The job's rank count before init() joins it (a plan file is chosen by it), or None when
+    the launcher does not say."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    found = _launch._launcher(os.environ)  # no rendezvous: only the launcher's variables
+    return 1 if found == "single" else _launch._int_env(_launch._RANK_VARS[found][1])
+
+
 def _destroy(groups):
     for group in groups.values():
         dist.destroy_process_group(group)
@@ -167,6 +179,7 @@ def _start_engine(cfg, groups, rank, size, process_set_id=0, global_ranks=()):
         timeline_path=cfg.timeline if rank == 0 and process_set_id == 0 else "",
         cache_capacity=cfg.cache_capacity,
         pending_names_limit=cfg.pending_names_limit,
+        hierarchical_max_bytes=cfg.hierarchical_threshold_bytes,
         process_set_id=process_set_id,
         global_ranks=list(global_ranks),
     )
@@ -241,6 +254,7 @@ _AGREED = (
     "stall_shutdown_s",
     "pending_names_limit",
     "hierarchical_allreduce",
+    "hierarchical_threshold_bytes",
     "test_local_size",
     # Every rank's DistributedOptimizer runs the same tuner, whose collectives pair by step.
     "autotune",

@@ -85,6 +85,16 @@ _OPTIONS = {
         lambda v: True,
         "a boolean (True/False, 1/0)",
     ),
+    # Hybrid all-reduce (needs hierarchical_allreduce): a fused message of at most this many
+    # bytes goes hierarchical (fewer latency steps), a larger one flat (one ring, bandwidth-
+    # optimal). -1: every message hierarchical. `gradfuse-bench plan` prints the crossover.
+    "hierarchical_threshold_bytes": (
+        "GRADFUSE_HIERARCHICAL_THRESHOLD",
+        int,
+        -1,
+        lambda v: v >= -1,
+        "an integer >= -1 (bytes; -1: every message hierarchical)",
+    ),
     # The process group for CUDA tensors. "nccl" (one GPU per rank) is what training uses;
     # "gloo" lets several ranks share one GPU (Gloo copies through host memory), which is how
     # scripts/gpu_check.sh runs the multi-rank engine tests on a machine with one GPU.
@@ -220,6 +230,7 @@ class Config:
     cycle_time_ms: float
     timeout_s: float
     hierarchical_allreduce: bool
+    hierarchical_threshold_bytes: int
     cuda_backend: str
     test_local_size: int
     stall_warning_s: float
@@ -259,8 +270,50 @@ def _parse(name, raw, parser, check, what, source):
     return value
 
 
-def resolve(**kwargs) -> Config:
-    known_env = {env for env, *_ in _OPTIONS.values()} | _NOT_ENGINE
+# What a plan (`gradfuse-bench plan --json`) may set: the choices the cost model makes.
+PLAN_SETTINGS = (
+    "fusion_threshold_bytes",
+    "cycle_time_ms",
+    "hierarchical_allreduce",
+    "hierarchical_threshold_bytes",
+)
+
+
+def plan_settings(path, size: int | None) -> dict:
+    """The settings a plan file chose for a job of `size` ranks: the file's "runs" entry with
+    "gpus" == size (a plan covers several GPU counts), or its only run when size is None."""
+    import json
+
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+        runs = plan["runs"]
+        by_size = {int(run["gpus"]): run["settings"] for run in runs}
+    except OSError as e:
+        raise ValueError(f"init(plan=...): cannot read {path!r}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"init(plan=...): {path!r} is not a plan written by `gradfuse-bench plan --json` "
+            f"(a JSON object with runs[].gpus and runs[].settings): {e!r}"
+        ) from None
+    if size is None and len(by_size) == 1:
+        size = next(iter(by_size))
+    if size not in by_size:
+        raise ValueError(
+            f"init(plan=...): {path!r} plans for {sorted(by_size)} GPUs, not for this job's "
+            f"{size} ranks; run `gradfuse-bench plan --gpus {size} ...`"
+        )
+    settings = by_size[size]
+    unknown = sorted(set(settings) - set(PLAN_SETTINGS))
+    if unknown:
+        raise ValueError(f"init(plan=...): {path!r} sets unknown settings {unknown}")
+    return settings
+
+
+def resolve(plan=None, plan_size: int | None = None, **kwargs) -> Config:
+    """Each option from init()'s keyword argument, else the plan file's choice for a job of
+    plan_size ranks, else GRADFUSE_*, else HOROVOD_*, else the default."""
+    known_env = {env for env, *_ in _OPTIONS.values()} | _NOT_ENGINE | {"GRADFUSE_PLAN"}
     for var in os.environ:
         if var.startswith("GRADFUSE_") and var not in known_env:
             raise ValueError(
@@ -272,10 +325,15 @@ def resolve(**kwargs) -> Config:
             raise ValueError(
                 f"gradfuse.init() got an unknown option {key!r}; options: {', '.join(_OPTIONS)}"
             )
+    plan = plan if plan is not None else os.environ.get("GRADFUSE_PLAN") or None
+    planned = plan_settings(plan, plan_size) if plan is not None else {}
+    # `explicit`: the options the user chose (argument, plan, variable), which autotune keeps.
     values, explicit = {}, set()
     for key, (env, parser, default, check, what) in _OPTIONS.items():
         if kwargs.get(key) is not None:
             values[key] = _parse(key, kwargs[key], parser, check, what, f"init({key}=...)")
+        elif key in planned:
+            values[key] = _parse(key, planned[key], parser, check, what, f"plan {plan!r}: {key}")
         elif env in os.environ:
             values[key] = _parse(key, os.environ[env], parser, check, what, env)
         else:
@@ -284,4 +342,11 @@ def resolve(**kwargs) -> Config:
             if horovod is None:
                 continue
         explicit.add(key)
+    if values["hierarchical_threshold_bytes"] >= 0 and not values["hierarchical_allreduce"]:
+        raise ValueError(
+            "hierarchical_threshold_bytes (GRADFUSE_HIERARCHICAL_THRESHOLD) = "
+            f"{values['hierarchical_threshold_bytes']} chooses between flat and hierarchical "
+            "allreduce per message, so it needs hierarchical_allreduce=True "
+            "(GRADFUSE_HIERARCHICAL_ALLREDUCE=1)"
+        )
     return Config(**values, explicit=frozenset(explicit))

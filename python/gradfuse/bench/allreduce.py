@@ -13,6 +13,7 @@ METHODS = [
     ("torch_per_tensor", "torch per-tensor"),
     ("gradfuse", "gradfuse fused"),
     ("gradfuse_hierarchical", "gradfuse hier."),
+    ("gradfuse_hybrid", "gradfuse hybrid"),
 ]
 
 
@@ -20,10 +21,13 @@ def default_sizes() -> list[int]:
     return [1024 * 4**i for i in range(10)]  # 1 KiB ... 256 MiB
 
 
-def run(ranks: int, sizes: list[int]) -> dict:
-    result = run_worker(
-        ranks, "gradfuse.bench.allreduce_worker", ["--sizes", ",".join(map(str, sizes))]
-    )
+def run(ranks: int, sizes: list[int], hybrid_bytes: int | None = None) -> dict:
+    """hybrid_bytes: also time the hybrid allreduce, hierarchical for fused messages up to it
+    and flat above (with 4+ ranks, as two simulated nodes like the hierarchical row)."""
+    args = ["--sizes", ",".join(map(str, sizes))]
+    if hybrid_bytes is not None:
+        args += ["--hybrid-threshold", str(hybrid_bytes)]
+    result = run_worker(ranks, "gradfuse.bench.allreduce_worker", args)
     n = result["ranks"]
     for row in result["rows"]:
         for key, _ in METHODS:
@@ -45,8 +49,10 @@ def format_table(result: dict) -> str:
     methods = [(k, label) for k, label in METHODS if k in result["rows"][0]]
     head = f"{'size':>9} {'tensors':>7}" + "".join(f" | {label:>22}" for _, label in methods)
     sub = f"{'':>9} {'':>7}" + "".join(f" | {'ms':>9} {'busbw GB/s':>12}" for _ in methods)
+    hybrid = result.get("hybrid_threshold")
     lines = [
-        f"allreduce, {result['ranks']} CPU ranks over Gloo (busbw = algbw * 2(n-1)/n)",
+        f"allreduce, {result['ranks']} CPU ranks over Gloo (busbw = algbw * 2(n-1)/n)"
+        + (f"; hybrid: hierarchical up to {_size(hybrid)}, flat above" if hybrid else ""),
         head,
         sub,
     ]

@@ -1,7 +1,8 @@
 """One rank of ``gradfuse-bench allreduce``: for each message size, the same bytes as 16
 tensors reduced four ways — one torch all_reduce of a flat buffer (the floor), one torch
 all_reduce per tensor, gradfuse's engine (fused), and gradfuse with hierarchical allreduce
-(nodes of size/2 ranks). torch is measured first, before the engine runs, so the engine's idle
+(nodes of size/2 ranks); with --hybrid-threshold, a fifth: hybrid (hierarchical for fused
+messages up to the threshold, flat above). torch is measured first, before the engine runs, so the engine's idle
 negotiation does not slow it. Rank 0 writes the result as JSON.
 
 Started by ``python -m gradfuse.run -np N -m gradfuse.bench.allreduce_worker ...``."""
@@ -39,6 +40,7 @@ def _engine_call(tensors, tag):
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", required=True, help="comma-separated message sizes in bytes")
+    p.add_argument("--hybrid-threshold", type=int, help="also time hybrid allreduce (bytes)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -68,15 +70,26 @@ def main(argv=None):
         )
     hvd.shutdown()
     if size >= 4 and size % 2 == 0:
-        hvd.init(hierarchical_allreduce=True, test_local_size=size // 2)
-        for nbytes, tensors in messages.items():
-            rows[nbytes]["gradfuse_hierarchical"] = slowest_rank_median_seconds(
-                _engine_call(tensors, f"hier{nbytes}"), _iters(nbytes)
+        variants = [("gradfuse_hierarchical", "hier", -1)]
+        if args.hybrid_threshold is not None:
+            variants.append(("gradfuse_hybrid", "hybrid", args.hybrid_threshold))
+        for key, tag, threshold in variants:
+            hvd.init(
+                hierarchical_allreduce=True,
+                hierarchical_threshold_bytes=threshold,
+                test_local_size=size // 2,
             )
-        hvd.shutdown()
+            for nbytes, tensors in messages.items():
+                rows[nbytes][key] = slowest_rank_median_seconds(
+                    _engine_call(tensors, f"{tag}{nbytes}"), _iters(nbytes)
+                )
+            hvd.shutdown()
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"ranks": size, "rows": list(rows.values())}, f)
+            out = {"ranks": size, "rows": list(rows.values())}
+            if args.hybrid_threshold is not None:
+                out["hybrid_threshold"] = args.hybrid_threshold
+            json.dump(out, f)
     dist.destroy_process_group()
 
 
