@@ -1,9 +1,11 @@
 """Loading the compiled extension safely, and reporting what it was built with.
 
-The extension links against one exact torch build: loading it under another torch fails with
-undefined symbols at best and corrupts memory at worst. So before touching ``_C`` we compare
-the torch version recorded at build time with the running one and refuse with an ImportError
-that says how to rebuild.
+The extension links against one torch minor release (and, with CUDA kernels, one CUDA major):
+loading it under another torch fails with undefined symbols at best and corrupts memory at
+worst. So before touching ``_C`` we compare the torch recorded at build time with the running
+one (the rule of _torch_tag.py, which also pins the wheel's torch requirement) and refuse with
+an ImportError naming both and how to get a matching build; a load that fails anyway (a torch
+patch release that broke its ABI) is reported the same way.
 """
 
 from __future__ import annotations
@@ -13,20 +15,36 @@ import platform
 
 import torch
 
+from . import _torch_tag
+
 REBUILD_HINT = (
-    "Rebuild gradfuse against the installed torch: "
-    "pip install --no-build-isolation --no-deps --force-reinstall <gradfuse source dir> "
-    "(or run scripts/test.sh, which rebuilds)."
+    "build from source against the installed torch: "
+    "pip install --no-build-isolation --no-deps --force-reinstall <gradfuse source dir>"
 )
 
 
-def check_torch_version(built_with: str, running: str) -> None:
-    """Raise ImportError unless the running torch is the one gradfuse was built against."""
-    if built_with != running:
+def install_hint(running_torch: str, running_cuda: str | None) -> str:
+    """How to get a gradfuse that loads under the running torch: the wheel named for it, or a
+    source build."""
+    tag = _torch_tag.local_tag(running_torch, running_cuda)
+    return (
+        f"Install the gradfuse wheel built for this torch (+{tag}): "
+        f"pip install --force-reinstall --no-deps gradfuse -f <wheelhouse>/{tag}.html "
+        f"(scripts/build_wheels.sh builds it), or {REBUILD_HINT}."
+    )
+
+
+def check_torch_build(
+    built_torch: str, built_cuda: str | None, running_torch: str, running_cuda: str | None
+) -> None:
+    """Raise ImportError unless a build against ``built_torch`` (CUDA kernels for
+    ``built_cuda``, None if CPU-only) loads under the running torch."""
+    why = _torch_tag.incompatibility(built_torch, built_cuda, running_torch, running_cuda)
+    if why:
+        cuda = f" with CUDA {built_cuda} kernels" if built_cuda else ""
         raise ImportError(
-            f"gradfuse was built against torch {built_with} but torch {running} is installed; "
-            f"the compiled extension only works with the torch it was built against. "
-            f"{REBUILD_HINT}"
+            f"gradfuse was built against torch {built_torch}{cuda} but torch {running_torch} is "
+            f"installed: {why}. {install_hint(running_torch, running_cuda)}"
         )
 
 
@@ -35,17 +53,25 @@ try:
 except ImportError as exc:  # a source checkout that was never built
     raise ImportError(
         "gradfuse's compiled extension is missing (no gradfuse/_build_info.py): "
-        f"this is an unbuilt source tree. {REBUILD_HINT}"
+        f"this is an unbuilt source tree; {REBUILD_HINT}."
     ) from exc
 
-check_torch_version(_build_info.torch_version, torch.__version__)
+_built_cuda = _build_info.torch_cuda_version if _build_info.cuda else None
+check_torch_build(_build_info.torch_version, _built_cuda, torch.__version__, torch.version.cuda)
 
-from . import _C
+try:
+    from . import _C
+except (ImportError, OSError) as exc:
+    raise ImportError(
+        f"gradfuse's extension, built against torch {_build_info.torch_version}, failed to load "
+        f"under torch {torch.__version__} ({exc}). "
+        f"{install_hint(torch.__version__, torch.version.cuda)}"
+    ) from exc
 
 if _C.version != _build_info.version:
     raise ImportError(
         f"gradfuse's extension reports version {_C.version} but its build record says "
-        f"{_build_info.version}: a stale build is mixed with a newer one. {REBUILD_HINT}"
+        f"{_build_info.version}: a stale build is mixed with a newer one; {REBUILD_HINT}."
     )
 
 

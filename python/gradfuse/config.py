@@ -158,7 +158,8 @@ _OPTIONS = {
 # GRADFUSE_TEST_FAULT makes one rank's engine fail (cpp/engine/fault_injection.h),
 # GRADFUSE_TEST_REMOTE_PEERS=1 puts each process on a machine of its own for the liveness
 # monitor (cpp/engine/peer_board.h: no peer is seen in /proc);
-# GRADFUSE_GPU_CHECK_SKIP_BUILD belongs to scripts/gpu_check.sh.
+# GRADFUSE_GPU_CHECK_SKIP_BUILD belongs to scripts/gpu_check.sh, GRADFUSE_WHEEL* to
+# scripts/build_wheels.sh and scripts/ci_wheel_check.sh.
 _NOT_ENGINE = {
     "GRADFUSE_CPU_SIMD",
     "GRADFUSE_CUDA",
@@ -171,6 +172,9 @@ _NOT_ENGINE = {
     "GRADFUSE_TEST_FAULT",
     "GRADFUSE_TEST_REMOTE_PEERS",
     "GRADFUSE_GPU_CHECK_SKIP_BUILD",
+    "GRADFUSE_WHEELHOUSE",
+    "GRADFUSE_WHEEL_BUILD",
+    "GRADFUSE_WHEEL_MATRIX",
 }
 
 
