@@ -18,7 +18,15 @@ import torch
 from gradfuse import _torch_tag
 
 RANK_FLAG = "--allreduce-rank"
-CUDA_OPS = ("lars_update_", "pack_", "unpack_", "topk_compress", "topk_decompress")
+CUDA_OPS = (
+    "lars_update_",
+    "lars_update_from_norms_",
+    "sum_squares",
+    "pack_",
+    "unpack_",
+    "topk_compress",
+    "topk_decompress",
+)
 
 
 def check_installed_wheel() -> None:
