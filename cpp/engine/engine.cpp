@@ -154,25 +154,28 @@ void Engine::stop() {
 void Engine::loop() {
   const auto cycle = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
       std::chrono::duration<double, std::milli>(config_.cycle_time_ms));
-  // Idle back-off: while no rank submits anything and this rank has nothing in flight, the
-  // wait between negotiations doubles up to kMaxIdleBackoff cycle times, so an idle job (the
-  // forward pass) does not spend CPU on an allgather every cycle. It costs no latency when
-  // work resumes, because every rank wakes on its own enqueue; a rank with work in flight
-  // never backs off, so a straggler's late tensor is negotiated within one cycle.
-  constexpr int kMaxIdleBackoff = 16;
-  int backoff = 1;
+  // Idle back-off: while nothing is pending on any rank (the controller's table, the same on
+  // every rank) and nothing is in flight here, the wait between negotiations doubles up to
+  // kMaxIdleWait, so an idle engine (the forward pass, or no training at all) costs next to no
+  // CPU and leaves the cores to the user's collectives. It costs no latency when work resumes,
+  // because every rank wakes on its own enqueue (and stop()); while some rank waits for
+  // another, every rank negotiates each cycle, so a straggler's late tensor, a stall and a
+  // mismatch are handled within a cycle. Only a peer that submits nothing at all (a rank that
+  // shuts down while the others idle) is seen up to kMaxIdleWait late.
+  constexpr auto kMaxIdleWait = std::chrono::milliseconds(100);
+  const auto max_wait = std::max<std::chrono::steady_clock::duration>(cycle, kMaxIdleWait);
+  auto wait = cycle;
   try {
     while (true) {
       // Sleep until work is enqueued or the (backed-off) cycle time has passed: the other
       // ranks are in the same loop, and negotiation needs all of them.
-      queue_.wait_for_work(std::chrono::steady_clock::now() + cycle * backoff);
+      queue_.wait_for_work(std::chrono::steady_clock::now() + wait);
       if (aborted_) return;  // handles already failed with the liveness verdict
       int stop_rank = -1;
       const auto negotiate_start = std::chrono::steady_clock::now();
-      const int64_t busy_before = stats_.busy_cycles;
       std::vector<Response> responses = negotiate(stop_rank);
-      const bool idle = stats_.busy_cycles == busy_before && responses.empty();
-      backoff = idle && !queue_.has_in_flight() ? std::min(2 * backoff, kMaxIdleBackoff) : 1;
+      const bool waiting = queue_.has_in_flight() || negotiator_.controller().pending() > 0;
+      wait = waiting ? cycle : std::min(2 * wait, max_wait);
       stats_.negotiate_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                                  std::chrono::steady_clock::now() - negotiate_start)
                                  .count();

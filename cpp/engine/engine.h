@@ -22,6 +22,7 @@
 #include "engine/fusion.h"
 #include "engine/liveness.h"
 #include "engine/negotiation.h"
+#include "engine/negotiation_slot.h"
 #include "engine/peer_board.h"
 #include "engine/stall_inspector.h"
 #include "engine/tensor_queue.h"
@@ -63,6 +64,8 @@ class Engine {
     std::atomic<int64_t> cache_hits{0};    // requests this rank sent as a response-cache index
     std::atomic<int64_t> cache_misses{0};  // requests this rank sent in full
     std::atomic<int64_t> in_place{0};      // allreduce batches reduced with no fusion buffer
+    std::atomic<int64_t> fast_cycles{0};   // rounds decided from cache references alone
+    std::atomic<int64_t> inline_reduced{0};  // allreduces completed from inline inputs
   };
   const Stats& stats() const { return stats_; }
 
@@ -71,6 +74,8 @@ class Engine {
   // One negotiation round. Returns the negotiated responses; sets `stop_rank` (>= 0) when some
   // rank asked to stop.
   std::vector<Response> negotiate(int& stop_rank);
+  // Completes (and removes) the responses whose inputs came inline (engine/inline_allreduce.h).
+  void complete_inline(std::vector<Response>& responses);
   void execute(std::vector<Response> responses);
   // Timeline events of a finished batch: negotiate, queue, pack, collective, unpack.
   void record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
@@ -115,6 +120,7 @@ class Engine {
 #endif
   TensorQueue queue_;
   Negotiator negotiator_;
+  SlotBuffers slots_;  // negotiation slots, kept between rounds
   CudaDeviceBinding cuda_device_;  // this rank's one GPU (engine/devices.h)
   BufferPool buffers_;
   StallInspector stall_;
@@ -154,7 +160,7 @@ std::shared_ptr<Engine> current_engine();
 // this rank is not a member).
 std::shared_ptr<Engine> process_set_engine(int process_set_id);
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
-// cache_misses, in_place} of that process set's engine.
+// cache_misses, in_place, fast_cycles, inline_reduced} of that process set's engine.
 std::vector<int64_t> engine_stats(int process_set_id);
 
 }  // namespace gradfuse::engine

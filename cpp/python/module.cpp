@@ -113,7 +113,7 @@ PYBIND11_MODULE(_C, m) {
         const char* keys[] = {"cycles",       "busy_cycles", "tensors",
                               "collectives",  "bytes",       "negotiate_ns",
                               "stalled",      "cache_hits",  "cache_misses",
-                              "in_place"};
+                              "in_place",     "fast_cycles", "inline_reduced"};
         for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
         return d;
       },
@@ -121,7 +121,8 @@ PYBIND11_MODULE(_C, m) {
       "Counters of a process set's engine (default: the global set's): negotiation cycles, "
       "busy cycles, tensors, collectives, bytes, negotiation time (ns), stalled tensors given "
       "up on, requests sent as response cache indices and in full, allreduce batches reduced "
-      "in place (no fusion buffer).");
+      "in place (no fusion buffer), rounds decided from cache references alone, allreduces "
+      "completed from inputs sent inline with the negotiation.");
   m.def("engine_poll", &gradfuse::engine::poll_handle, py::arg("handle"),
         "True once the handle has completed or failed.");
   m.def("engine_wait_for", &gradfuse::engine::wait_handle_for, py::arg("handle"),
@@ -143,11 +144,16 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("responses", &t::RoundResult::responses)
       .def_readonly("batches", &t::RoundResult::batches)
       .def_readonly("cache_hits", &t::RoundResult::cache_hits)
-      .def_readonly("cache_misses", &t::RoundResult::cache_misses);
+      .def_readonly("cache_misses", &t::RoundResult::cache_misses)
+      .def_readonly("fast", &t::RoundResult::fast)
+      .def_readonly("inlined", &t::RoundResult::inlined)
+      .def_readonly("inline_responses", &t::RoundResult::inline_responses);
   testing.def("simulate_negotiation", &t::simulate_negotiation, py::arg("size"),
               py::arg("cache_capacity"), py::arg("fusion_threshold_bytes"), py::arg("rounds"),
+              py::arg("inline_max_bytes") = std::vector<int64_t>{},
               "rounds[k][r]: (name, op, dtype, device, shape) requests of rank r in round k; "
-              "returns [round][rank] RoundResult.");
+              "returns [round][rank] RoundResult. inline_max_bytes[r]: rank r sends cached "
+              "allreduce inputs up to that size inline.");
   testing.def(
       "encode_requests",
       [](const std::vector<t::RequestSpec>& requests) {
