@@ -692,6 +692,27 @@ def check_inline_allreduce_straggler():
         close(out, expected, torch.float32)
 
 
+def check_inline_allreduce_timeline():
+    """An allreduce completed inline shows on the timeline as negotiate + inline reduce."""
+    path = os.environ["WORKER_RESULTS"] + ".inline_timeline.json"
+    t = ones(4)
+    hvd.allreduce(t, name="inline.traced", op=hvd.Sum)  # a miss: cached for the next one
+    hvd.start_timeline(path)
+    inlined = _stat_delta(
+        "inline_reduced", lambda: hvd.allreduce(t, name="inline.traced", op=hvd.Sum)
+    )
+    hvd.stop_timeline()
+    if device().type != "cpu":
+        return
+    assert inlined == 1, inlined
+    if hvd.rank() != 0:
+        return  # only rank 0 writes
+    events = hvd.timeline.load(path)
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    phases = {e["name"] for e in events if e["ph"] == "X" and tracks[e["tid"]] == "inline.traced"}
+    assert phases == {"negotiate", "inline reduce"}, events
+
+
 def check_fast_path_falls_back():
     """Steady state (every rank sends the same cache references: fast rounds), then one rank
     changes a tensor's dtype: full negotiation, the mismatch raised on every rank naming the

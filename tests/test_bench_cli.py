@@ -39,10 +39,15 @@ def test_ops(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_allreduce(tmp_path):
-    out, result = bench(tmp_path, "allreduce", "--np", "2", "--max-size", "4096")
+    out, result = bench(
+        tmp_path, "allreduce", "--np", "2", "--max-size", "4096", "--idle-seconds", "0.5"
+    )
     assert result["ranks"] == 2 and [r["bytes"] for r in result["rows"]] == [1024, 4096]
     assert all(r["gradfuse_busbw"] > 0 and r["torch_flat_busbw"] > 0 for r in result["rows"])
     assert "busbw" in out
+    assert "1 KiB latency" in out and "idle CPU" in out
+    assert result["latency"]["engine_s"] > 0 and result["latency"]["direct_s"] > 0
+    assert result["idle"]["with_engine_pct"] >= 0
 
 
 @pytest.mark.timeout(300)

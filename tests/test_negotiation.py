@@ -154,7 +154,12 @@ def test_no_inline_with_a_joined_rank():
 
 # ---- 3 real ranks: inline results and the fast path's fallback -------------------------------
 
-CHECKS = ["inline_allreduce", "inline_allreduce_straggler", "fast_path_falls_back"]
+CHECKS = [
+    "inline_allreduce",
+    "inline_allreduce_straggler",
+    "inline_allreduce_timeline",
+    "fast_path_falls_back",
+]
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         default=256 << 20,
         help="largest message in bytes (sizes are 1 KiB * 4^i up to it)",
     )
+    allreduce.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=10.0,
+        help="how long the idle CPU is measured, with and without the engine",
+    )
     train = sub.add_parser("train", help="synthetic training throughput, gradfuse vs DDP")
     train.add_argument("--np", type=_ranks, default=[1, 2, 4], help="rank counts, e.g. 1,2,4")
     train.add_argument("--model", choices=["mlp", "resnet18-like"], default="resnet18-like")
@@ -78,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [s for s in bench.default_sizes() if s <= args.max_size]
         if not sizes:
             parser.error(f"--max-size must be at least 1024, got {args.max_size}")
-        results = bench.run(args.np, sizes)
+        if args.idle_seconds <= 0:
+            parser.error(f"--idle-seconds must be > 0, got {args.idle_seconds}")
+        results = bench.run(args.np, sizes, args.idle_seconds)
         print(bench.format_table(results))
         if args.plot:
             bench.plot(results, args.plot)

@@ -20,10 +20,9 @@ def default_sizes() -> list[int]:
     return [1024 * 4**i for i in range(10)]  # 1 KiB ... 256 MiB
 
 
-def run(ranks: int, sizes: list[int]) -> dict:
-    result = run_worker(
-        ranks, "gradfuse.bench.allreduce_worker", ["--sizes", ",".join(map(str, sizes))]
-    )
+def run(ranks: int, sizes: list[int], idle_seconds: float = 10.0) -> dict:
+    args = ["--sizes", ",".join(map(str, sizes)), "--idle-seconds", str(idle_seconds)]
+    result = run_worker(ranks, "gradfuse.bench.allreduce_worker", args)
     n = result["ranks"]
     for row in result["rows"]:
         for key, _ in METHODS:
@@ -53,6 +52,17 @@ def format_table(result: dict) -> str:
     for row in result["rows"]:
         cells = "".join(f" | {row[k] * 1e3:9.3f} {row[f'{k}_busbw']:12.3f}" for k, _ in methods)
         lines.append(f"{_size(row['bytes']):>9} {row['tensors']:>7}{cells}")
+    lat, idle = result["latency"], result["idle"]
+    lines.append(
+        f"1 KiB latency: engine {lat['engine_s'] * 1e6:.0f} us, direct Gloo "
+        f"{lat['direct_s'] * 1e6:.0f} us ({lat['engine_s'] / lat['direct_s']:.2f}x); "
+        f"{lat['inline_reduced']} of {lat['engine_tensors']} reduced inline, "
+        f"{lat['fast_cycles']} fast negotiation rounds"
+    )
+    lines.append(
+        f"idle CPU over {idle['seconds']:g} s (busiest rank, % of one core): "
+        f"{idle['with_engine_pct']:.2f} with the engine, {idle['without_engine_pct']:.2f} without"
+    )
     return "\n".join(lines)
 
 
