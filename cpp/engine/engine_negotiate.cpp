@@ -142,6 +142,9 @@ void Engine::complete_inline(std::vector<Response>& responses) {
         timeline_.phase(r.name, "negotiate", e.enqueued, negotiated);
         timeline_.phase(r.name, "inline reduce", negotiated, std::chrono::steady_clock::now());
       }
+      // Counted before the handle completes, so a caller that waited on it sees the count.
+      stats_.inline_reduced++;
+      stats_.tensors++;
       HandleTable::get().complete(e.handle, out);
     } catch (const std::exception& ex) {
       // The entry left the queue: its handle fails here, then the engine stops as usual.
@@ -149,8 +152,6 @@ void Engine::complete_inline(std::vector<Response>& responses) {
                                             "' failed: " + ex.what());
       throw;
     }
-    stats_.inline_reduced++;
-    stats_.tensors++;
     return true;
   });
   responses.erase(done, responses.end());

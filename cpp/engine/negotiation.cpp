@@ -11,6 +11,10 @@ namespace gradfuse::engine {
 
 Negotiator::Encoded Negotiator::encode(const std::vector<Request>& requests,
                                        const InlineInput& inline_input, size_t budget) {
+  // A request sent inline earlier waits as long as the controller holds it: once it ran or
+  // failed (a mismatch, the stall inspector), its input is no longer wanted.
+  const auto& pending = controller_.pending_table();
+  std::erase_if(inline_waiting_, [&](const Request& r) { return !pending.count(r.name); });
   Encoded out;
   std::vector<std::optional<uint32_t>> indices;
   serialize_requests(
@@ -142,11 +146,6 @@ std::vector<Response> Negotiator::decide(const std::vector<RankMessage>& message
     responses = decide_in_full(messages);
   }
   if (any_inline) attach_inline_inputs(by_name, responses);
-  if (!inline_waiting_.empty()) {
-    std::unordered_set<std::string> decided;
-    for (const Response& resp : responses) decided.insert(resp.name);
-    std::erase_if(inline_waiting_, [&](const Request& r) { return decided.count(r.name) > 0; });
-  }
   return responses;
 }
 
