@@ -162,7 +162,7 @@ void Engine::loop() {
   // another, every rank negotiates each cycle, so a straggler's late tensor, a stall and a
   // mismatch are handled within a cycle. Only a peer that submits nothing at all (a rank that
   // shuts down while the others idle) is seen up to kMaxIdleWait late.
-  constexpr auto kMaxIdleWait = std::chrono::milliseconds(100);
+  constexpr auto kMaxIdleWait = std::chrono::milliseconds(500);
   const auto max_wait = std::max<std::chrono::steady_clock::duration>(cycle, kMaxIdleWait);
   auto wait = cycle;
   try {
