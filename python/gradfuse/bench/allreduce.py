@@ -56,7 +56,7 @@ def format_table(result: dict) -> str:
     lines.append(
         f"1 KiB latency: engine {lat['engine_s'] * 1e6:.0f} us, direct Gloo "
         f"{lat['direct_s'] * 1e6:.0f} us ({lat['engine_s'] / lat['direct_s']:.2f}x; direct "
-        f"before init {result['rows'][0]['torch_flat'] * 1e6:.0f} us); "
+        f"before init {lat['direct_before_init_s'] * 1e6:.0f} us); "
         f"{lat['inline_reduced']} of {lat['engine_tensors']} reduced inline, "
         f"{lat['fast_cycles']} fast negotiation rounds"
     )

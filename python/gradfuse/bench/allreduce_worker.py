@@ -51,7 +51,19 @@ def _cpu_percent_while_idle(seconds):
     return t.item()
 
 
-def _latency(rounds=5, iters=60):
+LATENCY_ROUNDS, LATENCY_ITERS = 5, 60
+
+
+def _direct_latency(t):
+    """A direct Gloo allreduce of `t` on the default group: the median over rounds."""
+    rounds = [
+        slowest_rank_median_seconds(lambda: dist.all_reduce(t), LATENCY_ITERS)
+        for _ in range(LATENCY_ROUNDS)
+    ]
+    return statistics.median(rounds)
+
+
+def _latency(direct_before_init_s, rounds=LATENCY_ROUNDS, iters=LATENCY_ITERS):
     """1 KiB allreduce: the engine against a direct Gloo call on the default group (with the
     engine idle), alternating rounds; medians over rounds, and how the engine ran them."""
     t = torch.randn(256)
@@ -65,6 +77,7 @@ def _latency(rounds=5, iters=60):
     after = hvd.stats()
     delta = {k: after[k] - before[k] for k in ("tensors", "inline_reduced", "fast_cycles")}
     return {
+        "direct_before_init_s": direct_before_init_s,
         "direct_s": statistics.median(direct),
         "engine_s": statistics.median(engine),
         "engine_tensors": delta["tensors"],
@@ -100,8 +113,9 @@ def main(argv=None):
         )
 
     idle = {"without_engine_pct": _cpu_percent_while_idle(args.idle_seconds)}
+    direct_before_init = _direct_latency(torch.randn(256))
     hvd.init()
-    latency = _latency()
+    latency = _latency(direct_before_init)
     idle["with_engine_pct"] = _cpu_percent_while_idle(args.idle_seconds)
     idle["seconds"] = args.idle_seconds
     for nbytes, tensors in messages.items():
