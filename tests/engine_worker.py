@@ -613,11 +613,147 @@ def check_shutdown_pending_and_reinit():
     assert torch.equal(hvd.allreduce(ones(3), name="reinit", op=hvd.Sum), full((3,), float(n)))
 
 
+def _stat_delta(key, fn):
+    before = hvd.stats()[key]
+    fn()
+    return hvd.stats()[key] - before
+
+
+def check_inline_allreduce():
+    """Small CPU allreduces that hit the response cache complete from the inputs sent with the
+    negotiation (engine/inline_allreduce.h): every dtype, Sum and Average, prescale and
+    postscale, in place and out of place, equal to the reference on every rank."""
+    n, r = hvd.size(), hvd.rank()
+    cases = [
+        (dtype, op, pre, post)
+        for dtype in DTYPES
+        for op, pre, post in ((hvd.Sum, 1.0, 1.0), (hvd.Average, 1.0, 1.0), (hvd.Sum, 2.0, 0.5))
+        if not (pre != 1.0 and dtype in INT_DTYPES)  # integer scaling truncates: tested below
+    ] + [(torch.int32, hvd.Average, 3.0, 1.0)]
+
+    def step(seed):
+        for i, (dtype, op, pre, post) in enumerate(cases):
+            shape = SHAPES[i % len(SHAPES)]
+            inputs = [data(k, seed + i, shape, dtype) for k in range(n)]
+            scaled = [t.double() * pre for t in inputs]
+            if dtype in INT_DTYPES:
+                scaled = [t.trunc() for t in scaled]  # packed in the integer dtype
+            expected = reference(op, scaled) * post
+            if i % 2:
+                out = hvd.allreduce(
+                    inputs[r], name=f"inline.{i}", op=op, prescale_factor=pre, postscale_factor=post
+                )
+                assert torch.equal(inputs[r], data(r, seed + i, shape, dtype)), "input changed"
+            else:
+                out = inputs[r].clone()
+                assert (
+                    hvd.allreduce_(
+                        out, name=f"inline.{i}", op=op, prescale_factor=pre, postscale_factor=post
+                    )
+                    is out
+                )
+            close(out, expected, dtype)
+
+    step(1000)  # first time: sent in full, run the usual way
+    inlined = _stat_delta("inline_reduced", lambda: step(2000))
+    expect_inline = device().type == "cpu"
+    assert inlined == (len(cases) if expect_inline else 0), (inlined, len(cases))
+    # Larger than the inline limit, Min/Max, allgather: the usual way, still right.
+    big = data(r, 7, (600,), torch.float32)
+    for _ in range(2):
+        before = hvd.stats()["inline_reduced"]
+        out = hvd.allreduce(big, name="inline.big", op=hvd.Sum)
+        close(
+            out,
+            reference(hvd.Sum, [data(k, 7, (600,), torch.float32) for k in range(n)]),
+            torch.float32,
+        )
+        small_max = hvd.allreduce(data(r, 8, (5,), torch.int32), name="inline.max", op=hvd.Max)
+        close(
+            small_max,
+            reference(hvd.Max, [data(k, 8, (5,), torch.int32) for k in range(n)]),
+            torch.int32,
+        )
+        assert hvd.stats()["inline_reduced"] == before
+
+
+def check_inline_allreduce_straggler():
+    """A rank that submits a cached small allreduce later than the others: its peers send their
+    inputs again each round, so it still completes inline, with the right result."""
+    n, r = hvd.size(), hvd.rank()
+    for step in range(4):
+        if r == n - 1:
+            time.sleep(0.05)
+        t = data(r, 3000 + step, (16,), torch.float32)
+        out = hvd.allreduce(t, name="inline.late", op=hvd.Sum)
+        expected = reference(
+            hvd.Sum, [data(k, 3000 + step, (16,), torch.float32) for k in range(n)]
+        )
+        close(out, expected, torch.float32)
+
+
+def check_inline_allreduce_timeline():
+    """An allreduce completed inline shows on the timeline as negotiate + inline reduce."""
+    path = os.environ["WORKER_RESULTS"] + ".inline_timeline.json"
+    t = ones(4)
+    hvd.allreduce(t, name="inline.traced", op=hvd.Sum)  # a miss: cached for the next one
+    hvd.start_timeline(path)
+    inlined = _stat_delta(
+        "inline_reduced", lambda: hvd.allreduce(t, name="inline.traced", op=hvd.Sum)
+    )
+    hvd.stop_timeline()
+    if device().type != "cpu":
+        return
+    assert inlined == 1, inlined
+    if hvd.rank() != 0:
+        return  # only rank 0 writes
+    events = hvd.timeline.load(path)
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    phases = {e["name"] for e in events if e["ph"] == "X" and tracks[e["tid"]] == "inline.traced"}
+    assert phases == {"negotiate", "inline reduce"}, events
+
+
+def check_fast_path_falls_back():
+    """Steady state (every rank sends the same cache references: fast rounds), then one rank
+    changes a tensor's dtype: full negotiation, the mismatch raised on every rank naming the
+    rank, then back to the fast path."""
+    n, r = hvd.size(), hvd.rank()
+    names = [f"fast.{i}" for i in range(6)]
+
+    def step(odd_dtype=torch.float32):
+        handles = []
+        with hvd.submitted_together():  # one message per rank: the same references everywhere
+            for i, name in enumerate(names):
+                dtype = odd_dtype if (i == 2 and r == n - 1) else torch.float32
+                handles.append(hvd.allreduce_async(ones(300, dtype=dtype), name=name, op=hvd.Sum))
+        return handles
+
+    def ok_step():
+        for h in step():
+            assert torch.equal(hvd.synchronize(h), full((300,), float(n)))
+
+    hvd.barrier()
+    ok_step()
+    fast = _stat_delta("fast_cycles", lambda: [ok_step() for _ in range(5)])
+    assert fast >= 1, fast  # a rank's timer may split a step across rounds, not every time
+    handles = step(torch.float64)
+    for i, h in enumerate(handles):
+        if i == 2:
+            expect_error(
+                RuntimeError, lambda h=h: hvd.synchronize(h), "fast.2", "dtype", f"on rank {n - 1}"
+            )
+        else:
+            assert torch.equal(hvd.synchronize(h), full((300,), float(n)))
+    ok_step()
+
+
 CHECKS = checks_of(globals())
 # Checks that make one rank disagree with, or wait for, another: meaningless at 1 rank, so a
 # 1-rank group (GRADFUSE_TEST_RANKS=1) does not run them.
 NEEDS_TWO_RANKS = {
     "join_refuses_what_needs_the_joined_rank",
+    "fast_path_falls_back",
+    "inline_allreduce_straggler",
     "local_errors",
     "mismatch_errors",
     "pending_names_limit",

@@ -49,6 +49,9 @@ def check_allreduce(out, result, _):
     assert result["ranks"] == 2 and [r["bytes"] for r in result["rows"]] == [1024, 4096]
     assert all(r["gradfuse_busbw"] > 0 and r["torch_flat_busbw"] > 0 for r in result["rows"])
     assert "busbw" in out
+    assert "1 KiB latency" in out and "idle CPU" in out
+    assert result["latency"]["engine_s"] > 0 and result["latency"]["direct_s"] > 0
+    assert result["idle"]["with_engine_pct"] >= 0
 
 
 def check_resnet50_allreduce(out, result, _):
@@ -110,7 +113,10 @@ def check_bench_engine(out, _result, outdir):
 # key -> (options appended for the smallest run, check(stdout, JSON written, tmp dir))
 SMOKE = {
     "gradfuse-bench ops": (["--reps", "1"], check_ops),
-    "gradfuse-bench allreduce": (["--np", "2", "--max-size", "4096"], check_allreduce),
+    "gradfuse-bench allreduce": (
+        ["--np", "2", "--max-size", "4096", "--idle-seconds", "0.5"],
+        check_allreduce,
+    ),
     "gradfuse-bench resnet50-allreduce": (
         ["--np", "2", "--iters", "1", "--latency-iters", "2", "--scale", "0.001"],
         check_resnet50_allreduce,

@@ -86,26 +86,44 @@ std::string joined_error(const std::string& name, const Request& request,
 
 }  // namespace
 
-void Controller::add(int rank, const std::vector<Request>& requests, std::vector<Response>& out) {
-  for (const Request& r : requests) {
+void Controller::add(int rank, const std::vector<Request>& requests, std::vector<Response>& out,
+                     const std::vector<int64_t>* cache_indices) {
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const Request& r = requests[i];
     Pending& pending = table_[r.name];
     if (pending.per_rank.empty()) {
       pending.per_rank.resize(size_);
+      pending.cache_index.assign(size_, -1);
       pending.arrival = next_arrival_++;
     }
     auto& per_rank = pending.per_rank;
     // The enqueue side rejects a name already in flight, so a rank never sends one twice.
     TORCH_CHECK(!per_rank[rank].has_value(), "gradfuse: rank ", rank, " sent '", r.name, "' twice");
     per_rank[rank] = r;
+    if (cache_indices) pending.cache_index[rank] = (*cache_indices)[i];
     if (r.op == OpType::kJoin) {
       joined_[rank] = true;
       last_joined_ = rank;
       emit_ready_after_join(out);
     } else if (ready(per_rank)) {
-      out.push_back(decide(r.name, per_rank));
+      out.push_back(decide(r.name, pending));
       table_.erase(r.name);
     }
   }
+}
+
+Response Controller::run_cached(const Request& request) const {
+  Response resp;
+  resp.name = request.name;
+  resp.request = request;
+  if (request.op == OpType::kAllgather) {
+    resp.first_dims.assign(size_, request.shape.empty() ? 1 : request.shape[0]);
+  } else if (request.op == OpType::kAlltoall) {
+    for (int r = 0; r < size_; ++r) {
+      resp.all_splits.insert(resp.all_splits.end(), request.splits.begin(), request.splits.end());
+    }
+  }
+  return resp;
 }
 
 bool Controller::ready(const std::vector<std::optional<Request>>& per_rank) const {
@@ -134,31 +152,32 @@ void Controller::emit_ready_after_join(std::vector<Response>& out) {
     } else if (is_join(it->second.per_rank)) {
       join_name = (it++)->first;
     } else {
-      out.push_back(decide(it->first, it->second.per_rank));
+      out.push_back(decide(it->first, it->second));
       it = table_.erase(it);
     }
   }
   if (join_name) {
-    out.push_back(decide(*join_name, table_[*join_name].per_rank));
+    out.push_back(decide(*join_name, table_[*join_name]));
     table_.erase(*join_name);
   }
 }
 
-Response Controller::decide(const std::string& name,
-                            const std::vector<std::optional<Request>>& per_rank) {
-  Response resp;
-  resp.name = name;
-  // Joined ranks sent nothing for this name: compare the ranks that did.
-  std::vector<int> present;
-  for (int r = 0; r < size_; ++r) {
-    if (per_rank[r].has_value()) {
-      present.push_back(r);
-    } else {
-      resp.joined.push_back(r);
-    }
+bool Controller::same_cache_reference(const Pending& pending,
+                                      const std::vector<int>& present) const {
+  // A reference names one cached request, and a pending name's entry cannot change before it
+  // runs (only names that ran are put), so equal references mean equal requests.
+  const int64_t first = pending.cache_index[present[0]];
+  if (first < 0) return false;
+  for (int r : present) {
+    if (pending.cache_index[r] != first) return false;
   }
-  resp.request = *per_rank[present[0]];
-  const OpType op = resp.request.op;
+  return true;
+}
+
+std::string Controller::mismatch(const std::string& name, const Pending& pending,
+                                 const std::vector<int>& present) const {
+  const auto& per_rank = pending.per_rank;
+  const OpType op = per_rank[present[0]]->op;
   // allgather and alltoall let dim 0 differ per rank.
   const bool allgather = op == OpType::kAllgather || op == OpType::kAlltoall;
   // The first attribute that differs is reported, with every rank's value grouped, e.g.
@@ -177,16 +196,39 @@ Response Controller::decide(const std::string& name,
     if (groups.size() == 1) continue;
     std::ostringstream msg;
     msg << "gradfuse: mismatched " << attr.what << " for tensor '" << name << "' ("
-        << op_name(resp.request.op) << ") across ranks: ";
+        << op_name(op) << ") across ranks: ";
     for (size_t g = 0; g < groups.size(); ++g) {
       msg << (g ? "; " : "") << groups[g].first << " on rank"
           << (groups[g].second.size() > 1 ? "s " : " ");
       for (size_t i = 0; i < groups[g].second.size(); ++i)
         msg << (i ? ", " : "") << groups[g].second[i];
     }
-    resp.kind = Response::Kind::kError;
-    resp.error = msg.str();
-    return resp;
+    return msg.str();
+  }
+  return "";
+}
+
+Response Controller::decide(const std::string& name, const Pending& pending) {
+  const auto& per_rank = pending.per_rank;
+  Response resp;
+  resp.name = name;
+  // Joined ranks sent nothing for this name: compare the ranks that did.
+  std::vector<int> present;
+  for (int r = 0; r < size_; ++r) {
+    if (per_rank[r].has_value()) {
+      present.push_back(r);
+    } else {
+      resp.joined.push_back(r);
+    }
+  }
+  resp.request = *per_rank[present[0]];
+  const OpType op = resp.request.op;
+  if (!same_cache_reference(pending, present)) {
+    resp.error = mismatch(name, pending, present);
+    if (!resp.error.empty()) {
+      resp.kind = Response::Kind::kError;
+      return resp;
+    }
   }
   if (resp.request.op == OpType::kBroadcast &&
       (resp.request.root < 0 || resp.request.root >= size_)) {

@@ -23,12 +23,24 @@ class Controller {
   // Records `requests` sent by `rank` this cycle. A name that is now ready on every rank
   // becomes a response (kRun, or kError when the ranks disagree), appended to `out` in the
   // order the names completed.
-  void add(int rank, const std::vector<Request>& requests, std::vector<Response>& out);
+  // `cache_indices[i]` (when given) is the response-cache reference requests[i] came as, or -1:
+  // a name every rank sent as the same reference is equal everywhere in every attribute, so it
+  // runs without comparing them (attributes are compared only on a cache miss).
+  void add(int rank, const std::vector<Request>& requests, std::vector<Response>& out,
+           const std::vector<int64_t>* cache_indices = nullptr);
+
+  // True when no name is pending and no rank has joined: a round in which every rank sent the
+  // same cached requests may then skip add() and run them with run_cached().
+  bool settled() const { return table_.empty(); }
+  // The response for a cached request every rank sent as the same reference this round, while
+  // settled(): it ran before, so it is valid, and every rank's copy equals it.
+  Response run_cached(const Request& request) const;
 
   // A name some rank has submitted that is not yet ready everywhere.
   struct Pending {
     uint64_t arrival = 0;  // order of first submission, the same on every rank
     std::vector<std::optional<Request>> per_rank;  // empty where not submitted yet
+    std::vector<int64_t> cache_index;  // per rank: the reference it came as, or -1
   };
   // Names some rank has submitted that are not yet ready everywhere (for shutdown messages).
   size_t pending() const { return table_.size(); }
@@ -37,7 +49,13 @@ class Controller {
   void drop(const std::string& name) { table_.erase(name); }
 
  private:
-  Response decide(const std::string& name, const std::vector<std::optional<Request>>& per_rank);
+  Response decide(const std::string& name, const Pending& pending);
+  // The first attribute the present ranks disagree on, as the error every rank raises; "" when
+  // they agree.
+  std::string mismatch(const std::string& name, const Pending& pending,
+                       const std::vector<int>& present) const;
+  // Whether every present rank sent the name as the same cache reference.
+  bool same_cache_reference(const Pending& pending, const std::vector<int>& present) const;
   // join (engine/join.h): a name is ready once every rank that has not joined submitted it.
   bool ready(const std::vector<std::optional<Request>>& per_rank) const;
   void emit_ready_after_join(std::vector<Response>& out);

@@ -49,9 +49,8 @@ void Engine::connect() {
   if (!config_.cuda_group.empty()) {
     cuda_ = c10d::resolve_process_group(config_.cuda_group);
 #ifdef GRADFUSE_WITH_CUDA
-    cuda_runner_ = std::make_unique<CudaBatchRunner>(
-        std::make_shared<const TransportHealth>(cuda_, c10::DeviceType::CUDA,
-                                                config_.global_rank(config_.rank)));
+    cuda_runner_ = std::make_unique<CudaBatchRunner>(std::make_shared<const TransportHealth>(
+        cuda_, c10::DeviceType::CUDA, config_.global_rank(config_.rank)));
 #endif
   }
   if (!config_.local_group.empty()) {
@@ -69,8 +68,8 @@ void Engine::connect() {
                     control_->getRank(), " of ", control_->getSize(), ", expected rank ",
                     config_.rank, " of ", config_.size);
   if (board_) {
-    liveness_ = std::make_unique<LivenessMonitor>(
-        board_, config_.timeout_s, [this](const std::string& why) { abort(why); });
+    liveness_ = std::make_unique<LivenessMonitor>(board_, config_.timeout_s,
+                                                  [this](const std::string& why) { abort(why); });
   }
   inject_fault("engine_start");
   if (!config_.timeline_path.empty()) timeline_.start(config_.timeline_path);
@@ -120,8 +119,7 @@ int64_t Engine::enqueue(EnqueueArgs a) {
   const bool reduces = a.op == OpType::kAllreduce || a.op == OpType::kReducescatter;
   e.request.reduce_op = reduces ? a.reduce_op : ReduceOp::kSum;
   e.request.dtype = a.tensor.scalar_type();
-  e.request.device_type =
-      static_cast<int8_t>(carries_data ? device.type() : c10::DeviceType::CPU);
+  e.request.device_type = static_cast<int8_t>(carries_data ? device.type() : c10::DeviceType::CPU);
   e.request.root = a.op == OpType::kBroadcast ? a.root : 0;
   e.request.shape = a.tensor.sizes().vec();
   e.request.splits = std::move(splits);
@@ -155,28 +153,35 @@ void Engine::stop() {
 }
 
 void Engine::loop() {
-  // Idle back-off: while no rank submits anything and this rank has nothing in flight, the
-  // wait between negotiations doubles up to kMaxIdleBackoff cycle times, so an idle job (the
-  // forward pass) does not spend CPU on an allgather every cycle. It costs no latency when
-  // work resumes, because every rank wakes on its own enqueue; a rank with work in flight
-  // never backs off, so a straggler's late tensor is negotiated within one cycle.
-  constexpr int kMaxIdleBackoff = 16;
-  int backoff = 1;
+  // Idle back-off: while nothing is pending on any rank (the controller's table, the same on
+  // every rank) and nothing is in flight here, the wait between negotiations doubles up to
+  // kMaxIdleWait, so an idle engine (the forward pass, or no training at all) costs next to no
+  // CPU and leaves the cores to the user's collectives. It costs no latency when work resumes,
+  // because every rank wakes on its own enqueue (and stop()); while some rank waits for
+  // another, every rank negotiates each cycle, so a straggler's late tensor, a stall and a
+  // mismatch are handled within a cycle. Only a peer that submits nothing at all (a rank that
+  // shuts down while the others idle) is seen up to kMaxIdleWait late.
+  constexpr auto kMaxIdleWait = std::chrono::milliseconds(500);
+  // The cycle time is the agreed one (engine/settings.h), which the autotuner may change.
+  auto agreed_cycle = [this] {
+    return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+        std::chrono::duration<double, std::milli>(settings_.cycle_time_ms()));
+  };
+  auto wait = agreed_cycle();
   try {
     while (true) {
       // Sleep until work is enqueued or the (backed-off) cycle time has passed: the other
-      // ranks are in the same loop, and negotiation needs all of them. The cycle time is the
-      // agreed one (engine/settings.h), which the autotuner may change.
-      const auto cycle = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-          std::chrono::duration<double, std::milli>(settings_.cycle_time_ms()));
-      queue_.wait_for_work(std::chrono::steady_clock::now() + cycle * backoff);
+      // ranks are in the same loop, and negotiation needs all of them.
+      queue_.wait_for_work(std::chrono::steady_clock::now() + wait);
       if (aborted_) return;  // handles already failed with the liveness verdict
       int stop_rank = -1;
       const auto negotiate_start = std::chrono::steady_clock::now();
-      const int64_t busy_before = stats_.busy_cycles;
       std::vector<Response> responses = negotiate(stop_rank);
-      const bool idle = stats_.busy_cycles == busy_before && responses.empty();
-      backoff = idle && !queue_.has_in_flight() ? std::min(2 * backoff, kMaxIdleBackoff) : 1;
+      const auto cycle = agreed_cycle();
+      const auto max_wait = std::max<std::chrono::steady_clock::duration>(cycle, kMaxIdleWait);
+      const bool waiting =
+          queue_.has_in_flight() || negotiator_.controller().pending() > 0 || settings_.pending();
+      wait = waiting ? cycle : std::min(2 * wait, max_wait);
       stats_.negotiate_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                                  std::chrono::steady_clock::now() - negotiate_start)
                                  .count();

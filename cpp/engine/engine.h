@@ -13,7 +13,6 @@
 #include <string>
 #include <thread>
 
-
 #include "engine/collectives.h"
 #include "engine/config.h"
 #include "engine/cuda_batch.h"
@@ -22,6 +21,7 @@
 #include "engine/fusion.h"
 #include "engine/liveness.h"
 #include "engine/negotiation.h"
+#include "engine/negotiation_slot.h"
 #include "engine/peer_board.h"
 #include "engine/settings.h"
 #include "engine/stall_inspector.h"
@@ -53,19 +53,23 @@ class Engine {
   const EngineConfig& config() const { return config_; }
   // The fusion threshold and cycle time in force, changed by agreement (engine/settings.h).
   SettingsAgreement& settings() { return settings_; }
+  // Ends the idle back-off now (a settings request is announced at the next round).
+  void wake() { queue_.wake(); }
 
   // Counters since start (observability; the benchmark prints them).
   struct Stats {
-    std::atomic<int64_t> cycles{0};        // negotiation rounds
-    std::atomic<int64_t> busy_cycles{0};   // rounds in which some rank had requests
-    std::atomic<int64_t> tensors{0};       // tensors completed
-    std::atomic<int64_t> collectives{0};   // data-plane collectives (fused batches)
-    std::atomic<int64_t> bytes{0};         // bytes through data-plane collectives
-    std::atomic<int64_t> negotiate_ns{0};  // time spent in negotiation (control plane)
-    std::atomic<int64_t> stalled{0};       // tensors the stall inspector gave up on
-    std::atomic<int64_t> cache_hits{0};    // requests this rank sent as a response-cache index
-    std::atomic<int64_t> cache_misses{0};  // requests this rank sent in full
-    std::atomic<int64_t> in_place{0};      // allreduce batches reduced with no fusion buffer
+    std::atomic<int64_t> cycles{0};          // negotiation rounds
+    std::atomic<int64_t> busy_cycles{0};     // rounds in which some rank had requests
+    std::atomic<int64_t> tensors{0};         // tensors completed
+    std::atomic<int64_t> collectives{0};     // data-plane collectives (fused batches)
+    std::atomic<int64_t> bytes{0};           // bytes through data-plane collectives
+    std::atomic<int64_t> negotiate_ns{0};    // time spent in negotiation (control plane)
+    std::atomic<int64_t> stalled{0};         // tensors the stall inspector gave up on
+    std::atomic<int64_t> cache_hits{0};      // requests this rank sent as a response-cache index
+    std::atomic<int64_t> cache_misses{0};    // requests this rank sent in full
+    std::atomic<int64_t> in_place{0};        // allreduce batches reduced with no fusion buffer
+    std::atomic<int64_t> fast_cycles{0};     // rounds decided from cache references alone
+    std::atomic<int64_t> inline_reduced{0};  // allreduces completed from inline inputs
   };
   const Stats& stats() const { return stats_; }
 
@@ -74,6 +78,8 @@ class Engine {
   // One negotiation round. Returns the negotiated responses; sets `stop_rank` (>= 0) when some
   // rank asked to stop.
   std::vector<Response> negotiate(int& stop_rank);
+  // Completes (and removes) the responses whose inputs came inline (engine/inline_allreduce.h).
+  void complete_inline(std::vector<Response>& responses);
   void execute(std::vector<Response> responses);
   // Timeline events of a finished batch: negotiate, queue, pack, collective, unpack.
   void record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
@@ -119,6 +125,7 @@ class Engine {
   TensorQueue queue_;
   Negotiator negotiator_;
   SettingsAgreement settings_;
+  SlotBuffers slots_;              // negotiation slots, kept between rounds
   CudaDeviceBinding cuda_device_;  // this rank's one GPU (engine/devices.h)
   BufferPool buffers_;
   StallInspector stall_;
@@ -158,7 +165,7 @@ std::shared_ptr<Engine> current_engine();
 // this rank is not a member).
 std::shared_ptr<Engine> process_set_engine(int process_set_id);
 // {cycles, busy_cycles, tensors, collectives, bytes, negotiate_ns, stalled, cache_hits,
-// cache_misses, in_place} of that process set's engine.
+// cache_misses, in_place, fast_cycles, inline_reduced} of that process set's engine.
 std::vector<int64_t> engine_stats(int process_set_id);
 
 }  // namespace gradfuse::engine

@@ -71,6 +71,13 @@ class Reader {
     pos_ += n;
     return s;
   }
+  // The next n bytes, in place.
+  const uint8_t* skip(size_t n) {
+    TORCH_CHECK(pos_ + n <= size_, "gradfuse: truncated negotiation message from rank ", rank_);
+    const uint8_t* p = data_ + pos_;
+    pos_ += n;
+    return p;
+  }
   bool done() const { return pos_ >= size_; }
   // A field whose value no gradfuse rank sends.
   void check(bool ok, const char* field, int64_t value) const {
@@ -117,12 +124,17 @@ void serialize_requests(const std::vector<Request>& requests,
 }
 
 std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank,
-                                          const std::function<const Request&(uint32_t)>& cached) {
+                                          const std::function<const Request&(uint32_t)>& cached,
+                                          std::vector<int64_t>* cache_indices) {
   std::vector<Request> requests;
   Reader in(data, size, rank);
   while (!in.done()) {
     const auto first = in.get<uint32_t>();
-    if (first & kCachedFlag) {
+    const bool is_cached = (first & kCachedFlag) != 0;
+    if (cache_indices) {
+      cache_indices->push_back(is_cached ? static_cast<int64_t>(first & ~kCachedFlag) : -1);
+    }
+    if (is_cached) {
       requests.push_back(cached(first & ~kCachedFlag));
       continue;
     }
@@ -160,6 +172,37 @@ std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int 
     requests.push_back(std::move(r));
   }
   return requests;
+}
+
+std::optional<std::vector<uint32_t>> cache_references_only(const uint8_t* data, size_t size) {
+  if (size % sizeof(uint32_t) != 0) return std::nullopt;
+  std::vector<uint32_t> indices(size / sizeof(uint32_t));
+  std::memcpy(indices.data(), data, size);
+  for (uint32_t& word : indices) {
+    if (!(word & kCachedFlag)) return std::nullopt;
+    word &= ~kCachedFlag;
+  }
+  return indices;
+}
+
+void serialize_inline(uint32_t cache_index, const std::vector<uint8_t>& bytes,
+                      std::vector<uint8_t>& out) {
+  put<uint32_t>(out, cache_index);
+  put<uint32_t>(out, static_cast<uint32_t>(bytes.size()));
+  out.insert(out.end(), bytes.begin(), bytes.end());
+}
+
+std::vector<InlineRecord> deserialize_inline(const uint8_t* data, size_t size, int rank) {
+  std::vector<InlineRecord> records;
+  Reader in(data, size, rank);
+  while (!in.done()) {
+    InlineRecord record;
+    record.cache_index = in.get<uint32_t>();
+    record.size = in.get<uint32_t>();
+    record.data = in.skip(record.size);
+    records.push_back(record);
+  }
+  return records;
 }
 
 }  // namespace gradfuse::engine

@@ -49,11 +49,29 @@ struct Request {
 // (engine/response_cache.h): the top bit set, then the entry's index. A full request starts
 // with its name's length, whose top bit is always clear. `cached_index(r)` gives r's
 // reference, if any; `cached(index)` resolves one. `rank` names the sender in errors.
+// `cache_indices`, when given, receives each request's reference, or -1 for one sent in full.
 void serialize_requests(const std::vector<Request>& requests,
                         const std::function<std::optional<uint32_t>(const Request&)>& cached_index,
                         std::vector<uint8_t>& out);
 std::vector<Request> deserialize_requests(const uint8_t* data, size_t size, int rank,
-                                          const std::function<const Request&(uint32_t)>& cached);
+                                          const std::function<const Request&(uint32_t)>& cached,
+                                          std::vector<int64_t>* cache_indices = nullptr);
+
+// The references of a message made only of response-cache references (the steady state), or
+// nothing when it holds a request in full (or is not a whole number of references).
+std::optional<std::vector<uint32_t>> cache_references_only(const uint8_t* data, size_t size);
+
+// A rank's inline inputs for one round (engine/inline_allreduce.h): after its requests, records
+// of [cache index (uint32), byte count (uint32), the bytes], one per small allreduce whose
+// packed input the rank sends along with the negotiation. `rank` names the sender in errors.
+struct InlineRecord {
+  uint32_t cache_index = 0;
+  const uint8_t* data = nullptr;
+  uint32_t size = 0;
+};
+void serialize_inline(uint32_t cache_index, const std::vector<uint8_t>& bytes,
+                      std::vector<uint8_t>& out);
+std::vector<InlineRecord> deserialize_inline(const uint8_t* data, size_t size, int rank);
 
 struct Response {
   enum class Kind { kRun, kError };
@@ -66,6 +84,9 @@ struct Response {
   std::vector<int64_t> all_splits;
   // Ranks that had joined (gradfuse.join) and contribute a placeholder instead of a tensor.
   std::vector<int32_t> joined;
+  // Allreduce only: every rank's packed input, in rank order, when every rank sent it inline in
+  // the round that decided it (engine/inline_allreduce.h); empty otherwise.
+  std::vector<std::vector<uint8_t>> inline_inputs;
 };
 
 }  // namespace gradfuse::engine

@@ -139,7 +139,8 @@ std::vector<int64_t> engine_stats(int process_set_id) {
   const Engine::Stats& s = process_set_engine(process_set_id)->stats();
   return {s.cycles.load(),       s.busy_cycles.load(),  s.tensors.load(), s.collectives.load(),
           s.bytes.load(),        s.negotiate_ns.load(), s.stalled.load(), s.cache_hits.load(),
-          s.cache_misses.load(), s.in_place.load()};
+          s.cache_misses.load(), s.in_place.load(),    s.fast_cycles.load(),
+          s.inline_reduced.load()};
 }
 
 }  // namespace gradfuse::engine

@@ -17,6 +17,11 @@ const Request& ResponseCache::at(uint32_t index, int sender) const {
   return slots_[index].request;
 }
 
+void ResponseCache::touch(uint32_t index) {
+  Slot& slot = slots_.at(index);
+  recency_.splice(recency_.begin(), recency_, slot.recency);
+}
+
 void ResponseCache::put(const Request& request) {
   if (capacity_ <= 0) return;
   auto it = index_of_.find(request.name);

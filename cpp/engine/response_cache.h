@@ -39,6 +39,8 @@ class ResponseCache {
   // Records a request that ran: it keeps its index (with the new attributes if they changed)
   // or takes a free one; when the cache is full it takes the least recently run name's index.
   void put(const Request& request);
+  // put() of the request cached at `index`, which ran again unchanged (no copy).
+  void touch(uint32_t index);
 
  private:
   struct Slot {

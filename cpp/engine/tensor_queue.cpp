@@ -99,6 +99,14 @@ std::optional<Entry> TensorQueue::try_take(const std::string& name) {
   return take_locked(it);
 }
 
+bool TensorQueue::visit(const std::string& name, const std::function<void(const Entry&)>& fn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = in_flight_.find(name);
+  if (it == in_flight_.end()) return false;
+  fn(it->second);
+  return true;
+}
+
 bool TensorQueue::has_in_flight() {
   std::lock_guard<std::mutex> lock(mu_);
   return !in_flight_.empty() || !new_requests_.empty();

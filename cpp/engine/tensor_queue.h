@@ -57,6 +57,9 @@ class TensorQueue {
   // take(), or nothing when this rank does not hold `name`: it joined (engine/join.h), or
   // never sent a tensor the stall inspector gave up on.
   std::optional<Entry> try_take(const std::string& name);
+  // Calls fn on the in-flight entry called `name`, under the queue's lock (fn must not call
+  // the queue); false when there is none. Negotiation reads a small input to send it inline.
+  bool visit(const std::string& name, const std::function<void(const Entry&)>& fn);
   // Whether any entry was pushed and not yet taken (submitted, waiting for negotiation).
   bool has_in_flight();
   // Every entry still in flight, and closes the queue: a later push() raises a RuntimeError

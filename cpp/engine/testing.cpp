@@ -12,7 +12,9 @@
 #include "engine/fusion.h"
 #include "engine/handles.h"
 #include "engine/hierarchical.h"
+#include "engine/inline_allreduce.h"
 #include "engine/negotiation.h"
+#include "engine/negotiation_slot.h"
 #include "engine/response_cache.h"
 #include "engine/tensor_queue.h"
 
@@ -51,8 +53,11 @@ std::string device_type_name(int8_t type) {
 
 std::vector<std::vector<RoundResult>> simulate_negotiation(
     int size, int64_t cache_capacity, int64_t fusion_threshold_bytes,
-    const std::vector<std::vector<std::vector<RequestSpec>>>& rounds) {
+    const std::vector<std::vector<std::vector<RequestSpec>>>& rounds,
+    const std::vector<int64_t>& inline_max_bytes) {
   TORCH_CHECK_VALUE(size >= 1, "gradfuse._testing: size must be >= 1");
+  TORCH_CHECK_VALUE(inline_max_bytes.empty() || static_cast<int>(inline_max_bytes.size()) == size,
+                    "gradfuse._testing: inline_max_bytes needs one value per rank");
   std::vector<Negotiator> ranks;
   for (int r = 0; r < size; ++r) ranks.emplace_back(size, cache_capacity);
   std::vector<std::vector<RoundResult>> results;
@@ -60,23 +65,45 @@ std::vector<std::vector<RoundResult>> simulate_negotiation(
     TORCH_CHECK_VALUE(static_cast<int>(round.size()) == size,
                       "gradfuse._testing: each round needs one request list per rank");
     std::vector<RoundResult> per_rank(size);
-    std::vector<std::vector<uint8_t>> messages(size);
+    std::vector<RankMessage> messages(size);
     for (int r = 0; r < size; ++r) {
       std::vector<Request> requests;
       for (const RequestSpec& spec : round[r]) requests.push_back(request_from(spec));
-      Negotiator::Encoded encoded = ranks[r].encode(requests);
+      Negotiator::InlineInput input;
+      if (!inline_max_bytes.empty()) {
+        input = [&, r](const Request& q, size_t room) -> std::optional<std::vector<uint8_t>> {
+          const int64_t bytes = inline_input_bytes(q);
+          if (q.op != OpType::kAllreduce || bytes > inline_max_bytes[r] ||
+              bytes > static_cast<int64_t>(room)) {
+            return std::nullopt;
+          }
+          return std::vector<uint8_t>(bytes, static_cast<uint8_t>(r));
+        };
+      }
+      Negotiator::Encoded encoded = ranks[r].encode(requests, input, kSlotInline);
       per_rank[r].cache_hits = encoded.cache_hits;
       per_rank[r].cache_misses = encoded.cache_misses;
-      messages[r] = std::move(encoded.bytes);
+      per_rank[r].inlined = encoded.inlined;
+      messages[r] = std::move(encoded.message);
     }
     for (int r = 0; r < size; ++r) {
+      const int64_t fast_before = ranks[r].fast_rounds();
       std::vector<Response> responses = ranks[r].decide(messages);
+      per_rank[r].fast = ranks[r].fast_rounds() > fast_before;
       std::vector<Response> runnable;
       for (const Response& resp : responses) {
         const bool run = resp.kind == Response::Kind::kRun;
         per_rank[r].responses.emplace_back(run ? "run" : "error", resp.name,
                                            device_type_name(resp.request.device_type), resp.error);
-        if (run) runnable.push_back(resp);
+        if (!resp.inline_inputs.empty()) {
+          std::vector<int> first_bytes;
+          for (const auto& input : resp.inline_inputs) {
+            first_bytes.push_back(input.empty() ? -1 : input[0]);
+          }
+          per_rank[r].inline_responses.emplace_back(resp.name, std::move(first_bytes));
+        } else if (run) {
+          runnable.push_back(resp);
+        }
       }
       for (const Batch& batch : make_batches(std::move(runnable), fusion_threshold_bytes)) {
         std::vector<std::string> names;
@@ -92,7 +119,7 @@ std::vector<std::vector<RoundResult>> simulate_negotiation(
 std::string encode_requests(const std::vector<RequestSpec>& requests) {
   std::vector<Request> rs;
   for (const RequestSpec& spec : requests) rs.push_back(request_from(spec));
-  const std::vector<uint8_t> bytes = Negotiator(1, 0).encode(rs).bytes;
+  const std::vector<uint8_t> bytes = Negotiator(1, 0).encode(rs).message.requests;
   return std::string(bytes.begin(), bytes.end());
 }
 
@@ -171,8 +198,7 @@ int fail_device_pending(const std::string& error) {
 
 void discard_handle(int64_t handle) { HandleTable::get().discard(handle); }
 
-std::vector<std::string> name_reuse(
-    const std::vector<std::pair<std::string, std::string>>& steps) {
+std::vector<std::string> name_reuse(const std::vector<std::pair<std::string, std::string>>& steps) {
   TensorQueue queue;
   std::map<std::string, int64_t> handles;  // name -> its latest handle
   std::map<std::string, FakeDeviceWork> work;

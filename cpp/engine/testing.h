@@ -22,14 +22,22 @@ struct RoundResult {
   std::vector<std::vector<std::string>> batches;  // names, per fused batch, in order
   int64_t cache_hits = 0;
   int64_t cache_misses = 0;
+  bool fast = false;     // decided from cache references alone (Negotiator::fast_rounds)
+  int64_t inlined = 0;   // inputs this rank sent inline
+  // Responses completed from inline inputs: (name, the first byte of each rank's input).
+  std::vector<std::pair<std::string, std::vector<int>>> inline_responses;
 };
 
 // rounds[k][r]: the requests rank r submits in round k. Each rank has its own Negotiator (its
 // own controller and response cache), encodes its requests, reads every rank's bytes and forms
-// batches, exactly as Engine::negotiate / execute do. Returns [round][rank].
+// batches, exactly as Engine::negotiate / execute do (batches leave out the responses completed
+// inline). Returns [round][rank]. With inline_max_bytes (one value per rank), rank r sends the
+// input of each cached allreduce of at most that many bytes inline (each byte = r), as the
+// engine does within its slot (engine/inline_allreduce.h).
 std::vector<std::vector<RoundResult>> simulate_negotiation(
     int size, int64_t cache_capacity, int64_t fusion_threshold_bytes,
-    const std::vector<std::vector<std::vector<RequestSpec>>>& rounds);
+    const std::vector<std::vector<std::vector<RequestSpec>>>& rounds,
+    const std::vector<int64_t>& inline_max_bytes = {});
 
 // The bytes a rank sends for `requests` (all in full: an empty response cache).
 std::string encode_requests(const std::vector<RequestSpec>& requests);

@@ -46,12 +46,11 @@ PYBIND11_MODULE(_C, m) {
       [](int rank, int size, const std::string& control_group, const std::string& cpu_group,
          const std::string& cuda_group, int64_t fusion_threshold_bytes, double cycle_time_ms,
          const std::string& local_group, const std::string& cross_group,
-         const std::string& cuda_local_group, const std::string& cuda_cross_group,
-         double timeout_s, const std::string& store_host, int store_port,
-         const std::string& heartbeat_prefix, double stall_warning_s, double stall_shutdown_s,
-         const std::string& timeline_path, int64_t cache_capacity, int64_t pending_names_limit,
-         int process_set_id, const std::vector<int>& global_ranks,
-         int64_t hierarchical_max_bytes) {
+         const std::string& cuda_local_group, const std::string& cuda_cross_group, double timeout_s,
+         const std::string& store_host, int store_port, const std::string& heartbeat_prefix,
+         double stall_warning_s, double stall_shutdown_s, const std::string& timeline_path,
+         int64_t cache_capacity, int64_t pending_names_limit, int process_set_id,
+         const std::vector<int>& global_ranks, int64_t hierarchical_max_bytes) {
         gradfuse::engine::EngineConfig c;
         c.process_set_id = process_set_id;
         c.global_ranks = global_ranks;
@@ -81,13 +80,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rank"), py::arg("size"), py::arg("control_group"), py::arg("cpu_group"),
       py::arg("cuda_group"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
       py::arg("local_group") = "", py::arg("cross_group") = "", py::arg("cuda_local_group") = "",
-      py::arg("cuda_cross_group") = "",
-      py::arg("timeout_s") = 300.0, py::arg("store_host") = "", py::arg("store_port") = 0,
-      py::arg("heartbeat_prefix") = "", py::arg("stall_warning_s") = 60.0,
-      py::arg("stall_shutdown_s") = 0.0, py::arg("timeline_path") = "",
-      py::arg("cache_capacity") = 1024, py::arg("pending_names_limit") = 65536,
-      py::arg("process_set_id") = 0, py::arg("global_ranks") = std::vector<int>{},
-      py::arg("hierarchical_max_bytes") = -1,
+      py::arg("cuda_cross_group") = "", py::arg("timeout_s") = 300.0, py::arg("store_host") = "",
+      py::arg("store_port") = 0, py::arg("heartbeat_prefix") = "",
+      py::arg("stall_warning_s") = 60.0, py::arg("stall_shutdown_s") = 0.0,
+      py::arg("timeline_path") = "", py::arg("cache_capacity") = 1024,
+      py::arg("pending_names_limit") = 65536, py::arg("process_set_id") = 0,
+      py::arg("global_ranks") = std::vector<int>{}, py::arg("hierarchical_max_bytes") = -1,
       "Start the engine of process set `process_set_id` (0: the global set, by init(); others "
       "by add_process_set on their members, rank and size within the set, global_ranks its "
       "members) with its background thread on the named process groups.");
@@ -113,10 +111,9 @@ PYBIND11_MODULE(_C, m) {
       [](int process_set_id) {
         const auto v = gradfuse::engine::engine_stats(process_set_id);
         py::dict d;
-        const char* keys[] = {"cycles",       "busy_cycles", "tensors",
-                              "collectives",  "bytes",       "negotiate_ns",
-                              "stalled",      "cache_hits",  "cache_misses",
-                              "in_place"};
+        const char* keys[] = {"cycles",       "busy_cycles",  "tensors",     "collectives",
+                              "bytes",        "negotiate_ns", "stalled",     "cache_hits",
+                              "cache_misses", "in_place",     "fast_cycles", "inline_reduced"};
         for (size_t i = 0; i < v.size(); ++i) d[keys[i]] = v[i];
         return d;
       },
@@ -124,9 +121,10 @@ PYBIND11_MODULE(_C, m) {
       "Counters of a process set's engine (default: the global set's): negotiation cycles, "
       "busy cycles, tensors, collectives, bytes, negotiation time (ns), stalled tensors given "
       "up on, requests sent as response cache indices and in full, allreduce batches reduced "
-      "in place (no fusion buffer).");
-  m.def("engine_request_settings", &gradfuse::engine::request_settings,
-        py::arg("process_set_id"), py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
+      "in place (no fusion buffer), rounds decided from cache references alone, allreduces "
+      "completed from inputs sent inline with the negotiation.");
+  m.def("engine_request_settings", &gradfuse::engine::request_settings, py::arg("process_set_id"),
+        py::arg("fusion_threshold_bytes"), py::arg("cycle_time_ms"),
         "Ask a process set's engine for a new fusion threshold and cycle time, in force from "
         "the first negotiation cycle in which every rank has asked as often; returns the "
         "request's generation (1, 2, ...). ValueError naming a bad argument.");
@@ -167,11 +165,16 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("responses", &t::RoundResult::responses)
       .def_readonly("batches", &t::RoundResult::batches)
       .def_readonly("cache_hits", &t::RoundResult::cache_hits)
-      .def_readonly("cache_misses", &t::RoundResult::cache_misses);
+      .def_readonly("cache_misses", &t::RoundResult::cache_misses)
+      .def_readonly("fast", &t::RoundResult::fast)
+      .def_readonly("inlined", &t::RoundResult::inlined)
+      .def_readonly("inline_responses", &t::RoundResult::inline_responses);
   testing.def("simulate_negotiation", &t::simulate_negotiation, py::arg("size"),
               py::arg("cache_capacity"), py::arg("fusion_threshold_bytes"), py::arg("rounds"),
+              py::arg("inline_max_bytes") = std::vector<int64_t>{},
               "rounds[k][r]: (name, op, dtype, device, shape) requests of rank r in round k; "
-              "returns [round][rank] RoundResult.");
+              "returns [round][rank] RoundResult. inline_max_bytes[r]: rank r sends cached "
+              "allreduce inputs up to that size inline.");
   testing.def(
       "encode_requests",
       [](const std::vector<t::RequestSpec>& requests) {

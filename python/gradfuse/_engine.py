@@ -458,7 +458,9 @@ def stats(process_set=None) -> dict:
     collectives launched, fusion ratio (tensors per collective), seconds spent negotiating,
     stalled tensors given up on, and the response cache's hits (requests this rank announced as
     a cache index), misses (announced in full) and hit rate, and in_place: allreduce batches
-    reduced in their tensors' own memory, with no fusion buffer."""
+    reduced in their tensors' own memory, with no fusion buffer; fast_cycles: rounds decided
+    from cache references alone; inline_reduced: small allreduces completed from inputs sent
+    with the negotiation (no data collective)."""
     _require()
     ps = _process_sets._check(process_set, "stats")
     raw = _C().engine_stats(ps.process_set_id)

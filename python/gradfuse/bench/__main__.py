@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="also time hybrid allreduce: hierarchical up to BYTES per message, flat above",
     )
+    allreduce.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=10.0,
+        help="how long the idle CPU is measured, with and without the engine",
+    )
     train = _train_parser(sub)
     plan = sub.add_parser("plan", help="predicted step time and best settings at scale")
     _plan_args(plan)
@@ -216,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--max-size must be at least 1024, got {args.max_size}")
         if args.hybrid is not None and args.hybrid < 0:
             parser.error(f"--hybrid must be >= 0 bytes, got {args.hybrid}")
-        results = bench.run(args.np, sizes, args.hybrid)
+        if args.idle_seconds <= 0:
+            parser.error(f"--idle-seconds must be > 0, got {args.idle_seconds}")
+        results = bench.run(args.np, sizes, args.hybrid, args.idle_seconds)
         print(bench.format_table(results))
         if args.plot:
             bench.plot(results, args.plot)

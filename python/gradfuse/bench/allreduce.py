@@ -21,10 +21,13 @@ def default_sizes() -> list[int]:
     return [1024 * 4**i for i in range(10)]  # 1 KiB ... 256 MiB
 
 
-def run(ranks: int, sizes: list[int], hybrid_bytes: int | None = None) -> dict:
+def run(
+    ranks: int, sizes: list[int], hybrid_bytes: int | None = None, idle_seconds: float = 10.0
+) -> dict:
     """hybrid_bytes: also time the hybrid allreduce, hierarchical for fused messages up to it
-    and flat above (with 4+ ranks, as two simulated nodes like the hierarchical row)."""
-    args = ["--sizes", ",".join(map(str, sizes))]
+    and flat above (with 4+ ranks, as two simulated nodes like the hierarchical row);
+    idle_seconds: how long the idle CPU is measured, with and without the engine."""
+    args = ["--sizes", ",".join(map(str, sizes)), "--idle-seconds", str(idle_seconds)]
     if hybrid_bytes is not None:
         args += ["--hybrid-threshold", str(hybrid_bytes)]
     result = run_worker(ranks, "gradfuse.bench.allreduce_worker", args)
@@ -59,6 +62,18 @@ def format_table(result: dict) -> str:
     for row in result["rows"]:
         cells = "".join(f" | {row[k] * 1e3:9.3f} {row[f'{k}_busbw']:12.3f}" for k, _ in methods)
         lines.append(f"{_size(row['bytes']):>9} {row['tensors']:>7}{cells}")
+    lat, idle = result["latency"], result["idle"]
+    lines.append(
+        f"1 KiB latency: engine {lat['engine_s'] * 1e6:.0f} us, direct Gloo "
+        f"{lat['direct_s'] * 1e6:.0f} us ({lat['engine_s'] / lat['direct_s']:.2f}x; direct "
+        f"before init {lat['direct_before_init_s'] * 1e6:.0f} us); "
+        f"{lat['inline_reduced']} of {lat['engine_tensors']} reduced inline, "
+        f"{lat['fast_cycles']} fast negotiation rounds"
+    )
+    lines.append(
+        f"idle CPU over {idle['seconds']:g} s (busiest rank, % of one core): "
+        f"{idle['with_engine_pct']:.2f} with the engine, {idle['without_engine_pct']:.2f} without"
+    )
     return "\n".join(lines)
 
 
