@@ -43,10 +43,11 @@ void Engine::fail_executing(const std::string& why) {
     try {
       HandleTable::get().fail(handle, why + " while '" + name + "' was running");
     } catch (const c10::Error&) {
-      // Completed and already collected by its caller (or failed and collected): nothing to
-      // fail.
+      // Discarded by its caller meanwhile: nothing to fail.
     }
   }
+  // Failed once, with the first reason: the executor no longer completes them.
+  executing_.clear();
 }
 
 std::string Engine::explain(const std::exception& e) {
