@@ -18,7 +18,13 @@ std::optional<Batch> BatchQueue::pop(const std::atomic<bool>* done) {
   if (batches_.empty()) return std::nullopt;
   Batch batch = std::move(batches_.front());
   batches_.pop_front();
+  if (batches_.empty()) cv_.notify_all();  // wait_until_taken()
   return batch;
+}
+
+void BatchQueue::wait_until_taken() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return batches_.empty() || closed_; });
 }
 
 void BatchQueue::notify() {

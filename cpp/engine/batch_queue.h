@@ -25,6 +25,11 @@ class BatchQueue {
   std::optional<Batch> pop(const std::atomic<bool>* done);
   // Wakes pop() to look at its `done` flag again (the in-flight collective ended). Any thread.
   void notify();
+  // Blocks until the executor has taken every queued batch, or the queue is closed. The
+  // negotiating thread waits here before a round, so it negotiates while the executor runs a
+  // collective but does not run ahead of it: tensors submitted meanwhile then join the next
+  // round's batches instead of fragmenting into many small collectives.
+  void wait_until_taken();
   // No more batches: pop() returns the queued ones, then nullopt.
   void close();
   // Closes and drops the queued batches (the engine stopped; their handles already failed).

@@ -177,6 +177,9 @@ void Engine::loop() {
       // Sleep until work is enqueued or the (backed-off) cycle time has passed: the other
       // ranks are in the same loop, and negotiation needs all of them.
       queue_.wait_for_work(std::chrono::steady_clock::now() + cycle * backoff);
+      // Overlap, not run-ahead: the round may run beside the executor's collective, but waits
+      // until it took the batches already given (BatchQueue::wait_until_taken).
+      batches_->wait_until_taken();
       // Aborted (the handles already failed with the liveness verdict), or the executor failed.
       if (stopped()) break;
       int stop_rank = -1;

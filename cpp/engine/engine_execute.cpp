@@ -133,7 +133,10 @@ void Engine::run_batches() {
       // A new batch, or (with none queued) the in-flight collective's end: its handles then
       // complete at once instead of waiting for the next batch.
       std::optional<Batch> next = batches_->pop(in_flight ? in_flight->ended.get() : nullptr);
-      if (stopped()) return;  // failed (abort, an error): the tracked handles already failed
+      if (stopped()) {  // failed (abort, an error): the tracked handles already failed
+        batches_->discard();
+        return;
+      }
       if (!next) {
         if (!in_flight) return;  // closed, and everything given was run
         finish_running(std::move(in_flight));
@@ -161,6 +164,7 @@ void Engine::run_batches() {
     const std::string why = explain(e);
     fail_executing(why);
     fail_all(why);
+    batches_->discard();  // nothing more runs; the negotiating thread stops waiting for it
     queue_.wake();
   }
 }

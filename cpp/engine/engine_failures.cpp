@@ -34,6 +34,7 @@ void Engine::abort(const std::string& why) {
   aborted_ = true;
   fail_all(why);
   fail_executing(stopped_reason());
+  batches_->discard();  // the executor starts nothing more; the loop stops waiting for it
   queue_.wake();
 }
 

@@ -53,7 +53,7 @@ std::vector<Batch> make_batches(std::vector<Response> responses, int64_t thresho
       it = open.end();
     }
     if (it == open.end()) {
-      open.emplace_back(Batch{r.request, {}, {}}, 0);
+      open.emplace_back(Batch{r.request, {}, {}, {}}, 0);
       it = std::prev(open.end());
     }
     it->second += bytes;
