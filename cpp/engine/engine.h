@@ -156,7 +156,6 @@ class Engine {
   Timeline timeline_;
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   std::atomic<bool> stop_requested_{false};
-  std::atomic<bool> aborted_{false};
   Stats stats_;
   mutable std::mutex reason_mu_;
   std::string stopped_reason_;

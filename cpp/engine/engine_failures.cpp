@@ -29,9 +29,8 @@ void Engine::post_failure(const std::string& why) {
 }
 
 void Engine::abort(const std::string& why) {
-  // The engine thread may be blocked in a collective with the silent rank until the Gloo
-  // timeout; the handles fail now, so synchronize() raises at once.
-  aborted_ = true;
+  // The negotiating thread or the executor may be blocked in a collective with the silent rank
+  // until the Gloo timeout; the handles fail now, so synchronize() raises at once.
   fail_all(why);
   fail_executing(stopped_reason());
   batches_->discard();  // the executor starts nothing more; the loop stops waiting for it
