@@ -747,6 +747,118 @@ def check_fast_path_falls_back():
     ok_step()
 
 
+def check_fusion_padding_never_reaches_results():
+    """The fusion buffer puts every tensor at a 16-byte-aligned offset, so odd sizes leave
+    padding between them. Both buffer slots are first filled with NaN (a batch of 16-byte
+    tensors covers them back to back), then odd-sized tensors are fused over them: whatever the
+    padding holds, no reduce op lets it into a result."""
+    n, r = hvd.size(), hvd.rank()
+    sizes = [3, 5, 1, 7, 2, 6]  # padded after 3, 5, 1, 7 and 6 elements (float32: 4 per 16 B)
+    total = sum(sizes) + 4 * len(sizes)
+    for case, (dtype, op) in enumerate(
+        [
+            (torch.float32, hvd.Sum),
+            (torch.float32, hvd.Min),
+            (torch.float32, hvd.Max),
+            (torch.float32, hvd.Product),
+            (torch.float64, hvd.Average),
+            (torch.float16, hvd.Product),
+            (torch.int32, hvd.Min),
+            (torch.int8, hvd.Max),
+        ]
+    ):
+        per_16 = 16 // torch.tensor([], dtype=dtype).element_size()
+        poison = torch.nan if dtype.is_floating_point else torch.iinfo(dtype).min
+        for slot in range(2):  # the engine alternates two fusion buffer slots
+            with hvd.submitted_together():
+                handles = [
+                    hvd.allreduce_async(
+                        full((per_16,), poison, dtype=dtype), name=f"pad.poison.{case}.{slot}.{i}"
+                    )
+                    for i in range(total // per_16 + 1)
+                ]
+            for h in handles:
+                hvd.synchronize(h)
+        seed = 1200 + case
+        with hvd.submitted_together():
+            handles = [
+                hvd.allreduce_async(
+                    data(r, seed + i, (size,), dtype, small=True), name=f"pad.{case}.{i}", op=op
+                )
+                for i, size in enumerate(sizes)
+            ]
+        for i, (h, size) in enumerate(zip(handles, sizes)):
+            inputs = [data(k, seed + i, (size,), dtype, small=True) for k in range(n)]
+            close(hvd.synchronize(h), reference(op, inputs), dtype)
+    # The other layouts that pad: grouped reduce-scatter, allgather and broadcast.
+    parts = [data(r, 1300 + i, (size, 3), torch.float32) for i, size in enumerate(sizes)]
+    outs = hvd.grouped_reducescatter(parts, name="pad.rs", op=hvd.Sum)
+    for i, (out, size) in enumerate(zip(outs, sizes)):
+        whole = sum(data(k, 1300 + i, (size, 3), torch.float32).double() for k in range(n))
+        first = r * (size // n) + min(r, size % n)
+        rows = size // n + (1 if r < size % n else 0)
+        close(out, whole[first : first + rows], torch.float32)
+    with hvd.submitted_together():
+        handles = [
+            hvd.allgather_async(data(r, 1400 + i, (size + r,), torch.float16), name=f"pad.ag.{i}")
+            for i, size in enumerate(sizes)
+        ]
+    for i, (h, size) in enumerate(zip(handles, sizes)):
+        expected = torch.cat([data(k, 1400 + i, (size + k,), torch.float16) for k in range(n)])
+        assert torch.equal(hvd.synchronize(h), expected), i
+    with hvd.submitted_together():
+        handles = [
+            hvd.broadcast_async(data(r, 1500 + i, (size,), torch.int16), 0, name=f"pad.bc.{i}")
+            for i, size in enumerate(sizes)
+        ]
+    for i, (h, size) in enumerate(zip(handles, sizes)):
+        assert torch.equal(hvd.synchronize(h), data(0, 1500 + i, (size,), torch.int16)), i
+
+
+def check_negotiation_overlaps_the_running_collective():
+    """A tensor submitted once a large allreduce started is negotiated meanwhile: on rank 0's
+    timeline, a negotiation round lies inside that collective. (A few tries: a loaded machine
+    may schedule the round late; with negotiation behind the collective, none could ever lie
+    inside it.) CPU only: a CUDA collective's host-side span is only its queueing."""
+    if device().type != "cpu":
+        return
+    path = os.environ["WORKER_RESULTS"] + ".overlap_timeline.json"
+    big = ones(1 << 22)  # 16 MiB: long enough a collective to negotiate beside
+    found = False
+    for attempt in range(5):
+        hvd.start_timeline(path)
+        started = hvd.stats()["collectives"]
+        big.fill_(1.0)
+        # In place: no copy before its collective, which starts right after the count moves.
+        h_big = hvd.allreduce_async_(big, name=f"overlap.big.{attempt}", op=hvd.Sum)
+        while hvd.stats()["collectives"] == started:  # until its collective starts here
+            time.sleep(0.0005)
+        h_small = hvd.allreduce_async(ones(4), name=f"overlap.small.{attempt}", op=hvd.Sum)
+        assert torch.equal(hvd.synchronize(h_small), full((4,), float(hvd.size())))
+        assert torch.equal(hvd.synchronize(h_big), full((1 << 22,), float(hvd.size())))
+        hvd.stop_timeline()
+        # Every rank takes part in every try (rank 0 alone decides), so all stop together.
+        found = bool(
+            hvd.broadcast_object(_negotiated_inside_collective(path) if hvd.rank() == 0 else None)
+        )
+        if found:
+            break
+    assert found, "no negotiation round overlapped the running collective in 5 tries"
+
+
+def _negotiated_inside_collective(path):
+    events = hvd.timeline.load(path)
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    spans = {}
+    for e in events:
+        if e["ph"] == "X":
+            spans.setdefault(tracks[e["tid"]], []).append((e["ts"], e["ts"] + e["dur"]))
+    rounds = spans.get("engine: negotiation", [])
+    collectives = spans.get("engine: collectives", [])
+    assert rounds and collectives, sorted(spans)
+    return any(c0 < b and e < c1 for b, e in rounds for c0, c1 in collectives)
+
+
 CHECKS = checks_of(globals())
 # Checks that make one rank disagree with, or wait for, another: meaningless at 1 rank, so a
 # 1-rank group (GRADFUSE_TEST_RANKS=1) does not run them.
@@ -756,6 +868,7 @@ NEEDS_TWO_RANKS = {
     "inline_allreduce_straggler",
     "local_errors",
     "mismatch_errors",
+    "negotiation_overlaps_the_running_collective",
     "pending_names_limit",
     "response_cache",
     "shutdown_pending_and_reinit",

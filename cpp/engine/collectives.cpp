@@ -14,7 +14,7 @@ namespace {
 // 3 and 4 allgather's; the hierarchical allreduce pads in its own.
 constexpr int kHierarchyPadSlot = 5;
 
-void stamp(BatchTimes* times, std::chrono::steady_clock::time_point BatchTimes::*field) {
+void stamp(BatchTimes* times, std::chrono::steady_clock::time_point BatchTimes::* field) {
   if (times) times->*field = std::chrono::steady_clock::now();
 }
 
@@ -47,10 +47,11 @@ void for_each_scale_run(const std::vector<Entry>& entries, Scale scale, Fn fn) {
 }
 
 // The batch's tensors as one flat span of their shared storage, when they are reduced in place
-// (output == input), lie back to back in batch order (so the span's layout is exactly the
-// fusion buffer's) in the wire dtype, and share one prescale and one postscale (applied in
-// place; integers only unscaled). DistributedOptimizer(gradient_as_bucket_view=True) lays
-// gradients out this way; the collective then needs no fusion buffer and no copies.
+// (output == input), lie back to back in batch order with no gap (a gap would be memory the
+// caller did not hand over, which an allreduce of the span would overwrite) in the wire dtype, and
+// share one prescale and one postscale (applied in place; integers only unscaled).
+// DistributedOptimizer(gradient_as_bucket_view=True) lays gradients out this way; the collective
+// then needs no fusion buffer and no copies.
 std::optional<at::Tensor> in_place_span(const std::vector<Entry>& entries, double average) {
   const at::Tensor& first = entries[0].tensor;
   if (wire_dtype(first.scalar_type()) != first.scalar_type()) return std::nullopt;
@@ -106,6 +107,52 @@ void write_sq_norms_after(const std::vector<Entry>& entries,
   }
 }
 
+std::vector<int64_t> numels_of(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) numels.push_back(t.numel());
+  return numels;
+}
+
+std::vector<at::Tensor> inputs_of(const std::vector<Entry>& entries) {
+  std::vector<at::Tensor> inputs;
+  inputs.reserve(entries.size());
+  for (const Entry& e : entries) inputs.push_back(e.tensor);
+  return inputs;
+}
+
+// A lone float tensor (or one whose dtype travels as is and needs no scaling) is reduced in
+// its output, scaled there in place: one pass (the prescaled copy) instead of a pack and an
+// unpack through a fusion buffer.
+bool reduces_alone(const std::vector<Entry>& entries, double average) {
+  if (entries.size() != 1) return false;
+  const Entry& e = entries[0];
+  const at::ScalarType dtype = e.tensor.scalar_type();
+  if (wire_dtype(dtype) != dtype) return false;
+  const bool scaled = e.prescale != 1.0 || e.postscale * average != 1.0;
+  return !scaled || at::isFloatingType(dtype);
+}
+
+// The collective's completion (success or error) calls `callback` once, on any thread; a
+// collective that is not running (never launched, or ran to completion in launch()) calls it at
+// once. Returns false when the transport cannot say (its Work has no future): the caller then
+// waits instead.
+bool call_when_done(const c10::intrusive_ptr<c10d::Work>& work, std::function<void()> callback) {
+  if (!work) {
+    callback();
+    return true;
+  }
+  c10::intrusive_ptr<c10::ivalue::Future> future;
+  try {
+    future = work->getFuture();
+  } catch (const std::exception&) {
+    return false;  // this backend's Work has no future
+  }
+  if (!future) return false;
+  future->addCallback([callback = std::move(callback)](c10::ivalue::Future&) { callback(); });
+  return true;
+}
+
 PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx, int slot) {
   const auto& entries = batch.entries;
   const double average = batch.key.reduce_op == ReduceOp::kAverage ? 1.0 / ctx.size : 1.0;
@@ -116,29 +163,31 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
   c10d::AllreduceOptions opts;
   opts.reduceOp = to_c10d(batch.key.reduce_op);
 
-  // Where the collective runs: in the one tensor's output, in place on tensors that already
-  // lie back to back (in_place_span), or in a fusion buffer the tensors are packed into.
-  const bool lone = entries.size() == 1 && entries[0].prescale == 1.0 &&
-                    entries[0].postscale * average == 1.0 &&
-                    wire_dtype(first.scalar_type()) == first.scalar_type();
+  // Where the collective runs: in the one tensor's output (reduces_alone), in place on tensors
+  // that already lie back to back (in_place_span), or in a fusion buffer the tensors are
+  // packed into.
+  const bool lone = reduces_alone(entries, average);
   std::optional<at::Tensor> span = lone ? std::nullopt : in_place_span(entries, average);
   at::Tensor buffer;
-  std::vector<int64_t> offsets;  // fusion buffer only: where each entry starts
-  double span_postscale = 1.0;   // span only: applied in place once the collective is done
+  std::vector<int64_t> offsets;     // fusion buffer only: where each entry starts
+  double in_place_postscale = 1.0;  // lone or span: applied in place once the collective is done
   if (lone) {
-    if (!outputs[0].is_same(first)) outputs[0].copy_(first);
+    const double prescale = entries[0].prescale;
+    if (prescale != 1.0) {
+      at::mul_out(outputs[0], first, prescale);
+    } else if (!outputs[0].is_same(first)) {
+      outputs[0].copy_(first);
+    }
     buffer = outputs[0].view(-1);
+    in_place_postscale = entries[0].postscale * average;
   } else if (span) {
     buffer = *span;
     if (entries[0].prescale != 1.0) buffer.mul_(entries[0].prescale);
-    span_postscale = entries[0].postscale * average;
+    in_place_postscale = entries[0].postscale * average;
   } else {
-    int64_t total = 0;
-    for (const Entry& e : entries) {
-      offsets.push_back(total);
-      total += e.tensor.numel();
-    }
-    buffer = ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), slot, total);
+    const at::ScalarType wire = wire_dtype(first.scalar_type());
+    offsets = fusion_offsets(numels_of(inputs_of(entries)), c10::elementSize(wire));
+    buffer = ctx.buffers->get(wire, first.device(), slot, offsets.back());
     for_each_scale_run(
         entries, [](const Entry& e) { return e.prescale; },
         [&](size_t b, size_t end, double scale) {
@@ -151,12 +200,14 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
 
   struct State {
     c10::intrusive_ptr<c10d::Work> work;
+    bool launched = false;
     bool waited = false;
   };
   auto state = std::make_shared<State>();
   auto launch = [state, buffer, opts, group = ctx.group, hierarchy = ctx.hierarchy,
                  buffers = ctx.buffers, times = ctx.times] {
     stamp(times, &BatchTimes::packed);
+    state->launched = true;
     if (hierarchy.takes(buffer.nbytes())) {
       // Three dependent collectives: they run here, to completion.
       hierarchical_allreduce(buffer, opts.reduceOp, hierarchy, buffers, kHierarchyPadSlot);
@@ -171,10 +222,14 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
     state->waited = true;
     stamp(times, &BatchTimes::reduced);
   };
+  auto when_done = [state](std::function<void()> callback) {
+    TORCH_CHECK(state->launched, "gradfuse: when_done() before launch() (internal error)");
+    return call_when_done(state->work, std::move(callback));
+  };
   // `batch` outlives finish(): the engine keeps it until the handles complete.
-  auto finish = [wait, packed, span_postscale, buffer, outputs, offsets, average, &entries] {
+  auto finish = [wait, packed, in_place_postscale, buffer, outputs, offsets, average, &entries] {
     wait();
-    if (span_postscale != 1.0) buffer.mul_(span_postscale);
+    if (in_place_postscale != 1.0) buffer.mul_(in_place_postscale);
     if (!packed) {
       write_sq_norms_after(entries, outputs);
       return outputs;
@@ -190,26 +245,22 @@ PreparedBatch prepare_allreduce(const Batch& batch, const CollectiveContext& ctx
         });
     return outputs;
   };
-  return {launch, wait, finish, /*in_place=*/!packed};
+  return {launch, wait, finish, when_done, /*in_place=*/!packed};
 }
 
 std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContext& ctx) {
   const auto& entries = batch.entries;
   const bool is_root = ctx.rank == batch.key.root;
   std::vector<at::Tensor> outputs;
-  std::vector<at::Tensor> inputs;
-  int64_t total = 0;
-  for (const Entry& e : entries) {
-    outputs.push_back(e.output);
-    inputs.push_back(e.tensor);
-    total += e.tensor.numel();
-  }
+  for (const Entry& e : entries) outputs.push_back(e.output);
+  const std::vector<at::Tensor> inputs = inputs_of(entries);
   const at::Tensor& first = entries[0].tensor;
+  const at::ScalarType wire = wire_dtype(first.scalar_type());
+  const auto offsets = fusion_offsets(numels_of(inputs), c10::elementSize(wire));
   c10d::BroadcastOptions opts;
   opts.rootRank = batch.key.root;
 
-  at::Tensor flat =
-      ctx.buffers->get(wire_dtype(first.scalar_type()), first.device(), /*slot=*/2, total);
+  at::Tensor flat = ctx.buffers->get(wire, first.device(), /*slot=*/2, offsets.back());
   if (is_root) pack(inputs, flat, 1.0);
   std::vector<at::Tensor> ts{flat};
   stamp(ctx.times, &BatchTimes::packed);
@@ -221,9 +272,7 @@ std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContex
     if (is_root) {
       outputs[i].copy_(inputs[i]);
     } else {
-      int64_t offset = 0;
-      for (size_t j = 0; j < i; ++j) offset += inputs[j].numel();
-      unpack(flat.narrow(0, offset, inputs[i].numel()), {outputs[i]}, 1.0);
+      unpack(flat.narrow(0, offsets[i], inputs[i].numel()), {outputs[i]}, 1.0);
     }
   }
   return outputs;
@@ -235,26 +284,28 @@ std::vector<at::Tensor> run_broadcast(const Batch& batch, const CollectiveContex
 std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContext& ctx) {
   const auto& entries = batch.entries;
   const int n = ctx.size;
-  // rows[i][r]: dim 0 of tensor i on rank r; row_numel[i]: elements per row.
-  std::vector<int64_t> row_numel;
-  int64_t segment = 0;
-  std::vector<int64_t> rank_total(n, 0);
+  const at::Tensor& first = entries[0].tensor;
+  const at::ScalarType wire = wire_dtype(first.scalar_type());
+  // layouts[r]: rank r's segment, its tensors in the fusion layout (the same one pack() gives
+  // rank r's own inputs); segments are padded to the longest, aligned so each starts aligned.
+  std::vector<std::vector<int64_t>> counts(n);  // counts[r][i]: tensor i's elements on rank r
   for (size_t i = 0; i < entries.size(); ++i) {
     const auto& shape = batch.responses[i].request.shape;
     int64_t row = 1;
     for (size_t d = 1; d < shape.size(); ++d) row *= shape[d];
-    row_numel.push_back(row);
-    for (int r = 0; r < n; ++r) rank_total[r] += batch.responses[i].first_dims[r] * row;
+    for (int r = 0; r < n; ++r) counts[r].push_back(batch.responses[i].first_dims[r] * row);
   }
-  for (int r = 0; r < n; ++r) segment = std::max(segment, rank_total[r]);
+  std::vector<std::vector<int64_t>> layouts;
+  int64_t segment = 0;
+  for (int r = 0; r < n; ++r) {
+    layouts.push_back(fusion_offsets(counts[r], c10::elementSize(wire)));
+    segment = std::max(segment, layouts.back().back());
+  }
+  segment = align_numel(segment, c10::elementSize(wire));
 
-  const at::Tensor& first = entries[0].tensor;
-  const at::ScalarType wire = wire_dtype(first.scalar_type());
   at::Tensor send = ctx.buffers->get(wire, first.device(), /*slot=*/3, segment);
   at::Tensor recv = ctx.buffers->get(wire, first.device(), /*slot=*/4, segment * n);
-  std::vector<at::Tensor> inputs;
-  for (const Entry& e : entries) inputs.push_back(e.tensor);
-  pack(inputs, send, 1.0);
+  pack(inputs_of(entries), send, 1.0);
 
   std::vector<std::vector<at::Tensor>> gathered(1);
   for (int r = 0; r < n; ++r) gathered[0].push_back(recv.narrow(0, r * segment, segment));
@@ -264,7 +315,6 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
   stamp(ctx.times, &BatchTimes::reduced);
 
   std::vector<at::Tensor> outputs;
-  std::vector<int64_t> rank_offset(n, 0);  // where tensor i starts in rank r's segment
   for (size_t i = 0; i < entries.size(); ++i) {
     const Response& resp = batch.responses[i];
     std::vector<int64_t> shape = resp.request.shape;
@@ -273,11 +323,10 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
     at::Tensor out_flat = out.view(-1);
     int64_t out_offset = 0;
     for (int r = 0; r < n; ++r) {
-      const int64_t count = resp.first_dims[r] * row_numel[i];
+      const int64_t count = counts[r][i];
       out_flat.narrow(0, out_offset, count)
-          .copy_(recv.narrow(0, r * segment + rank_offset[r], count));
+          .copy_(recv.narrow(0, r * segment + layouts[r][i], count));
       out_offset += count;
-      rank_offset[r] += count;
     }
     outputs.push_back(out);
   }
@@ -289,7 +338,11 @@ std::vector<at::Tensor> run_allgather(const Batch& batch, const CollectiveContex
 namespace {
 // A batch that already ran: nothing to launch or wait for.
 PreparedBatch completed(std::vector<at::Tensor> outputs) {
-  return {[] {}, [] {}, [outputs] { return outputs; }, /*in_place=*/false};
+  auto done_now = [](std::function<void()> callback) {
+    callback();
+    return true;
+  };
+  return {[] {}, [] {}, [outputs] { return outputs; }, done_now, /*in_place=*/false};
 }
 }  // namespace
 

@@ -1,6 +1,6 @@
 // Runs one fused batch on a process group: pack into a fusion buffer, one collective, unpack
-// into the outputs. Called only by the background thread, in negotiated order, so every rank
-// issues the same collectives in the same order on the engine's own groups.
+// into the outputs. Called only by the engine's executor thread, in negotiated order, so every
+// rank issues the same collectives in the same order on the engine's own groups.
 #pragma once
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -42,17 +42,23 @@ struct CollectiveContext {
 // share, two collectives at once slow each other down more than the overlap gains):
 // launch() starts the collective, wait() blocks until it is done (a second call does nothing),
 // finish() waits, unpacks and returns the output tensor of each entry, in batch order.
+// when_done(callback), after launch(): the collective's end (success or error) calls
+// `callback` once, from any thread (at once when it already ended), so the engine's executor
+// can wait for "a new batch or this one's end" without blocking in wait(); false when the
+// transport cannot tell (then callback is never called).
 struct PreparedBatch {
   std::function<void()> launch;
   std::function<void()> wait;
   std::function<std::vector<at::Tensor>()> finish;
+  std::function<bool(std::function<void()>)> when_done;
   // An allreduce reduced in its tensors' own memory, with no fusion buffer: one lone tensor, or
   // in-place tensors lying back to back (in_place_span). False for everything else.
   bool in_place = false;
 };
 
 // Packs an allreduce batch into fusion buffer `slot` (0 or 1; the next batch must use the
-// other) without starting its collective. Every other operation runs to completion here, with
+// other, and a slot is reused only once its batch has been finished, i.e. unpacked) at the
+// offsets fusion_offsets() gives, without starting its collective. Every other operation runs to completion here, with
 // launch() and wait() doing nothing. Throws on transport errors.
 PreparedBatch prepare_batch(const Batch& batch, const CollectiveContext& ctx, int slot);
 

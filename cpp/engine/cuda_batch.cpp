@@ -41,9 +41,9 @@ std::function<void()> order_after_producer(c10::Device device) {
   return [ready, device] { ready->block(c10::cuda::getCurrentCUDAStream(device.index())); };
 }
 
-void CudaBatchRunner::run(Batch& batch, const CollectiveContext& ctx, c10::Device device,
-                          const std::function<Entry(const Response&)>& take_entry,
-                          const std::function<at::Tensor(const Response&)>& second_output) {
+CudaBatchResult CudaBatchRunner::run(Batch& batch, const CollectiveContext& ctx,
+                                     c10::Device device,
+                                     const std::function<void(Batch&)>& fill_placeholders) {
   const c10::DeviceIndex index = device.index();
   c10::cuda::CUDAGuard device_guard(index);
   auto it = streams_.find(index);
@@ -54,7 +54,7 @@ void CudaBatchRunner::run(Batch& batch, const CollectiveContext& ctx, c10::Devic
   const c10::cuda::CUDAStream stream = it->second;
   c10::cuda::CUDAStreamGuard stream_guard(stream);
   // Joined-rank placeholders are zero-filled here, on the engine's stream, which reads them.
-  for (const Response& r : batch.responses) batch.entries.push_back(take_entry(r));
+  fill_placeholders(batch);
   for (const Entry& e : batch.entries) {
     TORCH_CHECK(e.tensor.device() == device, "gradfuse: '", e.request.name, "' is on ",
                 e.tensor.device().str(), " but the engine runs on ", device.str(),
@@ -63,28 +63,27 @@ void CudaBatchRunner::run(Batch& batch, const CollectiveContext& ctx, c10::Devic
   }
   // NCCL orders its kernels after the current (engine) stream; Work::wait() orders the engine
   // stream after NCCL's. No host-side synchronization.
-  std::vector<at::Tensor> outputs = run_batch(batch, ctx);
+  CudaBatchResult result;
+  result.outputs = run_batch(batch, ctx);
   auto done = std::make_shared<CudaEvent>(index);
   done->record(stream);
-  auto completion = std::make_shared<CudaCompletion>(done, health_);
+  result.completion = std::make_shared<CudaCompletion>(done, health_);
   for (size_t i = 0; i < batch.entries.size(); ++i) {
     const Entry& e = batch.entries[i];
     // The caller may free its tensors once the handle completes; the allocator must not reuse
     // the memory before the engine's stream is done with it.
     c10::cuda::CUDACachingAllocator::recordStream(e.tensor.storage().data_ptr(), stream);
-    at::Tensor out = outputs[i];
+    const at::Tensor out = result.outputs[i];
     c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), stream);
-    HandleTable::get().complete(
-        e.handle, out,
-        [done, out] {
-          // synchronize(): the caller's stream (the current stream of the output's device,
-          // whatever the current device is) waits for the engine's completion event.
-          const auto caller = c10::cuda::getCurrentCUDAStream(out.device().index());
-          done->block(caller);
-          c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), caller);
-        },
-        second_output(batch.responses[i]), completion);
+    result.on_release.emplace_back([done, out] {
+      // synchronize(): the caller's stream (the current stream of the output's device,
+      // whatever the current device is) waits for the engine's completion event.
+      const auto caller = c10::cuda::getCurrentCUDAStream(out.device().index());
+      done->block(caller);
+      c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), caller);
+    });
   }
+  return result;
 }
 
 }  // namespace gradfuse::engine

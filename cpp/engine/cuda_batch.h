@@ -13,6 +13,7 @@
 
 #include "engine/collectives.h"
 #include "engine/fusion.h"
+#include "engine/handles.h"
 #include "engine/transport_health.h"
 
 namespace gradfuse::engine {
@@ -23,19 +24,27 @@ namespace gradfuse::engine {
 // before it reads the tensor.
 std::function<void()> order_after_producer(c10::Device device);
 
+// What a CUDA batch hands its handles: per entry the output and what synchronize() runs (the
+// caller's stream waits for the engine's), and the device work they all wait for.
+struct CudaBatchResult {
+  std::vector<at::Tensor> outputs;
+  std::vector<std::function<void()>> on_release;
+  std::shared_ptr<DeviceCompletion> completion;
+};
+
 class CudaBatchRunner {
  public:
   // `health`: what the CUDA group's transport reports after the fact (engine/transport_health.h).
   explicit CudaBatchRunner(std::shared_ptr<const TransportHealth> health)
       : health_(std::move(health)) {}
 
-  // Runs `batch` on `device` (this rank's GPU): takes its entries with `take_entry` under the
-  // engine's stream, so a joined rank's zero placeholders are written by the stream that reads
-  // them; makes that stream wait for each tensor's producer; runs the collective; and completes
-  // each handle with the output, `second_output` of its response and a device completion.
-  void run(Batch& batch, const CollectiveContext& ctx, c10::Device device,
-           const std::function<Entry(const Response&)>& take_entry,
-           const std::function<at::Tensor(const Response&)>& second_output);
+  // Runs `batch` (its entries taken; a joined rank's missing ones still to make) on `device`
+  // (this rank's GPU), queueing work on the engine's stream only (the host never waits for the
+  // GPU): `fill_placeholders` runs under that stream, so a joined rank's zero placeholders are
+  // written by the stream that reads them; the stream waits for each tensor's producer; the
+  // collective runs. The caller completes the handles with the result.
+  CudaBatchResult run(Batch& batch, const CollectiveContext& ctx, c10::Device device,
+                      const std::function<void(Batch&)>& fill_placeholders);
 
  private:
   std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams_;  // one engine stream per GPU

@@ -13,6 +13,12 @@
 
 namespace gradfuse::engine {
 
+namespace {
+// The timeline's track of the negotiation rounds that had work (engine_execute.cpp has the
+// collectives'), so a step's timeline shows a round overlapping the running collective.
+constexpr const char* kNegotiationTrack = "engine: negotiation";
+}  // namespace
+
 Engine::Engine(EngineConfig config)
     : config_(std::move(config)),
       negotiator_(config_.size, config_.cache_capacity),
@@ -40,6 +46,7 @@ Engine::Engine(EngineConfig config)
     TORCH_CHECK_VALUE(!dynamic_cast<const c10::ValueError*>(&e), why);
     TORCH_CHECK(false, why);
   }
+  executor_ = std::thread([this] { run_batches(); });
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -148,8 +155,11 @@ void Engine::stop() {
   stop_requested_ = true;
   queue_.wake();
   if (thread_.joinable()) thread_.join();
-  liveness_.reset();                            // after the thread: explain() may be waiting on it
-  fail_all("gradfuse: shutdown() was called");  // anything that raced with the thread's exit
+  batches_->discard();  // (the loop's exit did; also when it never ran)
+  if (executor_.joinable()) executor_.join();
+  liveness_.reset();                            // after the threads: explain() may be waiting on it
+  fail_all("gradfuse: shutdown() was called");  // anything that raced with the threads' exit
+  fail_executing(stopped_reason());
 }
 
 void Engine::loop() {
@@ -173,27 +183,44 @@ void Engine::loop() {
       // Sleep until work is enqueued or the (backed-off) cycle time has passed: the other
       // ranks are in the same loop, and negotiation needs all of them.
       queue_.wait_for_work(std::chrono::steady_clock::now() + wait);
-      if (aborted_) return;  // handles already failed with the liveness verdict
+      // Overlap, not run-ahead: the round may run beside the executor's collective, but waits
+      // until it took the batches already given (BatchQueue::wait_until_taken).
+      batches_->wait_until_taken();
+      // Aborted (the handles already failed with the liveness verdict), or the executor failed.
+      if (stopped()) break;
       int stop_rank = -1;
       const auto negotiate_start = std::chrono::steady_clock::now();
+      const int64_t busy_before = stats_.busy_cycles;
       std::vector<Response> responses = negotiate(stop_rank);
+      const bool busy = stats_.busy_cycles != busy_before || !responses.empty();
       const auto cycle = agreed_cycle();
       const auto max_wait = std::max<std::chrono::steady_clock::duration>(cycle, kMaxIdleWait);
       const bool waiting =
           queue_.has_in_flight() || negotiator_.controller().pending() > 0 || settings_.pending();
       wait = waiting ? cycle : std::min(2 * wait, max_wait);
-      stats_.negotiate_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                 std::chrono::steady_clock::now() - negotiate_start)
-                                 .count();
+      const auto negotiate_end = std::chrono::steady_clock::now();
+      stats_.negotiate_ns +=
+          std::chrono::duration_cast<std::chrono::nanoseconds>(negotiate_end - negotiate_start)
+              .count();
+      // Busy rounds only: they are the ones a step's timeline needs to show overlapping the
+      // previous bucket's collective (engine_execute.cpp's collectives track).
+      if (busy && timeline_.active()) {
+        timeline_.phase(kNegotiationTrack, "negotiate", negotiate_start, negotiate_end);
+      }
       if (stop_rank >= 0) {
+        // Every rank runs what was negotiated before the stop, then fails what was not.
+        drain_executor();
         fail_all(shutdown_reason(stop_rank));
         return;
       }
-      execute(std::move(responses));
+      if (stopped()) break;
+      dispatch(std::move(responses));
     }
   } catch (const std::exception& e) {
     fail_all(explain(e));
+    fail_executing(stopped_reason());
   }
+  batches_->discard();  // the executor runs nothing more once the engine stopped
 }
 
 }  // namespace gradfuse::engine

@@ -1,7 +1,9 @@
 // The engine: one per process set this rank is in (the global set's between gradfuse.init()
 // and shutdown()). Callers enqueue named tensors; a background thread negotiates with the set's
-// other ranks which are ready everywhere, fuses them and runs the collectives, then completes
-// the handles.
+// other ranks which are ready everywhere and fuses them into batches; an executor thread runs
+// the batches' collectives in negotiated order and completes the handles. The next negotiation
+// thus overlaps the running collective (the control group and the data groups are separate
+// process groups), while the data plane still sees one sequence, the same on every rank.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,13 +14,16 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <unordered_map>
 
+#include "engine/batch_queue.h"
 #include "engine/collectives.h"
 #include "engine/config.h"
 #include "engine/cuda_batch.h"
 #include "engine/devices.h"
 #include "engine/enqueue_checks.h"
 #include "engine/fusion.h"
+#include "engine/handles.h"
 #include "engine/liveness.h"
 #include "engine/negotiation.h"
 #include "engine/negotiation_slot.h"
@@ -80,20 +85,45 @@ class Engine {
   std::vector<Response> negotiate(int& stop_rank);
   // Completes (and removes) the responses whose inputs came inline (engine/inline_allreduce.h).
   void complete_inline(std::vector<Response>& responses);
-  void execute(std::vector<Response> responses);
-  // Timeline events of a finished batch: negotiate, queue, pack, collective, unpack.
-  void record(const Batch& batch, std::chrono::steady_clock::time_point negotiated,
-              std::chrono::steady_clock::time_point started, const BatchTimes& times);
+  // The negotiating thread's half of running responses: errors fail their handles, the rest
+  // become fused batches (fusion threshold read now) whose entries leave the tensor queue and
+  // which go to the executor in negotiated order.
+  void dispatch(std::vector<Response> responses);
+  // The executor thread: runs the batches (CPU batches pipelined, two fusion-buffer slots: one
+  // is packed while the other's collective runs; CUDA batches queued on the engine's stream),
+  // completes their handles; on an error, fails the engine.
+  void run_batches();
+  struct Running;  // a batch the executor started (engine_execute.cpp)
+  // Packs `running` into fusion-buffer slot `slot`, waits for `in_flight`'s collective,
+  // launches running's, and finishes in_flight (unpacked while running's collective runs).
+  void start_cpu_batch(Running& running, int slot, std::unique_ptr<Running> in_flight);
+  void run_cuda_batch(Running& running);
+  void finish_running(std::unique_ptr<Running> running);
+  CollectiveContext context_for(const Batch& batch, BatchTimes* times);
+  // Completes the handles of a finished batch, except those failed meanwhile (abort()).
+  void complete_batch(const Batch& batch, const std::vector<at::Tensor>& outputs,
+                      const std::vector<std::function<void()>>& on_release = {},
+                      const std::shared_ptr<DeviceCompletion>& device = nullptr);
+  // Lets the executor run what it was given, then joins it (shutdown: every rank runs what was
+  // negotiated before the stop).
+  void drain_executor();
+  // Timeline events of a finished batch: negotiate, queue, pack, collective, unpack per tensor,
+  // and the collective on the engine's collectives track.
+  void record(const Batch& batch, std::chrono::steady_clock::time_point started,
+              const BatchTimes& times);
   void fail_all(const std::string& why);
-  // The handles of the batches execute() is running, which the queue no longer holds: abort()
-  // fails them too, since their collective may wait for the lost rank until the timeout.
+  bool stopped() const { return !stopped_reason().empty(); }
+  // The handles of the batches given to the executor and not yet completed, which the queue no
+  // longer holds: abort() fails them too, since their collective may wait for the lost rank
+  // until the timeout.
   void track_executing(const Batch& batch);
   void fail_executing(const std::string& why);
-  void forget_executing();
-  // The entry this rank runs for a negotiated response: its own, or a joined rank's
-  // placeholder (engine/join.h) on this rank's device (for CUDA: under the engine's stream, so
-  // the stream that reads the zeros is the one that wrote them).
-  Entry take_entry(const Response& response);
+  // Takes a batch's entries from the tensor queue (negotiating thread). A joined rank's missing
+  // entry stays an empty slot (undefined tensor) until fill_placeholders (executor thread)
+  // makes its placeholder (engine/join.h) on this rank's device: for CUDA under the engine's
+  // stream, so the stream that reads the zeros is the one that wrote them.
+  void claim_entries(Batch& batch);
+  void fill_placeholders(Batch& batch);
   // This rank's device for a collective on `type`: the CPU, or its bound GPU (engine/devices.h),
   // or the current GPU when none is bound yet.
   c10::Device local_device(c10::DeviceType type) const;
@@ -127,17 +157,19 @@ class Engine {
   SettingsAgreement settings_;
   SlotBuffers slots_;              // negotiation slots, kept between rounds
   CudaDeviceBinding cuda_device_;  // this rank's one GPU (engine/devices.h)
-  BufferPool buffers_;
+  BufferPool buffers_;             // the executor's
   StallInspector stall_;
   Timeline timeline_;
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   std::atomic<bool> stop_requested_{false};
-  std::atomic<bool> aborted_{false};
   Stats stats_;
   mutable std::mutex reason_mu_;
   std::string stopped_reason_;
   std::mutex executing_mu_;
-  std::vector<std::pair<int64_t, std::string>> executing_;  // (handle, tensor name)
+  std::unordered_map<int64_t, std::string> executing_;  // handle -> tensor name
+  // Shared: a collective's completion callback may outlive the engine (it holds a weak_ptr).
+  std::shared_ptr<BatchQueue> batches_ = std::make_shared<BatchQueue>();
+  std::thread executor_;
   std::thread thread_;
   std::shared_ptr<PeerBoard> board_;  // null without a TCP store or with one rank
   // Last member: its thread calls abort() and must stop before the rest is destroyed.

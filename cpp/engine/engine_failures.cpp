@@ -29,11 +29,11 @@ void Engine::post_failure(const std::string& why) {
 }
 
 void Engine::abort(const std::string& why) {
-  // The engine thread may be blocked in a collective with the silent rank until the Gloo
-  // timeout; the handles fail now, so synchronize() raises at once.
-  aborted_ = true;
+  // The negotiating thread or the executor may be blocked in a collective with the silent rank
+  // until the Gloo timeout; the handles fail now, so synchronize() raises at once.
   fail_all(why);
   fail_executing(stopped_reason());
+  batches_->discard();  // the executor starts nothing more; the loop stops waiting for it
   queue_.wake();
 }
 
@@ -43,10 +43,11 @@ void Engine::fail_executing(const std::string& why) {
     try {
       HandleTable::get().fail(handle, why + " while '" + name + "' was running");
     } catch (const c10::Error&) {
-      // Completed and already collected by its caller (or failed and collected): nothing to
-      // fail.
+      // Discarded by its caller meanwhile: nothing to fail.
     }
   }
+  // Failed once, with the first reason: the executor no longer completes them.
+  executing_.clear();
 }
 
 std::string Engine::explain(const std::exception& e) {

@@ -53,7 +53,7 @@ std::vector<Batch> make_batches(std::vector<Response> responses, int64_t thresho
       it = open.end();
     }
     if (it == open.end()) {
-      open.emplace_back(Batch{r.request, {}, {}}, 0);
+      open.emplace_back(Batch{r.request, {}, {}, {}}, 0);
       it = std::prev(open.end());
     }
     it->second += bytes;
@@ -65,50 +65,116 @@ std::vector<Batch> make_batches(std::vector<Response> responses, int64_t thresho
 
 at::ScalarType wire_dtype(at::ScalarType dtype) { return dtype == at::kShort ? at::kInt : dtype; }
 
+int64_t align_numel(int64_t numel, int64_t element_size) {
+  // Element sizes (1, 2, 4, 8) divide kFusionAlignBytes.
+  const int64_t per_align = kFusionAlignBytes / element_size;
+  return (numel + per_align - 1) / per_align * per_align;
+}
+
+std::vector<int64_t> fusion_offsets(const std::vector<int64_t>& numels, int64_t element_size) {
+  std::vector<int64_t> offsets{0};
+  offsets.reserve(numels.size() + 1);
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t end = offsets.back() + numels[i];
+    offsets.push_back(i + 1 == numels.size() ? end : align_numel(end, element_size));
+  }
+  return offsets;
+}
+
+namespace {
+
+std::vector<int64_t> layout_of(const std::vector<at::Tensor>& tensors, const at::Tensor& flat) {
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) numels.push_back(t.numel());
+  const auto offsets = fusion_offsets(numels, flat.element_size());
+  TORCH_CHECK(offsets.back() <= flat.numel(), "gradfuse: a fusion buffer of ", flat.numel(),
+              " elements for tensors laid out over ", offsets.back(), " (internal error)");
+  return offsets;
+}
+
+// Calls fn(begin, end) for each maximal run of tensors the layout puts back to back (a run
+// breaks only after a tensor whose bytes are not a multiple of kFusionAlignBytes), so the
+// kernels see one flat segment per run.
+template <class Fn>
+void for_each_packed_run(const std::vector<at::Tensor>& tensors,
+                         const std::vector<int64_t>& offsets, Fn fn) {
+  size_t begin = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (i + 1 == tensors.size() || offsets[i] + tensors[i].numel() != offsets[i + 1]) {
+      fn(begin, i + 1);
+      begin = i + 1;
+    }
+  }
+}
+
+std::vector<at::Tensor> slice(const std::vector<at::Tensor>& tensors, size_t begin, size_t end) {
+  return {tensors.begin() + static_cast<std::ptrdiff_t>(begin),
+          tensors.begin() + static_cast<std::ptrdiff_t>(end)};
+}
+
+// The part of `flat` that tensors [begin, end), one run, occupy.
+at::Tensor run_segment(const at::Tensor& flat, const std::vector<at::Tensor>& tensors,
+                       const std::vector<int64_t>& offsets, size_t begin, size_t end) {
+  return flat.narrow(0, offsets[begin], offsets[end - 1] + tensors[end - 1].numel() - offsets[begin]);
+}
+
+}  // namespace
+
 void pack(const std::vector<at::Tensor>& tensors, const at::Tensor& flat, double scale) {
   if (tensors.empty()) return;
+  const auto offsets = layout_of(tensors, flat);
   if (at::isFloatingType(flat.scalar_type())) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gradfuse::pack_", "")
                          .typed<void(at::TensorList, const at::Tensor&, double,
                                      const std::optional<at::Tensor>&)>();
-    op.call(tensors, flat, scale, std::nullopt);
+    for_each_packed_run(tensors, offsets, [&](size_t b, size_t e) {
+      op.call(slice(tensors, b, e), run_segment(flat, tensors, offsets, b, e), scale,
+              std::nullopt);
+    });
     return;
   }
-  int64_t offset = 0;
-  for (const at::Tensor& t : tensors) {
-    at::Tensor dst = flat.narrow(0, offset, t.numel());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    at::Tensor dst = flat.narrow(0, offsets[i], t.numel());
     if (scale == 1.0) {
       dst.copy_(t.reshape(-1));
     } else {
       dst.copy_(t.reshape(-1).to(at::kDouble).mul_(scale));  // truncates toward zero
     }
-    offset += t.numel();
   }
 }
 
 void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& tensors, double scale,
             const std::optional<at::Tensor>& sq_norms) {
   if (tensors.empty()) return;
+  const auto offsets = layout_of(tensors, flat);
   if (at::isFloatingType(flat.scalar_type())) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gradfuse::unpack_", "")
                          .typed<void(const at::Tensor&, at::TensorList, double, bool,
                                      const std::optional<at::Tensor>&,
                                      const std::optional<at::Tensor>&)>();
-    op.call(flat, tensors, scale, false, std::nullopt, sq_norms);
+    for_each_packed_run(tensors, offsets, [&](size_t b, size_t e) {
+      std::optional<at::Tensor> norms;
+      if (sq_norms) {
+        norms = sq_norms->narrow(0, static_cast<int64_t>(b), static_cast<int64_t>(e - b));
+      }
+      op.call(run_segment(flat, tensors, offsets, b, e), slice(tensors, b, e), scale, false,
+              std::nullopt, norms);
+    });
     return;
   }
-  int64_t offset = 0;
-  for (const at::Tensor& t : tensors) {
-    at::Tensor src = flat.narrow(0, offset, t.numel());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    at::Tensor src = flat.narrow(0, offsets[i], t.numel());
     at::Tensor dst = t.view(-1);
     if (scale == 1.0) {
       dst.copy_(src);
     } else {
       dst.copy_(src.to(at::kDouble).mul_(scale));
     }
-    offset += t.numel();
   }
 }
 
@@ -117,7 +183,7 @@ at::Tensor BufferPool::get(at::ScalarType dtype, c10::Device device, int slot, i
                                    static_cast<int>(device.index()), slot);
   at::Tensor& buf = buffers_[key];
   if (!buf.defined() || buf.numel() < numel) {
-    buf = at::empty({numel}, at::TensorOptions().dtype(dtype).device(device));
+    buf = at::zeros({numel}, at::TensorOptions().dtype(dtype).device(device));
   }
   return buf.narrow(0, 0, numel);
 }

@@ -23,18 +23,24 @@ std::vector<at::Tensor> run_reducescatter(const Batch& batch, const CollectiveCo
   const auto& entries = batch.entries;
   const int n = ctx.size;
   const double average = batch.key.reduce_op == ReduceOp::kAverage ? 1.0 / n : 1.0;
-  // Rank k's part of the send buffer holds rows [first, first + rows) of every tensor, back to
-  // back; parts are padded to the longest (rank 0's), since Gloo's reduce-scatter on one
-  // tensor needs equal parts. Fused tensors thus cost one collective.
-  std::vector<int64_t> part(n, 0);
-  for (const Entry& e : entries) {
-    const int64_t dim0 = e.tensor.size(0);
-    const int64_t row = dim0 ? e.tensor.numel() / dim0 : 0;
-    for (int k = 0; k < n; ++k) part[k] += scatter_rows(dim0, n, k) * row;
-  }
-  const int64_t longest = *std::max_element(part.begin(), part.end());
+  // Rank k's part of the send buffer holds rows [first, first + rows) of every tensor, in the
+  // fusion layout (fusion_offsets: each at an aligned offset); parts are padded to the longest
+  // (rank 0's), aligned, since Gloo's reduce-scatter on one tensor needs equal parts. Fused
+  // tensors thus cost one collective.
   const at::Tensor& first = entries[0].tensor;
   const at::ScalarType wire = wire_dtype(first.scalar_type());
+  std::vector<int64_t> part(n, 0);
+  for (int k = 0; k < n; ++k) {
+    std::vector<int64_t> numels;
+    for (const Entry& e : entries) {
+      const int64_t dim0 = e.tensor.size(0);
+      const int64_t row = dim0 ? e.tensor.numel() / dim0 : 0;
+      numels.push_back(scatter_rows(dim0, n, k) * row);
+    }
+    part[k] = fusion_offsets(numels, c10::elementSize(wire)).back();
+  }
+  const int64_t longest =
+      align_numel(*std::max_element(part.begin(), part.end()), c10::elementSize(wire));
 
   std::vector<at::Tensor> outputs;
   for (const Entry& e : entries) {

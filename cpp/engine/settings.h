@@ -57,7 +57,7 @@ class SettingsAgreement {
     int64_t requested_generation = 0;  // this rank's latest request
   };
   Agreed agreed() const;
-  // The agreed fusion threshold: read by execute() right after the cycle that agreed it.
+  // The agreed fusion threshold: read by dispatch() right after the cycle that agreed it.
   int64_t fusion_threshold_bytes() const;
   double cycle_time_ms() const;
   // Whether this rank has asked for a generation not yet agreed (a negotiation fast path must

@@ -1,9 +1,11 @@
 #include "engine/testing.h"
 
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -243,5 +245,37 @@ std::vector<std::string> name_reuse(const std::vector<std::pair<std::string, std
 }
 
 int64_t hierarchical_allreduce_count() { return engine::hierarchical_allreduce_count(); }
+
+namespace {
+std::vector<double> as_doubles(const at::Tensor& t) {
+  const at::Tensor d = t.to(at::kDouble).contiguous();
+  return {d.data_ptr<double>(), d.data_ptr<double>() + d.numel()};
+}
+}  // namespace
+
+FusionRoundTrip fusion_round_trip(const std::vector<int64_t>& numels, const std::string& dtype,
+                                  const std::string& flat_dtype, double scale) {
+  const auto type = dtype_from_name(dtype);
+  const auto flat_type = dtype_from_name(flat_dtype);
+  std::vector<at::Tensor> tensors;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    tensors.push_back(
+        (at::arange(numels[i], at::kLong).remainder(7) + static_cast<int64_t>(i + 1)).to(type));
+  }
+  const auto offsets = fusion_offsets(numels, c10::elementSize(flat_type));
+  const bool floats = at::isFloatingType(flat_type);
+  at::Tensor flat = at::full({offsets.back()}, floats ? NAN : -1.0, at::dtype(flat_type));
+  pack(tensors, flat, scale);
+  std::vector<at::Tensor> outputs;
+  for (const at::Tensor& t : tensors) outputs.push_back(at::empty_like(t));
+  std::optional<at::Tensor> norms;
+  if (floats && at::isFloatingType(type)) {
+    norms = at::empty({static_cast<int64_t>(numels.size())}, at::kDouble);
+  }
+  unpack(flat, outputs, 1.0, norms);
+  std::vector<std::vector<double>> unpacked;
+  for (const at::Tensor& out : outputs) unpacked.push_back(as_doubles(out));
+  return {offsets, as_doubles(flat), unpacked, norms ? as_doubles(*norms) : std::vector<double>{}};
+}
 
 }  // namespace gradfuse::engine::testing

@@ -81,4 +81,15 @@ void discard_handle(int64_t handle);
 // synchronize() does once it finished). Answers "" for every action but a refused push.
 std::vector<std::string> name_reuse(const std::vector<std::pair<std::string, std::string>>& steps);
 
+// The engine's fusion buffer layout and its pack()/unpack() (engine/fusion.h) on the CPU: tensors
+// of `numels` in `dtype` (values (i + 1) + k % 7: exact in every dtype) are packed with `scale`
+// into a flat buffer of `flat_dtype` prefilled with NaN (a float buffer) or -1, which is then
+// unpacked (scale 1) into new tensors. Returns (fusion_offsets, the whole buffer as float64,
+// each unpacked tensor as float64, their sums of squares as unpack took them (float dtypes; else
+// empty)).
+using FusionRoundTrip = std::tuple<std::vector<int64_t>, std::vector<double>,
+                                   std::vector<std::vector<double>>, std::vector<double>>;
+FusionRoundTrip fusion_round_trip(const std::vector<int64_t>& numels, const std::string& dtype,
+                                  const std::string& flat_dtype, double scale);
+
 }  // namespace gradfuse::engine::testing

@@ -201,4 +201,6 @@ PYBIND11_MODULE(_C, m) {
   testing.def("fail_device_pending", &t::fail_device_pending, py::arg("error"));
   testing.def("discard_handle", &t::discard_handle, py::arg("handle"));
   testing.def("name_reuse", &t::name_reuse, py::arg("steps"));
+  testing.def("fusion_round_trip", &t::fusion_round_trip, py::arg("numels"), py::arg("dtype"),
+              py::arg("flat_dtype"), py::arg("scale"));
 }
