@@ -5,7 +5,9 @@
 #     with the engine timeline of one training step and whether negotiation overlaps the
 #     previous collective;
 #   - gradfuse-bench resnet50-allreduce at 4 ranks: ResNet-50's gradients as separate tensors
-#     and as views against the one-flat-buffer floor, and the 1 KiB latency against direct Gloo.
+#     and as views against the one-flat-buffer floor, and the 1 KiB latency against direct Gloo;
+#   - gradfuse-bench allreduce at 2 ranks, 1 KiB: the latency again (inline path counted) and
+#     the CPU an idle engine costs.
 #
 #   bash scripts/bench_engine.sh [OUTDIR]      (default OUTDIR: bench_engine_out)
 #
@@ -20,10 +22,10 @@ bench() { "${PYTHON:-python3}" -m gradfuse.bench "$@"; }
 
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   models=(mlp) np=2 train_size=(--steps 1 --rounds 1 --batch-size 2)
-  allreduce_size=(--np 2 --iters 1 --latency-iters 2 --scale 0.001)
+  allreduce_size=(--np 2 --iters 1 --latency-iters 2 --scale 0.001) idle=(--idle-seconds 0.5)
 else
   models=(mlp resnet18-like resnet50) np=2,4 train_size=(--rounds 3)
-  allreduce_size=(--np 4 --iters 10 --latency-iters 200)
+  allreduce_size=(--np 4 --iters 10 --latency-iters 200) idle=(--idle-seconds 10)
 fi
 
 start=$SECONDS
@@ -36,6 +38,9 @@ start=$SECONDS
     echo
   done
   bench resnet50-allreduce "${allreduce_size[@]}" --json "$out/resnet50-allreduce.json"
+  echo
+  # 1 KiB latency (engine vs direct Gloo, inline path) and an idle engine's CPU, 2 ranks.
+  bench allreduce --np 2 --max-size 1024 "${idle[@]}" --json "$out/allreduce-1k.json"
   echo
   echo "bench_engine.sh: $((SECONDS - start)) s"
 } 2>&1 | tee "$out/bench_engine.txt"

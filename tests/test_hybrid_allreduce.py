@@ -51,7 +51,8 @@ def test_allreduce_bench_hybrid_row(tmp_path):
     from gradfuse.bench.__main__ import main
 
     out = tmp_path / "ar.json"
-    argv = ["allreduce", "--np", "4", "--max-size", "4096", "--hybrid", "2048", "--json", str(out)]
+    argv = ["allreduce", "--np", "4", "--max-size", "4096", "--hybrid", "2048"]
+    argv += ["--idle-seconds", "0.2", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["hybrid_threshold"] == 2048

@@ -18,7 +18,8 @@ struct EngineConfig {
   int rank = 0;
   int size = 1;
   // Process groups by name (torch.distributed.new_group(...).group_name), resolved in C++ with
-  // c10d::resolve_process_group. Only the background thread issues collectives on them.
+  // c10d::resolve_process_group. The negotiating thread issues the control group's collectives;
+  // the executor thread issues every data collective, in negotiated order.
   std::string control_group;  // Gloo: negotiation
   std::string cpu_group;      // Gloo: CPU tensors
   std::string cuda_group;     // NCCL: CUDA tensors; empty when there is none
