@@ -14,7 +14,7 @@ import gradfuse
 import gradfuse.ddp as gddp
 import torch
 import torch.distributed as dist
-from multiproc import checks_of, device, run_checks
+from multiproc import checks_of, device, torch_distributed_worker_main
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 from training_worker import (
@@ -389,9 +389,5 @@ def check_hierarchical_uneven_nodes_raise_everywhere():
 CHECKS = checks_of(globals())
 
 if __name__ == "__main__":
-    dev = device()
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        run_checks(CHECKS, sys.argv[1:], dist.get_rank())
-    finally:
-        dist.destroy_process_group()
+    backend = "nccl" if device().type == "cuda" else "gloo"
+    torch_distributed_worker_main(CHECKS, sys.argv[1:], backend)

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 from gradfuse import optim
-from multiproc import checks_of, run_checks
+from multiproc import checks_of, torch_distributed_worker_main
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -150,8 +150,4 @@ def check_sharded_params_without_the_one_pass_kernel_raise():
 
 
 if __name__ == "__main__":
-    dist.init_process_group("gloo")
-    try:
-        run_checks(checks_of(globals()), sys.argv[1:], dist.get_rank())
-    finally:
-        dist.destroy_process_group()
+    torch_distributed_worker_main(checks_of(globals()), sys.argv[1:], "gloo")

@@ -206,3 +206,19 @@ def worker_main(checks: dict, names: list[str]) -> None:
         run_checks(checks, names, hvd.rank())
     finally:
         hvd.shutdown()
+
+
+def torch_distributed_worker_main(checks: dict, names: list[str], backend: str) -> None:
+    """A worker's whole run without gradfuse.init(): a torch.distributed group, the named checks,
+    results, then the group destroyed. Every rank reaches the barrier first (a rank whose check
+    failed has exited), so no rank tears its transport down while a peer still uses it: under
+    load that race aborted a rank at exit ("terminate called without an active exception")
+    after every check had passed."""
+    import torch.distributed as dist
+
+    dist.init_process_group(backend)
+    try:
+        run_checks(checks, names, dist.get_rank())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

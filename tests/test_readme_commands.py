@@ -83,7 +83,10 @@ def check_train_hooks(out, result, _):
 
 def check_calibrate(out, _result, tmp):
     profile = json.loads((tmp / "me.json").read_text())
-    assert profile["intra"]["beta_s_per_byte"] > 0 and "profile written to" in out
+    # A smoke run's few small sizes may fit a zero slope (the fit keeps it non-negative).
+    link = profile["intra"]
+    assert link["alpha_s"] >= 0 and link["beta_s_per_byte"] >= 0, link
+    assert profile["compute_flops_per_s"] > 0 and "profile written to" in out
 
 
 def check_plan(out, result, _):
