@@ -24,6 +24,17 @@ def _named(name, tensors):
     return [(f"{name}[{i}]", t) for i, t in enumerate(tensors)]
 
 
+def _lars_named(params, grads, momentum_bufs, model_copies, grad_scale, found_inf):
+    """The (argument name, tensor) pairs both LARS ops must hold on one device."""
+    return (
+        _named("params", params)
+        + _named("grads", grads)
+        + _named("momentum_bufs", momentum_bufs)
+        + _named("model_copies", model_copies)
+        + [("grad_scale", grad_scale), ("found_inf", found_inf)]
+    )
+
+
 @torch.library.register_fake("gradfuse::lars_update_")
 def _lars_update_fake(
     params,
@@ -45,11 +56,7 @@ def _lars_update_fake(
     if params:
         _check_one_device(
             "lars_update_",
-            _named("params", params)
-            + _named("grads", grads)
-            + _named("momentum_bufs", momentum_bufs)
-            + _named("model_copies", model_copies)
-            + [("grad_scale", grad_scale), ("found_inf", found_inf)],
+            _lars_named(params, grads, momentum_bufs, model_copies, grad_scale, found_inf),
         )
 
 
@@ -76,11 +83,7 @@ def _lars_update_from_norms_fake(
     _check_one_device(
         "lars_update_from_norms_",
         [("grad_sq_norms", grad_sq_norms), ("param_sq_norms", param_sq_norms)]
-        + _named("params", params)
-        + _named("grads", grads)
-        + _named("momentum_bufs", momentum_bufs)
-        + _named("model_copies", model_copies)
-        + [("grad_scale", grad_scale), ("found_inf", found_inf)],
+        + _lars_named(params, grads, momentum_bufs, model_copies, grad_scale, found_inf),
     )
 
 

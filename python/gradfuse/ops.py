@@ -107,15 +107,33 @@ def lars_update_(
                                   use_lars=[p.ndim > 1 for p in params])
     """
     op = "lars_update_"
+    _ops.lars_update_(
+        *_lars_tensors(op, params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay),
+        *_lars_hyper(
+            op, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, lr_in_momentum
+        ),
+        grad_scale,
+        found_inf,
+    )
+
+
+def _lars_tensors(op, params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay):
+    """The tensor lists and per-tensor flags both LARS ops take, checked and in schema order."""
     params = _tensor_list(op, "params", params)
     n = len(params)
-    _ops.lars_update_(
+    return (
         params,
         _tensor_list(op, "grads", grads),
         _tensor_list(op, "momentum_bufs", momentum_bufs),
         _tensor_list(op, "model_copies", model_copies or []),
         _flags(op, "use_lars", use_lars, n),
         _flags(op, "use_weight_decay", use_weight_decay, n),
+    )
+
+
+def _lars_hyper(op, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, lr_in_momentum):
+    """The hyper-parameters both LARS ops take, checked and in schema order."""
+    return (
         _float(op, "lr", lr),
         _float(op, "momentum", momentum),
         _float(op, "weight_decay", weight_decay),
@@ -123,8 +141,6 @@ def lars_update_(
         _float(op, "eps", eps),
         bool(nesterov),
         bool(lr_in_momentum),
-        grad_scale,
-        found_inf,
     )
 
 
@@ -159,24 +175,13 @@ def lars_update_from_norms_(
     on CUDA alike; given the same norms, the two devices' updates are bitwise equal too).
     """
     op = "lars_update_from_norms_"
-    params = _tensor_list(op, "params", params)
-    n = len(params)
     _ops.lars_update_from_norms_(
-        params,
-        _tensor_list(op, "grads", grads),
-        _tensor_list(op, "momentum_bufs", momentum_bufs),
-        _tensor_list(op, "model_copies", model_copies or []),
-        _flags(op, "use_lars", use_lars, n),
-        _flags(op, "use_weight_decay", use_weight_decay, n),
+        *_lars_tensors(op, params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay),
         grad_sq_norms,
         param_sq_norms,
-        _float(op, "lr", lr),
-        _float(op, "momentum", momentum),
-        _float(op, "weight_decay", weight_decay),
-        _float(op, "trust_coefficient", trust_coefficient),
-        _float(op, "eps", eps),
-        bool(nesterov),
-        bool(lr_in_momentum),
+        *_lars_hyper(
+            op, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, lr_in_momentum
+        ),
         grad_scale,
         found_inf,
     )
