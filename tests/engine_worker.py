@@ -859,7 +859,51 @@ def _negotiated_inside_collective(path):
     return any(c0 < b and e < c1 for b, e in rounds for c0, c1 in collectives)
 
 
+def engine_threads_leave_openmp_to_the_user():
+    """The engine's threads run ATen's CPU work alone (engine/engine_thread.h): a fused
+    allreduce large enough for pack_ and unpack_ to split across threads starts no OpenMP team
+    on the executor thread, so the process does not hold more OpenMP threads than the user
+    asked for (libgomp then throttles every team, the user's included). Needs a process with
+    OpenMP threads to spare (test_engine.py runs it with OMP_NUM_THREADS=2)."""
+
+    def engine_threads():
+        names = {}
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/comm") as f:
+                    name = f.read().strip()
+            except OSError:  # the thread ended
+                continue
+            if name.startswith("gradfuse-"):
+                names[name] = names.get(name, 0) + 1
+        return names
+
+    assert torch.get_num_threads() == 2, torch.get_num_threads()
+    assert "OpenMP" in torch.__config__.parallel_info(), torch.__config__.parallel_info()
+    n = hvd.size()
+    # Four tensors of 1M floats: pack_ splits them into many chunks, each a parallel_for item.
+    tensors = [data(hvd.rank(), 90 + i, (1 << 20,), torch.float32) for i in range(4)]
+    with hvd.submitted_together():
+        handles = [
+            hvd.allreduce_async_(t, name=f"omp.{i}", op=hvd.Average) for i, t in enumerate(tensors)
+        ]
+    for i, h in enumerate(handles):
+        out = hvd.synchronize(h)
+        expected = reference(
+            hvd.Average, [data(r, 90 + i, (1 << 20,), torch.float32) for r in range(n)]
+        )
+        close(out, expected, torch.float32)
+    # Every thread the engine starts is named; each of its two working threads is alone (an
+    # OpenMP worker it had started would carry its name: Linux copies it to new threads).
+    threads = engine_threads()
+    assert threads.get("gradfuse-exec") == 1, threads
+    assert threads.get("gradfuse-negot") == 1, threads
+    assert torch.get_num_threads() == 2, "the user's thread count changed"
+
+
 CHECKS = checks_of(globals())
+# Run on their own by test_engine.py, in a process with OpenMP threads to spare.
+OPENMP_CHECKS = {"engine_threads_leave_openmp_to_the_user": engine_threads_leave_openmp_to_the_user}
 # Checks that make one rank disagree with, or wait for, another: meaningless at 1 rank, so a
 # 1-rank group (GRADFUSE_TEST_RANKS=1) does not run them.
 NEEDS_TWO_RANKS = {
@@ -889,7 +933,7 @@ def main():
     hvd.init()
     rank = hvd.rank()
     try:
-        run_checks(CHECKS, names, rank, results)
+        run_checks({**CHECKS, **OPENMP_CHECKS}, names, rank, results)
     finally:
         hvd.shutdown()
 

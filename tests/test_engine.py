@@ -56,6 +56,17 @@ def test_engine_check(group, check):
     assert_check_ok(proc, results, check)
 
 
+@pytest.mark.timeout(120)
+def test_engine_threads_leave_openmp_to_the_user(tmp_path):
+    # Two threads per rank (the other groups run with one): the executor's pack_ and unpack_
+    # would start an OpenMP team of their own, and libgomp would then throttle the user's.
+    check = "engine_threads_leave_openmp_to_the_user"
+    proc, results = run_ranks(
+        tmp_path, 2, "gradfuse.run", HERE / "engine_worker.py", [check], {"OMP_NUM_THREADS": "2"}
+    )
+    assert_check_ok(proc, results, check)
+
+
 @pytest.mark.timeout(300)
 def test_pending_names_limit_is_reported_on_every_rank(group):
     # check_pending_names_limit: the ranks that never held the failed names report them too.

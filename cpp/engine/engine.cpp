@@ -8,6 +8,7 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include "engine/engine_errors.h"
+#include "engine/engine_thread.h"
 #include "engine/fault_injection.h"
 #include "engine/handles.h"
 
@@ -46,8 +47,14 @@ Engine::Engine(EngineConfig config)
     TORCH_CHECK_VALUE(!dynamic_cast<const c10::ValueError*>(&e), why);
     TORCH_CHECK(false, why);
   }
-  executor_ = std::thread([this] { run_batches(); });
-  thread_ = std::thread([this] { loop(); });
+  executor_ = std::thread([this] {
+    prepare_engine_thread("gradfuse-exec");
+    run_batches();
+  });
+  thread_ = std::thread([this] {
+    prepare_engine_thread("gradfuse-negot");
+    loop();
+  });
 }
 
 void Engine::connect() {

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <sstream>
 
+#include "engine/engine_thread.h"
+
 namespace gradfuse::engine {
 
 namespace {
@@ -48,7 +50,10 @@ LivenessMonitor::LivenessMonitor(std::shared_ptr<PeerBoard> board, double timeou
       changed_(board_->size(), Clock::now()),
       processes_(board_->size()),
       next_beat_(Clock::now()) {
-  thread_ = std::thread([this] { loop(); });
+  thread_ = std::thread([this] {
+    prepare_engine_thread("gradfuse-live");
+    loop();
+  });
 }
 
 LivenessMonitor::~LivenessMonitor() {

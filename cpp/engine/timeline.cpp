@@ -6,6 +6,8 @@
 #include <cstring>
 #include <vector>
 
+#include "engine/engine_thread.h"
+
 namespace gradfuse::engine {
 
 namespace {
@@ -29,8 +31,8 @@ std::string json_string(const std::string& s) {
 
 // The metadata event that names track `tid` in the viewer.
 std::string track_name_event(int tid, const std::string& name) {
-  return "{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": " +
-         std::to_string(tid) + ", \"args\": {\"name\": " + json_string(name) + "}}";
+  return "{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": " + std::to_string(tid) +
+         ", \"args\": {\"name\": " + json_string(name) + "}}";
 }
 
 }  // namespace
@@ -48,7 +50,10 @@ void Timeline::start(const std::string& path) {
   overflow_named_ = false;
   events_.clear();
   origin_ = Clock::now();
-  writer_ = std::thread([this] { write_loop(); });
+  writer_ = std::thread([this] {
+    prepare_engine_thread("gradfuse-tline");
+    write_loop();
+  });
   active_ = true;
 }
 
