@@ -152,6 +152,30 @@ def test_threshold_zero_sends_every_tensor_alone():
     assert alone.total_s > fused.total_s
 
 
+def test_measured_sharing_replaces_the_core_count():
+    # calibrate's compute_by_ranks (every rank computing at once) sets how much slower a rank
+    # computes and steps with that many ranks on its host; without it, ranks / cores.
+    w = resnet50()
+    base = {**plan_profiles.BUILTIN["p40-25gbe"], "cores_per_node": 2}
+    rate = base["compute_flops_per_s"]
+    measured = plan_profiles.Profile({**base, "compute_by_ranks": {"2": rate / 1.25}}, "m")
+    counted = plan_profiles.Profile(base, "c")
+    choice = Choice("flat", 64 << 20, 1.0)
+    two = predict(w, measured, 2, 2, 64, 4, choice)
+    assert two.detail["core_sharing"] == pytest.approx(1.25)
+    assert two.compute_s == pytest.approx(1.25 * predict(w, counted, 2, 2, 64, 4, choice).compute_s)
+    # 4 ranks were not measured: the core count decides.
+    assert predict(w, measured, 4, 4, 64, 4, choice).detail["core_sharing"] == 2
+    # One rank alone is never shared; a faster measurement never speeds a rank up.
+    assert predict(w, measured, 1, 1, 64, 4, choice).total_s == pytest.approx(
+        predict(w, counted, 1, 1, 64, 4, choice).total_s
+    )
+    fast = plan_profiles.Profile({**base, "compute_by_ranks": {"2": 2 * rate}}, "f")
+    assert predict(w, fast, 2, 2, 64, 4, choice).detail["core_sharing"] == 1
+    with pytest.raises(ValueError, match="rates must be > 0"):
+        plan_profiles.Profile({**base, "compute_by_ranks": {"2": 0}}, "z")
+
+
 def test_seeds_1024_gpu_step_reproduced_within_25_percent():
     rows = {r["gpus"]: r for r in plan_validate.seeds_rows()}
     # 8.7 min for 90 epochs of 64K-image steps.

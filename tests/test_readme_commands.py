@@ -87,6 +87,9 @@ def check_calibrate(out, _result, tmp):
     link = profile["intra"]
     assert link["alpha_s"] >= 0 and link["beta_s_per_byte"] >= 0, link
     assert profile["compute_flops_per_s"] > 0 and "profile written to" in out
+    # --np 2: both ranks timed the model at once.
+    assert list(profile["compute_by_ranks"]) == ["2"] and profile["compute_by_ranks"]["2"] > 0
+    assert "compute with 2 ranks at once" in out
 
 
 def check_plan(out, result, _):

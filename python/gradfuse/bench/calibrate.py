@@ -12,7 +12,10 @@ profile (plan_profiles.py describes the fields).
 - Pack and unpack (fusion buffer copies) and the fused LARS update, timed in this process.
 - Compute: the ``train`` benchmark's model, forward + backward, as effective FLOP/s (3 x the
   forward FLOPs per step). On CPU both with one thread (what each rank of a multi-rank job
-  gets: gradfuse.run sets OMP_NUM_THREADS=1) and with all of them (a lone rank)."""
+  gets: gradfuse.run sets OMP_NUM_THREADS=1) and with all of them (a lone rank); and at each
+  measured rank count, with every rank computing at once (``compute_by_ranks``): ranks that
+  share a host's cores and memory bandwidth compute slower than one alone, by an amount no
+  core count predicts (2 one-thread ranks on this 2-core VM: 10-20% each)."""
 
 from __future__ import annotations
 
@@ -71,9 +74,14 @@ def _fit_error(rows, a, b) -> float:
     return max(abs(a + b * r["bytes"] - r["allreduce_s"]) / r["allreduce_s"] for r in rows)
 
 
-def measure_links(ranks: list[int], device: str, sizes: list[int]) -> dict:
-    """{np: {level: link}} for each rank count (one gradfuse.run job each, on this host)."""
+def measure_links(
+    ranks: list[int], device: str, sizes: list[int], model: str | None = None, batch: int = 32
+) -> dict:
+    """{np: {level: link}} for each rank count (one gradfuse.run job each, on this host); with
+    `model`, each also holds "compute_step_s", that model's step with every rank computing."""
     args = ["--sizes", ",".join(map(str, sizes)), "--device", device]
+    if model:
+        args += ["--model", model, "--batch-size", str(batch)]
     return {n: links_of(run_worker(n, "gradfuse.bench.calibrate_worker", args)) for n in ranks}
 
 
@@ -85,7 +93,13 @@ def links_of(result: dict) -> dict:
         rings = k if level == "inter" else 1
         levels[level] = ring_link(data["rows"], data["ranks"], rings)
         levels[level]["points"] = data["rows"]
-    return {"levels": levels, "ranks_per_node": k, "nodes": result["nodes"]}
+    return {
+        "levels": levels,
+        "ranks_per_node": k,
+        "nodes": result["nodes"],
+        "compute_step_s": result.get("compute_step_s"),
+        "compute_model": result.get("compute_model"),
+    }
 
 
 def _lars_and_pack(device: torch.device, numel: int) -> tuple[float, float]:
@@ -111,14 +125,11 @@ def _lars_and_pack(device: torch.device, numel: int) -> tuple[float, float]:
     return total / lars, 4 * total / ((pack + unpack) / 2)
 
 
-def _compute_rate(device: torch.device, model: str, batch: int) -> float:
-    """Effective FLOP/s of forward + backward of the train benchmark's model."""
+def model_step(model: str, batch: int, device: torch.device):
+    """One forward + backward of the train benchmark's model on a synthetic batch."""
     from .models import MODELS
-    from .plan_workload import from_module
 
     net = MODELS[model]().to(device)
-    work = from_module(model, net.cpu(), (3, 32, 32))
-    net = net.to(device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -126,8 +137,21 @@ def _compute_rate(device: torch.device, model: str, batch: int) -> float:
         net.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
 
-    seconds = median_seconds(step, device, reps=5, warmup=2)
-    return 3 * work.forward_flops_per_sample * batch / seconds
+    return step
+
+
+def step_flops(model: str, batch: int) -> float:
+    """Effective FLOPs of one forward + backward: 3 x the forward's."""
+    from .models import MODELS
+    from .plan_workload import from_module
+
+    return 3 * from_module(model, MODELS[model](), (3, 32, 32)).forward_flops_per_sample * batch
+
+
+def _compute_rate(device: torch.device, model: str, batch: int) -> float:
+    """Effective FLOP/s of forward + backward of the train benchmark's model."""
+    seconds = median_seconds(model_step(model, batch, device), device, reps=5, warmup=2)
+    return step_flops(model, batch) / seconds
 
 
 def run(
@@ -139,7 +163,7 @@ def run(
         links = {p["ranks"]: links_of(p) for p in points}
         ranks = sorted(links)
     else:
-        links = measure_links(ranks, device, sizes)
+        links = measure_links(ranks, device, sizes, model, batch)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     lars_rate, pack_rate = _lars_and_pack(dev, 4 << 20)
     threads = torch.get_num_threads()
@@ -162,6 +186,11 @@ def run(
         "compute_flops_per_s": compute,
         "compute_flops_per_s_alone": alone,
         "compute_model": f"{model}, batch {batch}",
+        "compute_by_ranks": {
+            str(n): step_flops(model, batch) / v["compute_step_s"]
+            for n, v in links.items()
+            if v.get("compute_step_s") and v.get("compute_model") == [model, batch]
+        },
         "pack_bytes_per_s": pack_rate,
         "optimizer_params_per_s": lars_rate,
         "by_ranks": {
@@ -205,5 +234,7 @@ def format_table(profile: dict) -> str:
         f"pack {profile['pack_bytes_per_s'] / 1e9:.2f} GB/s, "
         f"LARS {profile['optimizer_params_per_s'] / 1e6:.0f} M params/s"
     )
+    for n, rate in profile.get("compute_by_ranks", {}).items():
+        lines.append(f"compute with {n} ranks at once: {rate / 1e9:.1f} GFLOP/s per rank")
     lines.append("GB/s = 1 / beta: per rank inside a node, per node across nodes")
     return "\n".join(lines)

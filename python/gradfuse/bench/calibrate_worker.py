@@ -1,8 +1,11 @@
 """One rank of ``gradfuse-bench calibrate``: times torch.distributed allreduce and allgather
 across message sizes on the transport the engine uses (Gloo for CPU tensors, NCCL for CUDA
 ones), inside each node and, when the job spans several hosts, across nodes (the ranks with
-the same local rank, all such rings at once, as the hierarchical allreduce runs them). Rank 0
-writes the (bytes, seconds) points as JSON; calibrate.py fits them.
+the same local rank, all such rings at once, as the hierarchical allreduce runs them). With
+--model, every rank then times the model's forward + backward at once, with no collective
+between: what a rank computes at while this many ranks share the host (on a CPU host with
+fewer cores than ranks, or memory bandwidth to share, it is slower than one rank alone). Rank 0
+writes the (bytes, seconds) points and that time as JSON; calibrate.py fits them.
 
 Started by ``python -m gradfuse.run -np N -m gradfuse.bench.calibrate_worker ...``."""
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -59,10 +64,33 @@ def _timed(fn, device: str, iters: int) -> float:
     return slowest_rank_median_seconds(call, iters)
 
 
+def _concurrent_compute_seconds(model: str, batch: int, device: torch.device) -> float:
+    """The slowest rank's median forward + backward of `model` while every rank runs its own
+    at the same time (one barrier to start them together, none between steps)."""
+    from .calibrate import model_step
+
+    step = model_step(model, batch, device)
+    for _ in range(2):
+        step()
+    dist.barrier()
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", required=True, help="comma-separated message sizes in bytes")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", help="also time this bench model's forward + backward on every rank")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -94,6 +122,9 @@ def main(argv=None):
             )
             rows.append({"bytes": numel * 4, "allreduce_s": ar, "allgather_s": ag})
         points[level] = {"ranks": members, "rows": rows}
+    compute_s = (
+        _concurrent_compute_seconds(args.model, args.batch_size, device) if args.model else None
+    )
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(
@@ -103,6 +134,8 @@ def main(argv=None):
                     "ranks_per_node": len(layout[0]),
                     "device": args.device,
                     "levels": points,
+                    "compute_step_s": compute_s,
+                    "compute_model": [args.model, args.batch_size] if args.model else None,
                 },
                 f,
             )

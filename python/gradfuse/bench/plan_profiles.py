@@ -15,6 +15,8 @@ A profile is a JSON object:
   cores_per_node          CPU ranks only: ranks beyond this many per node share cores
   by_ranks                calibrate only: {"4": {"intra": {...}}, ...}, links measured with
                           that many ranks (on a shared-core host they differ by rank count)
+  compute_by_ranks        calibrate only: {"4": FLOP/s, ...}, one rank's compute while that many
+                          ranks compute at once on the host (shared cores and memory included)
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ class Profile:
             alpha = (self.inter or self.intra).alpha_s
             self.negotiation_alpha_s = float(spec.get("negotiation_alpha_s", alpha))
             self.cores_per_node = int(spec.get("cores_per_node", 0))
+            self.compute_by_ranks = {
+                int(n): float(rate) for n, rate in spec.get("compute_by_ranks", {}).items()
+            }
             self.by_ranks = {
                 int(n): {lvl: _link(v) for lvl, v in levels.items()}
                 for n, levels in spec.get("by_ranks", {}).items()
@@ -146,8 +151,10 @@ class Profile:
                 "gradfuse/bench/plan_profiles.py for the fields"
             ) from None
         rates = (self.compute_flops_per_s, self.pack_bytes_per_s, self.optimizer_params_per_s)
-        if min(rates) <= 0 or self.gpus_per_node < 1:
-            raise ValueError(f"--profile {where}: rates and gpus_per_node must be > 0")
+        if min(rates, default=1) <= 0 or min(self.compute_by_ranks.values(), default=1) <= 0:
+            raise ValueError(f"--profile {where}: rates must be > 0")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"--profile {where}: gpus_per_node must be > 0")
 
     def links(self, p: int, k: int):
         """(intra, inter) for p ranks, k per node; a measured by_ranks entry wins."""

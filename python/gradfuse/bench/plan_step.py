@@ -13,8 +13,9 @@ What the model assumes: backward takes twice the forward's FLOPs and each layer'
 follows its FLOPs; gradients become ready in reverse layer order; one collective at a time
 (the engine's rule); pack and unpack are not overlapped with the collective; the optimizer is
 the fused LARS after the last gradient; no stragglers, no data loading. CPU ranks (profile
-cores_per_node): where they outnumber a node's cores, compute and the optimizer slow down by
-ranks / cores; and unless a core is left over, communication does not overlap backward (the
+cores_per_node): compute and the optimizer slow down by the sharing calibrate measured with that
+many ranks computing at once (else by ranks / cores where they outnumber a node's cores); and
+unless a core is left over, communication does not overlap backward (the
 engine's thread and Gloo's reductions need the cores backward is using): every gradient is
 taken as ready when backward ends, so all of it is exposed."""
 
@@ -62,8 +63,14 @@ def compute_seconds(workload: Workload, profile: Profile, batch_per_gpu: int, p:
 
 
 def core_sharing(profile: Profile, p: int, k: int) -> float:
-    """How much slower a rank computes because ranks outnumber the node's cores (>= 1)."""
+    """How much slower a rank computes (and steps its optimizer) because other ranks share its
+    host (>= 1). Measured where calibrate ran that many ranks at once (compute_by_ranks: cores,
+    caches and memory bandwidth all shared); else ranks / cores where ranks outnumber a CPU
+    node's cores."""
     ranks_here = min(p, k)
+    measured = profile.compute_by_ranks.get(ranks_here) if p > 1 else None
+    if measured:
+        return max(1.0, profile.compute_flops_per_s / measured)
     if profile.cores_per_node and ranks_here > profile.cores_per_node:
         return ranks_here / profile.cores_per_node
     return 1.0
