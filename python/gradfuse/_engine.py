@@ -98,12 +98,12 @@ def init(**options) -> None:
             _created_default_group = True
         rank, size = dist.get_rank(), dist.get_world_size()
         # The engine's own groups (every rank creates them, in the same order), so its
-        # collectives never interleave with the user's on the default group.
+        # collectives never interleave with the user's on the default group. (The group on
+        # which add/remove_process_set agree is made by their first call: each Gloo group
+        # polls its sockets every 10 ms, which is most of what an idle engine costs.)
         groups = {
             "control": dist.new_group(backend="gloo", timeout=timeout),
             "cpu": dist.new_group(backend="gloo", timeout=timeout),
-            # add_process_set / remove_process_set check on it that every rank agrees.
-            "sets": dist.new_group(backend="gloo", timeout=timeout),
         }
         try:
             # Before any group whose construction depends on them: ranks creating groups of

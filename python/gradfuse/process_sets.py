@@ -195,6 +195,11 @@ def _agree(call, fn):
     process-set group; the same ValueError on every rank (naming each rank's call) when they
     differ or one failed, so a mismatch never leaves ranks creating different groups."""
     state = _engine._require()
+    if "sets" not in state.groups:
+        # The first add/remove_process_set creates the group they agree on. Every rank makes
+        # that call (it is collective), so every rank creates the group here, in the same order.
+        timeout = datetime.timedelta(seconds=state.cfg.timeout_s)
+        state.groups["sets"] = dist.new_group(backend="gloo", timeout=timeout)
     calls = [None] * state.size
     dist.all_gather_object(calls, call, group=state.groups["sets"])
     errors = [f"rank {r}: {c[1]}" for r, c in enumerate(calls) if c[0] == "error"]
