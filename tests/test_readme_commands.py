@@ -56,7 +56,8 @@ def check_allreduce(out, result, _):
 
 def check_resnet50_allreduce(out, result, _):
     assert result["ranks"] == 2 and result["tensors"] == 161
-    assert {"a", "a_views", "b", "c", "d", "e"} <= set(result["vs_floor"])
+    assert {"a", "a_views", "b", "c", "d", "e", "f", "c_plus_f"} <= set(result["vs_floor"])
+    assert result["c_plus_f"] == result["c"] + result["f"] and "the floor with the copies" in out
     assert result["stats_views"]["in_place"] > 0  # (a') ran in place
     assert result["lat_engine"] > 0 and result["lat_direct"] > 0
     assert "(a') (a) on views of one flat buffer" in out and "1 KiB allreduce latency" in out

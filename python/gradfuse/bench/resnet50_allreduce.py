@@ -14,12 +14,15 @@ ROWS = [
     ("c", "(c) one flat dist.all_reduce (floor)"),
     ("d", "(d) DDP-style 25 MiB buckets"),
     ("e", "(e) (a), hierarchical, nodes of 2 ranks"),
+    ("f", "(f) the fusion copies alone (pack + unpack)"),
+    ("c_plus_f", "(c) + (f): the floor with the copies"),
 ]
 
 
 def run(ranks: int, iters: int, latency_iters: int, scale: float = 1.0) -> dict:
     args = ["--iters", str(iters), "--latency-iters", str(latency_iters), "--scale", str(scale)]
     result = run_worker(ranks, "gradfuse.bench.resnet50_allreduce_worker", args)
+    result["c_plus_f"] = result["c"] + result["f"]
     result["vs_floor"] = {key: result[key] / result["c"] for key, _ in ROWS if key in result}
     result["latency_vs_direct"] = result["lat_engine"] / result["lat_direct"]
     return result
@@ -55,6 +58,10 @@ def format_table(r: dict) -> str:
     lines.append(
         f"1 KiB allreduce latency: gradfuse {r['lat_engine'] * 1e6:.0f} us, direct "
         f"dist.all_reduce {r['lat_direct'] * 1e6:.0f} us ({r['latency_vs_direct']:.2f}x){hier}"
+    )
+    lines.append(
+        f"separate tensors: (a) is {r['a'] / r['c_plus_f']:.2f}x the floor with the copies; "
+        f"the copies alone are {r['f'] / r['c']:.2f}x of (c)"
     )
     return "\n".join(lines)
 

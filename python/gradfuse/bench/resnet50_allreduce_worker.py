@@ -3,8 +3,11 @@ values) reduced (a) by gradfuse's engine as separate tensors, (a') by the engine
 one flat buffer (DistributedOptimizer's gradient_as_bucket_view layout: reduced in place, no
 fusion copies), (b) by one torch all_reduce per tensor, (c) by one torch all_reduce of a flat
 buffer of the same size (the floor), (d) in DDP-style 25 MiB buckets, (e) as (a) with
-hierarchical allreduce, the ranks as nodes of 2 (even rank counts); plus one 1 KiB allreduce
-through the engine against a direct all_reduce. The baselines run before gradfuse.init(), so
+hierarchical allreduce, the ranks as nodes of 2 (even rank counts), (f) the fusion copies
+alone: gradfuse's pack_ and unpack_ of the same tensors, on every rank at once, one thread each
+(as the engine's executor runs them), so that (c) + (f) is the floor for separate tensors that
+are copied into a buffer and back; plus one 1 KiB allreduce through the engine against a direct
+all_reduce. The baselines run before gradfuse.init(), so
 the engine's background thread takes no CPU from them. Rank 0 writes the result as JSON.
 
 Started by ``python -m gradfuse.run -np N -m gradfuse.bench.resnet50_allreduce_worker ...``."""
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import gradfuse as hvd
+from gradfuse import ops
 
 from .shapes import resnet50_shapes
 from .timing import slowest_rank_median_seconds as timed
@@ -66,6 +70,18 @@ def _ddp_buckets(grads):
     return call
 
 
+def _copies_seconds(grads, iters):
+    """(f): pack_ every gradient into one buffer and unpack_ it back, with one thread (the
+    engine's executor runs ATen alone), every rank at once."""
+    buffer = torch.empty(sum(g.numel() for g in grads))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return timed(lambda: (ops.pack_(grads, buffer), ops.unpack_(buffer, grads)), iters)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _scaled(shape, scale):
     """ResNet-50's shape, or at scale < 1 a 1-D tensor of that share of its values (a quick
     run with the same 161 tensors in the same proportions)."""
@@ -108,6 +124,7 @@ def main(argv=None):
         "b": timed(lambda: [dist.all_reduce(g) for g in grads], args.iters),
         "c": timed(lambda: dist.all_reduce(flat), args.iters),
         "d": timed(_ddp_buckets(grads), args.iters),
+        "f": _copies_seconds(grads, args.iters),
         "lat_direct": timed(lambda: dist.all_reduce(small), args.latency_iters, warmup=10),
     }
     hvd.init()
