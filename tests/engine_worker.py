@@ -859,6 +859,23 @@ def _negotiated_inside_collective(path):
     return any(c0 < b and e < c1 for b, e in rounds for c0, c1 in collectives)
 
 
+def check_no_empty_rounds():
+    """Nothing pending on any rank and nothing to send: the engine sleeps up to 500 ms between
+    rounds instead of negotiating every cycle (1 ms), while idle and while its own collective
+    runs. (Each rank wakes on its own submission, so this costs no latency.) Upper bounds only:
+    a loaded machine makes fewer rounds, not more."""
+    hvd.barrier()
+    idle = _stat_delta("cycles", lambda: time.sleep(1.0))
+    assert idle <= 5, f"{idle} negotiation rounds in 1 s with nothing to negotiate"
+    big = ones(1 << 22)  # 16 MiB: tens of cycles long on a CPU
+    seconds, during = time.perf_counter(), hvd.stats()["cycles"]
+    out = hvd.synchronize(hvd.allreduce_async_(big, name="quiet.big", op=hvd.Sum))
+    seconds, during = time.perf_counter() - seconds, hvd.stats()["cycles"] - during
+    assert torch.equal(out, full((1 << 22,), float(hvd.size())))
+    # The round that agreed it, and a rank whose timer fired meanwhile; never one per cycle.
+    assert during <= 3 + 2 * seconds, f"{during} rounds during a {seconds:.3f} s allreduce"
+
+
 def engine_threads_leave_openmp_to_the_user():
     """The engine's threads run ATen's CPU work alone (engine/engine_thread.h): a fused
     allreduce large enough for pack_ and unpack_ to split across threads starts no OpenMP team

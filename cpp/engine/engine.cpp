@@ -170,14 +170,17 @@ void Engine::stop() {
 }
 
 void Engine::loop() {
-  // Idle back-off: while nothing is pending on any rank (the controller's table, the same on
-  // every rank) and nothing is in flight here, the wait between negotiations doubles up to
-  // kMaxIdleWait, so an idle engine (the forward pass, or no training at all) costs next to no
-  // CPU and leaves the cores to the user's collectives. It costs no latency when work resumes,
-  // because every rank wakes on its own enqueue (and stop()); while some rank waits for
-  // another, every rank negotiates each cycle, so a straggler's late tensor, a stall and a
-  // mismatch are handled within a cycle. Only a peer that submits nothing at all (a rank that
-  // shuts down while the others idle) is seen up to kMaxIdleWait late.
+  // Idle wait: while nothing is pending on any rank (the controller's table, the same on every
+  // rank), nothing is waiting here to be sent and no settings change is asked for, a round has
+  // nothing to decide, so the engine sleeps up to kMaxIdleWait between rounds instead of one
+  // cycle: an idle engine (the forward pass, a running collective, no training at all) costs
+  // next to no CPU and leaves the cores to the user's compute and collectives. It costs no
+  // latency when work resumes, because every rank wakes on its own enqueue (and stop()): the
+  // round that carries a new tensor starts when the last rank submits it, as a data collective
+  // would. While some rank waits for another (a name pending, a rank in join()), every rank
+  // negotiates each cycle, so a straggler's late tensor, a stall and a mismatch are handled
+  // within a cycle. Only a peer that submits nothing at all (a rank that shuts down while the
+  // others idle) is seen up to kMaxIdleWait late.
   constexpr auto kMaxIdleWait = std::chrono::milliseconds(500);
   // The cycle time is the agreed one (engine/settings.h), which the autotuner may change.
   auto agreed_cycle = [this] {
@@ -203,8 +206,8 @@ void Engine::loop() {
       const auto cycle = agreed_cycle();
       const auto max_wait = std::max<std::chrono::steady_clock::duration>(cycle, kMaxIdleWait);
       const bool waiting =
-          queue_.has_in_flight() || negotiator_.controller().pending() > 0 || settings_.pending();
-      wait = waiting ? cycle : std::min(2 * wait, max_wait);
+          queue_.has_unsent() || negotiator_.controller().pending() > 0 || settings_.pending();
+      wait = waiting ? cycle : max_wait;
       const auto negotiate_end = std::chrono::steady_clock::now();
       stats_.negotiate_ns +=
           std::chrono::duration_cast<std::chrono::nanoseconds>(negotiate_end - negotiate_start)

@@ -58,7 +58,7 @@ class Engine {
   const EngineConfig& config() const { return config_; }
   // The fusion threshold and cycle time in force, changed by agreement (engine/settings.h).
   SettingsAgreement& settings() { return settings_; }
-  // Ends the idle back-off now (a settings request is announced at the next round).
+  // Ends the idle wait now (a settings request is announced at the next round).
   void wake() { queue_.wake(); }
 
   // Counters since start (observability; the benchmark prints them).

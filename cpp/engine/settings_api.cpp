@@ -8,7 +8,7 @@ namespace gradfuse::engine {
 int64_t request_settings(int process_set_id, int64_t fusion_threshold_bytes, double cycle_time_ms) {
   const std::shared_ptr<Engine> engine = process_set_engine(process_set_id);
   const int64_t generation = engine->settings().request({fusion_threshold_bytes, cycle_time_ms});
-  engine->wake();  // an idle engine announces it now, not after its back-off
+  engine->wake();  // an idle engine announces it now, not after its idle wait
   return generation;
 }
 

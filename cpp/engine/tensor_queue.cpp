@@ -107,9 +107,9 @@ bool TensorQueue::visit(const std::string& name, const std::function<void(const 
   return true;
 }
 
-bool TensorQueue::has_in_flight() {
+bool TensorQueue::has_unsent() {
   std::lock_guard<std::mutex> lock(mu_);
-  return !in_flight_.empty() || !new_requests_.empty();
+  return !new_requests_.empty();
 }
 
 std::vector<Entry> TensorQueue::close(const std::string& reason) {

@@ -60,8 +60,8 @@ class TensorQueue {
   // Calls fn on the in-flight entry called `name`, under the queue's lock (fn must not call
   // the queue); false when there is none. Negotiation reads a small input to send it inline.
   bool visit(const std::string& name, const std::function<void(const Entry&)>& fn);
-  // Whether any entry was pushed and not yet taken (submitted, waiting for negotiation).
-  bool has_in_flight();
+  // Whether any entry was pushed and not yet taken (submitted, not yet sent in a negotiation).
+  bool has_unsent();
   // Every entry still in flight, and closes the queue: a later push() raises a RuntimeError
   // with `reason` (shutdown / fatal error), so nothing waits on a thread that is gone.
   std::vector<Entry> close(const std::string& reason);
