@@ -372,19 +372,25 @@ def check_gradient_as_bucket_view():
             )
             if step == 1:
                 model.zero_grad()  # sets .grad to None: the next backward makes new tensors
+            elif step == 2:
+                opt.zero_grad(set_to_none=False)  # the views, zeroed
             else:
                 opt.zero_grad()
-        return model, in_place
+        return model, opt, in_place
 
-    viewed, in_place = run(gradient_as_bucket_view=True)
-    # One bucket, reduced in place every step, including after model.zero_grad() replaced the
-    # gradients (the hook copies them back into the views).
+    viewed, opt, in_place = run(gradient_as_bucket_view=True)
+    # One bucket, reduced in place every step, including after model.zero_grad() and
+    # opt.zero_grad() replaced the gradients (the hook copies them back into the views).
     assert in_place == [(1, 1)] * 4, in_place
+    # zero_grad() sets them to None (torch's default, as DDP's bucket views); set_to_none=False
+    # gives back the views of one buffer, zeroed.
+    assert all(p.grad is None for p in viewed.parameters())
+    opt.zero_grad(set_to_none=False)
     grads = [p.grad for p in viewed.parameters()]
-    assert all(g is not None and not g.any() for g in grads)  # zeroed, not None
+    assert all(g is not None and not g.any() for g in grads)
     storages = {g.untyped_storage().data_ptr() for g in grads}
     assert len(storages) == 1, "the gradients are not views of one buffer"
-    plain, _ = run(bucket_cap_mb=0)
+    plain, _, _ = run(bucket_cap_mb=0)
     assert max_rel_diff(viewed, plain) < 1e-6
     try:
         hvd.DistributedOptimizer(

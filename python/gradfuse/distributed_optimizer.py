@@ -494,10 +494,16 @@ class _DistributedOptimizer:
                 "race with the zeroing. Call step() or synchronize() first."
             )
         if self._gf_views:
-            # The gradients stay views of the flat buffers (zeroed), whatever set_to_none says.
+            # set_to_none (torch's default), as DDP's gradient_as_bucket_view: backward makes
+            # each gradient anew and the hook copies it into its view (_gf_restore_view), one
+            # pass over the gradients instead of zeroing the buffers and adding into them.
+            # Otherwise the gradients stay views of the flat buffers, zeroed.
             for p, view in self._gf_views.items():
-                view.zero_()
-                p.grad = view
+                if set_to_none:
+                    p.grad = None
+                else:
+                    view.zero_()
+                    p.grad = view
             return None
         return self._gf_base.zero_grad(self, set_to_none)
 
@@ -573,8 +579,8 @@ def DistributedOptimizer(  # Horovod's name: a factory that reads like a class
     (the first 1 MiB), each when its last gradient is ready, so the engine negotiates and fuses
     a bucket at once; 0 submits each gradient as soon as it is ready (Horovod's default).
     ``gradient_as_bucket_view``: each ``.grad`` becomes a view of one flat buffer, so buckets
-    are reduced in place with no fusion copies; ``zero_grad()`` then zeroes gradients instead
-    of setting them to None (DDP's option of the same name).
+    are reduced in place with no fusion copies (DDP's option of the same name); after
+    ``zero_grad()`` (set_to_none) backward's new gradients are copied into the views.
     ``sparse_as_dense``: sparse gradients (e.g. ``nn.Embedding(sparse=True)``) are made dense
     and allreduced; by default they are reduced sparse, Horovod's way (every rank's nonzeros
     allgathered, ``sparse_allreduce_async``; op Average or Sum), and ``.grad`` stays sparse.
