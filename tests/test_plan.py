@@ -176,6 +176,21 @@ def test_measured_sharing_replaces_the_core_count():
         plan_profiles.Profile({**base, "compute_by_ranks": {"2": 0}}, "z")
 
 
+def test_a_lone_cpu_rank_pays_the_engine_copies():
+    # One rank: no collective, but the engine still copies each fused message into its buffer
+    # and back; a GPU hides that behind backward, a CPU rank computing on every core does not.
+    w = resnet50()
+    base = plan_profiles.BUILTIN["p40-25gbe"]
+    gpu = predict(w, plan_profiles.Profile(base, "g"), 1, 1, 64, 4, Choice("flat", 1 << 30, 1.0))
+    cpu_profile = plan_profiles.Profile({**base, "cores_per_node": 2}, "c")
+    cpu = predict(w, cpu_profile, 1, 1, 64, 4, Choice("flat", 1 << 30, 1.0))
+    assert gpu.pack_exposed_s == 0 and gpu.comm_exposed_s == cpu.comm_exposed_s == 0
+    assert cpu.pack_exposed_s == pytest.approx(2 * 4 * w.parameters / base["pack_bytes_per_s"])
+    # Every tensor alone (threshold 0): fp32 tensors are reduced in place, nothing is copied.
+    alone = predict(w, cpu_profile, 1, 1, 64, 4, Choice("flat", 0, 1.0))
+    assert alone.pack_exposed_s == 0 and alone.messages == 0
+
+
 def test_seeds_1024_gpu_step_reproduced_within_25_percent():
     rows = {r["gpus"]: r for r in plan_validate.seeds_rows()}
     # 8.7 min for 90 epochs of 64K-image steps.

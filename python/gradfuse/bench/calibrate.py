@@ -165,11 +165,13 @@ def run(
     else:
         links = measure_links(ranks, device, sizes, model, batch)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-    lars_rate, pack_rate = _lars_and_pack(dev, 4 << 20)
     threads = torch.get_num_threads()
     try:
         if device == "cpu":
+            # One thread: what each rank of a multi-rank job has, and what the engine's
+            # executor copies with (engine/engine_thread.h).
             torch.set_num_threads(1)
+        lars_rate, pack_rate = _lars_and_pack(dev, 4 << 20)
         compute = _compute_rate(dev, model, batch)
     finally:
         torch.set_num_threads(threads)

@@ -8,7 +8,8 @@ A profile is a JSON object:
                           a node's network (beta through all its NICs together); plan_model.py
   compute_flops_per_s     effective FLOP/s of one rank on convnet training (forward FLOPs x 3)
   compute_flops_per_s_alone  the same for a job of one rank (CPU: it gets every core)
-  pack_bytes_per_s        fusion-buffer pack + unpack, bytes of gradient per second
+  pack_bytes_per_s        fusion-buffer pack + unpack, bytes of gradient per second (CPU: one
+                          thread, as the engine's executor copies)
   optimizer_params_per_s  fused LARS update, parameters per second
   negotiation_alpha_s     one hop of the engine's per-cycle negotiation (a tree of log2 p hops
                           each way); defaults to inter's (or intra's) alpha

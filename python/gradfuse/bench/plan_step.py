@@ -17,7 +17,8 @@ cores_per_node): compute and the optimizer slow down by the sharing calibrate me
 many ranks computing at once (else by ranks / cores where they outnumber a node's cores); and
 unless a core is left over, communication does not overlap backward (the
 engine's thread and Gloo's reductions need the cores backward is using): every gradient is
-taken as ready when backward ends, so all of it is exposed."""
+taken as ready when backward ends, so all of it is exposed. A job of one rank has no collective
+but still pays the engine's copies of its fused messages, unless a GPU hides them."""
 
 from __future__ import annotations
 
@@ -100,8 +101,24 @@ def predict(
     share = core_sharing(profile, p, k)
     forward, backward = forward * share, backward * share
     optimizer = workload.parameters / profile.optimizer_params_per_s * share
+    # CPU ranks overlap communication with backward only with a core to spare for it.
+    cores = profile.cores_per_node
+    overlap = not cores or min(p, k) < cores
+    fractions = workload.ready_fractions()
+    order = sorted(range(len(fractions)), key=lambda i: (fractions[i], -i))
+    sizes = [workload.numels[i] * wire_bytes for i in order]
     if p == 1:
-        return StepPrediction(choice, forward + backward, 0.0, 0.0, optimizer, 0, 0.0)
+        # A job of one rank still hands its gradients to the engine: no collective, but the
+        # fused messages are copied into the fusion buffer and back. A GPU's copies hide behind
+        # backward; a lone CPU rank computes on every core, so its copies add to the step.
+        copies = sum(
+            2 * sum(m) / profile.pack_bytes_per_s
+            for m in _messages(sizes, choice.fusion_threshold_bytes)
+            if len(m) > 1 or wire_bytes != 4
+        )
+        return StepPrediction(
+            choice, forward + backward, 0.0, copies if cores else 0.0, optimizer, 0, 0.0
+        )
     intra, inter = profile.links(p, k)
 
     def collective(nbytes: float) -> float:
@@ -111,13 +128,7 @@ def predict(
             algorithm = "hierarchical" if small else "flat"
         return allreduce_time(algorithm, nbytes, p, min(k, p), intra, inter)
 
-    # CPU ranks overlap communication with backward only with a core to spare for it.
-    cores = profile.cores_per_node
-    overlap = not cores or min(p, k) < cores
-    fractions = workload.ready_fractions()
-    order = sorted(range(len(fractions)), key=lambda i: (fractions[i], -i))
     ready = [backward * fractions[i] if overlap else backward for i in order]
-    sizes = [workload.numels[i] * wire_bytes for i in order]
     pack_rate = profile.pack_bytes_per_s
     negotiation = profile.negotiation_s(p)
     cycle = choice.cycle_time_ms / 1e3
