@@ -172,19 +172,20 @@ void Engine::stop() {
 void Engine::loop() {
   // Idle wait: while nothing is pending on any rank (the controller's table, the same on every
   // rank), nothing is waiting here to be sent and no settings change is asked for, a round has
-  // nothing to decide. The wait between rounds then starts at 4 cycles after the last busy
-  // round and grows 4x per round up to kMaxIdleWait (4, 16, 64, 256, 500 ms at the default 1 ms
+  // nothing to decide. The wait between rounds then starts at 16 cycles after the last busy
+  // round and grows 4x per round up to kMaxIdleWait (16, 64, 256, 500 ms at the default 1 ms
   // cycle). It used to stay at one cycle while this rank's own collective ran and to double
   // from one cycle otherwise: an idle stretch (the forward pass, a running collective, no
   // training at all) now costs a few rounds and leaves the cores to the user's compute and
   // collectives. Work resumes at once, because every rank wakes on its own enqueue (and
   // stop()). The short first waits are for what only other ranks submit soon after a round
-  // (join(), a straggler's tensor): it is seen within milliseconds, so join() still tells
-  // which rank joined last. While some rank waits for another (a name pending, a rank in
+  // (join(), a straggler's tensor): it is seen within tens of milliseconds, so join() still
+  // tells which rank joined last. While some rank waits for another (a name pending, a rank in
   // join()), every rank negotiates each cycle, so a straggler's late tensor, a stall and a
   // mismatch are handled within a cycle. After a long idle spell a peer's lone submission (or
   // its shutdown) is seen up to kMaxIdleWait late.
   constexpr auto kMaxIdleWait = std::chrono::milliseconds(500);
+  constexpr int kIdleFirstCycles = 16;
   constexpr int kIdleGrowth = 4;
   // The cycle time is the agreed one (engine/settings.h), which the autotuner may change.
   auto agreed_cycle = [this] {
@@ -214,7 +215,7 @@ void Engine::loop() {
       if (waiting) {
         wait = cycle;  // some rank waits for another: every cycle
       } else if (busy) {
-        wait = kIdleGrowth * cycle;  // work just ran: what follows it is seen soon
+        wait = kIdleFirstCycles * cycle;  // work just ran: what follows it is seen soon
       } else {
         wait = std::min(kIdleGrowth * std::max(wait, cycle), max_wait);
       }
