@@ -172,21 +172,19 @@ void Engine::stop() {
 void Engine::loop() {
   // Idle wait: while nothing is pending on any rank (the controller's table, the same on every
   // rank), nothing is waiting here to be sent and no settings change is asked for, a round has
-  // nothing to decide. The wait between rounds then starts at 16 cycles after the last busy
-  // round and grows 4x per round up to kMaxIdleWait (16, 64, 256, 500 ms at the default 1 ms
-  // cycle). It used to stay at one cycle while this rank's own collective ran and to double
-  // from one cycle otherwise: an idle stretch (the forward pass, a running collective, no
-  // training at all) now costs a few rounds and leaves the cores to the user's compute and
-  // collectives. Work resumes at once, because every rank wakes on its own enqueue (and
-  // stop()). The short first waits are for what only other ranks submit soon after a round
-  // (join(), a straggler's tensor): it is seen within tens of milliseconds, so join() still
-  // tells which rank joined last. While some rank waits for another (a name pending, a rank in
-  // join()), every rank negotiates each cycle, so a straggler's late tensor, a stall and a
-  // mismatch are handled within a cycle. After a long idle spell a peer's lone submission (or
-  // its shutdown) is seen up to kMaxIdleWait late.
+  // nothing to decide. The engine then runs one more round 16 cycles after the last busy round
+  // and sleeps up to kMaxIdleWait after that. (It used to negotiate every cycle while this
+  // rank's own collective ran, and to double its wait from one cycle otherwise: about ten
+  // empty rounds per training step, each an allgather on cores the ranks compute on.) Work
+  // resumes at once, because every rank wakes on its own enqueue (and stop()). The one early
+  // round is for what only other ranks submit soon after a round (a rank's join(), a
+  // straggler's tensor): it is seen within 16 cycles, so join() still tells which rank joined
+  // last. While some rank waits for another (a name pending, a rank in join()), every rank
+  // negotiates each cycle, so a straggler's late tensor, a stall and a mismatch are handled
+  // within a cycle. After a quiet spell, a submission of one rank alone (or its shutdown) is
+  // seen when the others submit or wake, up to kMaxIdleWait later.
   constexpr auto kMaxIdleWait = std::chrono::milliseconds(500);
-  constexpr int kIdleFirstCycles = 16;
-  constexpr int kIdleGrowth = 4;
+  constexpr int kAfterBusyCycles = 16;
   // The cycle time is the agreed one (engine/settings.h), which the autotuner may change.
   auto agreed_cycle = [this] {
     return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -215,9 +213,9 @@ void Engine::loop() {
       if (waiting) {
         wait = cycle;  // some rank waits for another: every cycle
       } else if (busy) {
-        wait = kIdleFirstCycles * cycle;  // work just ran: what follows it is seen soon
+        wait = kAfterBusyCycles * cycle;  // work just ran: what follows it is seen soon
       } else {
-        wait = std::min(kIdleGrowth * std::max(wait, cycle), max_wait);
+        wait = max_wait;
       }
       const auto negotiate_end = std::chrono::steady_clock::now();
       stats_.negotiate_ns +=
