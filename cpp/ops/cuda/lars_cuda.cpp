@@ -70,6 +70,30 @@ at::Tensor lars_scratch(at::TensorList params) {
   return at::empty({static_cast<int64_t>(bytes)}, params[0].options().dtype(at::kByte));
 }
 
+// What both ops do once their arguments are checked: on the parameters' device, the kernel
+// tables, options and scratch, then `launch(tables, n, options, scratch, stream)` (a cudaError_t).
+template <typename Launch>
+void run_lars(at::TensorList params, at::TensorList grads, at::TensorList momentum_bufs,
+              at::TensorList model_copies, const c10::List<bool>& use_lars,
+              const c10::List<bool>& use_weight_decay, double lr, double momentum,
+              double weight_decay, double trust_coefficient, double eps, bool nesterov,
+              bool lr_in_momentum, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, const char* op, const char* what,
+              const Launch& launch) {
+  const auto n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const auto tensors =
+      lars_tensors(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay);
+  const auto opts =
+      lars_options(params, grads, model_copies, lr, momentum, weight_decay, trust_coefficient, eps,
+                   nesterov, lr_in_momentum, grad_scale, found_inf);
+  const at::Tensor scratch = lars_scratch(params);
+  check_cuda(launch(tensors.data(), n, opts, scratch.data_ptr(),
+                    c10::cuda::getCurrentCUDAStream().stream()),
+             op, what);
+}
+
 void lars_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_bufs,
                       at::TensorList model_copies, const c10::List<bool>& use_lars,
                       const c10::List<bool>& use_weight_decay, double lr, double momentum,
@@ -78,47 +102,33 @@ void lars_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& found_inf) {
   check_lars_args(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay, lr,
                   momentum, weight_decay, trust_coefficient, eps, grad_scale, found_inf);
-  const auto n = static_cast<int64_t>(params.size());
-  if (n == 0) return;
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const auto tensors =
-      lars_tensors(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay);
-  const auto opts = lars_options(params, grads, model_copies, lr, momentum, weight_decay,
-                                 trust_coefficient, eps, nesterov, lr_in_momentum, grad_scale,
-                                 found_inf);
-  const at::Tensor scratch = lars_scratch(params);
-  check_cuda(cuda::lars_update(tensors.data(), n, opts, scratch.data_ptr(),
-                               c10::cuda::getCurrentCUDAStream().stream()),
-             kOp, "the LARS kernels");
+  run_lars(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay, lr, momentum,
+           weight_decay, trust_coefficient, eps, nesterov, lr_in_momentum, grad_scale, found_inf,
+           kOp, "the LARS kernels", [](auto tables, int64_t n, auto opts, void* scratch, auto s) {
+             return cuda::lars_update(tables, n, opts, scratch, s);
+           });
 }
 
 void lars_update_from_norms_cuda(at::TensorList params, at::TensorList grads,
                                  at::TensorList momentum_bufs, at::TensorList model_copies,
                                  const c10::List<bool>& use_lars,
                                  const c10::List<bool>& use_weight_decay,
-                                 const at::Tensor& grad_sq_norms,
-                                 const at::Tensor& param_sq_norms, double lr, double momentum,
-                                 double weight_decay, double trust_coefficient, double eps,
-                                 bool nesterov, bool lr_in_momentum,
-                                 const std::optional<at::Tensor>& grad_scale,
+                                 const at::Tensor& grad_sq_norms, const at::Tensor& param_sq_norms,
+                                 double lr, double momentum, double weight_decay,
+                                 double trust_coefficient, double eps, bool nesterov,
+                                 bool lr_in_momentum, const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& found_inf) {
   check_lars_args(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay, lr,
                   momentum, weight_decay, trust_coefficient, eps, grad_scale, found_inf);
   check_lars_norm_args(params, grad_sq_norms, param_sq_norms);
-  const auto n = static_cast<int64_t>(params.size());
-  if (n == 0) return;
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const auto tensors =
-      lars_tensors(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay);
-  const auto opts = lars_options(params, grads, model_copies, lr, momentum, weight_decay,
-                                 trust_coefficient, eps, nesterov, lr_in_momentum, grad_scale,
-                                 found_inf);
-  const at::Tensor scratch = lars_scratch(params);
-  check_cuda(cuda::lars_update_from_norms(tensors.data(), n, opts,
-                                          grad_sq_norms.const_data_ptr<double>(),
-                                          param_sq_norms.data_ptr<double>(), scratch.data_ptr(),
-                                          c10::cuda::getCurrentCUDAStream().stream()),
-             "lars_update_from_norms_", "the LARS kernel");
+  run_lars(params, grads, momentum_bufs, model_copies, use_lars, use_weight_decay, lr, momentum,
+           weight_decay, trust_coefficient, eps, nesterov, lr_in_momentum, grad_scale, found_inf,
+           "lars_update_from_norms_", "the LARS kernel",
+           [&](auto tables, int64_t n, auto opts, void* scratch, auto s) {
+             return cuda::lars_update_from_norms(tables, n, opts,
+                                                 grad_sq_norms.const_data_ptr<double>(),
+                                                 param_sq_norms.data_ptr<double>(), scratch, s);
+           });
 }
 
 }  // namespace
