@@ -148,10 +148,9 @@ def step_flops(model: str, batch: int) -> float:
     return 3 * from_module(model, MODELS[model](), (3, 32, 32)).forward_flops_per_sample * batch
 
 
-def _compute_rate(device: torch.device, model: str, batch: int) -> float:
-    """Effective FLOP/s of forward + backward of the train benchmark's model."""
-    seconds = median_seconds(model_step(model, batch, device), device, reps=5, warmup=2)
-    return step_flops(model, batch) / seconds
+def _step_seconds(device: torch.device, model: str, batch: int) -> float:
+    """Median seconds of one forward + backward of the train benchmark's model."""
+    return median_seconds(model_step(model, batch, device), device, reps=5, warmup=2)
 
 
 def run(
@@ -165,6 +164,7 @@ def run(
     else:
         links = measure_links(ranks, device, sizes, model, batch)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    flops = step_flops(model, batch)  # of one forward + backward, whoever times it
     threads = torch.get_num_threads()
     try:
         if device == "cpu":
@@ -172,12 +172,14 @@ def run(
             # executor copies with (engine/engine_thread.h).
             torch.set_num_threads(1)
         lars_rate, pack_rate = _lars_and_pack(dev, 4 << 20)
-        compute = _compute_rate(dev, model, batch)
+        compute = flops / _step_seconds(dev, model, batch)
     finally:
         torch.set_num_threads(threads)
     # A lone rank gets every core; on a loaded machine torch's threads can lose to one thread,
     # and a lone rank could fall back to one, so the faster counts.
-    alone = max(compute, _compute_rate(dev, model, batch)) if device == "cpu" else compute
+    alone = compute
+    if device == "cpu":
+        alone = max(compute, flops / _step_seconds(dev, model, batch))
     first = links[min(ranks)]
     transport = "NCCL" if device == "cuda" else "Gloo"
     profile = {
@@ -189,7 +191,7 @@ def run(
         "compute_flops_per_s_alone": alone,
         "compute_model": f"{model}, batch {batch}",
         "compute_by_ranks": {
-            str(n): step_flops(model, batch) / v["compute_step_s"]
+            str(n): flops / v["compute_step_s"]
             for n, v in links.items()
             if v.get("compute_step_s") and v.get("compute_model") == [model, batch]
         },

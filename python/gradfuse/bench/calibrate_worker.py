@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
-from .timing import slowest_rank_median_seconds
+from .timing import median_seconds, slowest_rank_median_seconds
 
 
 def _iters(nbytes: int) -> int:
@@ -70,17 +68,8 @@ def _concurrent_compute_seconds(model: str, batch: int, device: torch.device) ->
     from .calibrate import model_step
 
     step = model_step(model, batch, device)
-    for _ in range(2):
-        step()
     dist.barrier()
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    t = torch.tensor([median_seconds(step, device, reps=7, warmup=2)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
